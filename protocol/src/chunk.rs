@@ -1,0 +1,587 @@
+//! Content-defined chunking (FastCDC 2020) and the chunk + hash pipeline that turns a
+//! byte stream into a [`Manifest`].
+//!
+//! Every device of a folder must cut the same bytes at the same places, or dedup and
+//! delta sync fail; so the cut points depend only on the content and the folder's
+//! [`ChunkParams`], never on how the stream was read. [`Chunker`] gets there by
+//! always offering fastcdc a window of `max` bytes (or the whole rest of the stream at
+//! its end): fastcdc never looks past `max` bytes from a chunk's start.
+//!
+//! Memory is bounded by the chunk parameters, whatever the stream length: a
+//! [`Chunker`] holds one buffer of `4 * max` bytes; [`build_manifest`] holds at most
+//! [`PIPELINE_SEGMENTS`] segments of [`segment_len`] bytes.
+//!
+//! Hashing is overlapped with chunking: [`build_manifest`] cuts on the calling
+//! thread and hashes on a second thread, segment by segment, so on two cores a
+//! chunk + hash pass runs at the speed of the slower of the two instead of their sum
+//! (measured in `benches/chunking.rs`, figures in `docs/benchmarks.md`).
+//!
+//! Edge cases, by design: an empty stream has no chunks (the empty manifest); a
+//! stream shorter than or equal to `min` is one chunk; the last chunk of a stream may be
+//! shorter than `min`; no chunk is ever longer than `max`.
+
+use std::io::{self, Read};
+use std::sync::mpsc;
+
+use fastcdc::v2020::{Normalization, select_masks};
+use serde::{Deserialize, Serialize};
+
+use crate::hash::BlockHash;
+use crate::manifest::{BlockRef, MAX_BLOCK_LEN, MAX_MANIFEST_BLOCKS, Manifest, ManifestError};
+
+/// Smallest `min` Weft accepts: below 4 KiB per-block overhead (index entries,
+/// requests, manifest bytes) outweighs any dedup gain.
+pub const MIN_CHUNK_MIN: u32 = 4 * 1024;
+
+/// Segments a [`build_manifest`] pipeline keeps in flight (one being cut, the rest
+/// queued for or being hashed): two give the hasher a segment to work on while the
+/// next is cut.
+pub const PIPELINE_SEGMENTS: usize = 3;
+
+/// The chunk parameters of a folder, fixed when the folder is created.
+///
+/// Invariants: `MIN_CHUNK_MIN <= min < avg < max <= MAX_BLOCK_LEN`, `avg` a power of
+/// two, all even (fastcdc's pairwise scan needs even bounds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "RawChunkParams", into = "RawChunkParams")]
+pub struct ChunkParams {
+    min: u32,
+    avg: u32,
+    max: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RawChunkParams {
+    min: u32,
+    avg: u32,
+    max: u32,
+}
+
+/// Why chunk parameters were rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChunkParamsError {
+    /// The sizes are not ordered `min < avg < max`.
+    #[error("chunk sizes must satisfy min < avg < max (got {min}/{avg}/{max})")]
+    Order {
+        /// Given minimum.
+        min: u32,
+        /// Given average.
+        avg: u32,
+        /// Given maximum.
+        max: u32,
+    },
+    /// `min` below [`MIN_CHUNK_MIN`] or `max` above [`MAX_BLOCK_LEN`].
+    #[error("chunk sizes must be within {MIN_CHUNK_MIN}..={MAX_BLOCK_LEN} bytes")]
+    Range,
+    /// `avg` is not a power of two.
+    #[error("the average chunk size must be a power of two (got {avg})")]
+    AverageNotPowerOfTwo {
+        /// Given average.
+        avg: u32,
+    },
+    /// An odd size.
+    #[error("chunk sizes must be even")]
+    Odd,
+}
+
+impl ChunkParams {
+    /// Weft's default: min 64 KiB, average 256 KiB, max 1 MiB (see DESIGN.md).
+    pub const DEFAULT: ChunkParams = ChunkParams {
+        min: 64 * 1024,
+        avg: 256 * 1024,
+        max: 1024 * 1024,
+    };
+
+    /// Validates a set of parameters.
+    pub fn new(min: u32, avg: u32, max: u32) -> Result<Self, ChunkParamsError> {
+        if !(min < avg && avg < max) {
+            return Err(ChunkParamsError::Order { min, avg, max });
+        }
+        if min < MIN_CHUNK_MIN || max > MAX_BLOCK_LEN {
+            return Err(ChunkParamsError::Range);
+        }
+        if !avg.is_power_of_two() {
+            return Err(ChunkParamsError::AverageNotPowerOfTwo { avg });
+        }
+        if min % 2 != 0 || max % 2 != 0 {
+            return Err(ChunkParamsError::Odd);
+        }
+        Ok(Self { min, avg, max })
+    }
+
+    /// Minimum chunk size (except the last chunk of a stream).
+    pub fn min(&self) -> u32 {
+        self.min
+    }
+    /// Target average chunk size.
+    pub fn avg(&self) -> u32 {
+        self.avg
+    }
+    /// Maximum chunk size.
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+
+    /// Finds the length of the chunk at the start of `window`. `window` is the rest of
+    /// the stream, or at least `max` bytes of it.
+    fn cut(&self, masks: &Masks, window: &[u8]) -> usize {
+        let (_, len) = fastcdc::v2020::cut(
+            window,
+            self.min as usize,
+            self.avg as usize,
+            self.max as usize,
+            masks.small,
+            masks.large,
+            masks.small << 1,
+            masks.large << 1,
+        );
+        len
+    }
+
+    fn masks(&self) -> Masks {
+        let (small, large) = select_masks(self.avg as usize, Normalization::Level1);
+        Masks { small, large }
+    }
+}
+
+impl Default for ChunkParams {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl TryFrom<RawChunkParams> for ChunkParams {
+    type Error = ChunkParamsError;
+    fn try_from(raw: RawChunkParams) -> Result<Self, Self::Error> {
+        Self::new(raw.min, raw.avg, raw.max)
+    }
+}
+
+impl From<ChunkParams> for RawChunkParams {
+    fn from(params: ChunkParams) -> Self {
+        Self {
+            min: params.min,
+            avg: params.avg,
+            max: params.max,
+        }
+    }
+}
+
+struct Masks {
+    small: u64,
+    large: u64,
+}
+
+/// Why a stream could not be chunked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChunkError {
+    /// Reading the stream failed.
+    #[error("reading failed: {0}")]
+    Io(#[from] io::Error),
+    /// The stream is too large for one manifest.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+/// A streaming content-defined chunker over any reader.
+///
+/// Yields each chunk's bytes in order; holds one buffer of `4 * max` bytes.
+pub struct Chunker<R> {
+    reader: R,
+    params: ChunkParams,
+    masks: Masks,
+    buffer: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
+}
+
+impl<R: Read> Chunker<R> {
+    /// A chunker over `reader` with the folder's parameters.
+    pub fn new(reader: R, params: ChunkParams) -> Self {
+        Self {
+            reader,
+            masks: params.masks(),
+            buffer: vec![0u8; params.max as usize * 4],
+            params,
+            start: 0,
+            end: 0,
+            eof: false,
+        }
+    }
+
+    /// The next chunk's bytes, or `None` at the end of the stream.
+    pub fn next_chunk(&mut self) -> io::Result<Option<&[u8]>> {
+        let max = self.params.max as usize;
+        if self.end - self.start < max && !self.eof {
+            // Compact: move the unconsumed tail (< max bytes) to the front and refill.
+            self.buffer.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            let filled =
+                crate::manifest::read_full(&mut self.reader, &mut self.buffer[self.end..])?;
+            self.end += filled;
+            self.eof = self.end < self.buffer.len();
+        }
+        if self.start == self.end {
+            return Ok(None);
+        }
+        let len = self
+            .params
+            .cut(&self.masks, &self.buffer[self.start..self.end]);
+        let chunk = &self.buffer[self.start..self.start + len];
+        self.start += len;
+        Ok(Some(chunk))
+    }
+}
+
+/// Length of one pipeline segment for `params`: at least 4 MiB so that hand-offs
+/// between threads are rare, and at least `4 * max` so that the copied tail (< max) is
+/// a small fraction of each segment.
+pub fn segment_len(params: &ChunkParams) -> usize {
+    (4 * 1024 * 1024).max(params.max as usize * 4)
+}
+
+/// A segment of the stream handed from the cutting thread to the hashing thread.
+struct Segment {
+    buffer: Vec<u8>,
+    /// `(start, len)` of each chunk inside `buffer`, in stream order.
+    chunks: Vec<(usize, usize)>,
+}
+
+/// Chunks and hashes `reader` into a manifest, hashing on a second thread while the
+/// calling thread reads and cuts. Calls `progress` with the bytes cut so far.
+///
+/// A stream that fits in one segment is handled on the calling thread alone (no thread
+/// is worth starting for it).
+pub fn build_manifest<R: Read>(
+    mut reader: R,
+    params: &ChunkParams,
+    mut progress: impl FnMut(u64),
+) -> Result<Manifest, ChunkError> {
+    let masks = params.masks();
+    let segment_len = segment_len(params);
+    let mut first = vec![0u8; segment_len];
+    let filled = crate::manifest::read_full(&mut reader, &mut first)?;
+    if filled < segment_len {
+        let mut blocks = Vec::new();
+        let mut start = 0;
+        while start < filled {
+            let len = params.cut(&masks, &first[start..filled]);
+            blocks.push(BlockRef {
+                hash: BlockHash::of(&first[start..start + len]),
+                len: len as u32,
+            });
+            start += len;
+        }
+        progress(filled as u64);
+        return Ok(Manifest::from_blocks(blocks)?);
+    }
+
+    let (work_sender, work_receiver) = mpsc::sync_channel::<Segment>(PIPELINE_SEGMENTS - 1);
+    let (free_sender, free_receiver) = mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        let hasher = scope.spawn(move || {
+            let mut blocks = Vec::new();
+            for segment in work_receiver {
+                for &(start, len) in &segment.chunks {
+                    blocks.push(BlockRef {
+                        hash: BlockHash::of(&segment.buffer[start..start + len]),
+                        len: len as u32,
+                    });
+                }
+                // The cutter may have finished; then the buffer is simply dropped.
+                let _ = free_sender.send(segment.buffer);
+            }
+            blocks
+        });
+
+        let cut_result = cut_segments(
+            &mut reader,
+            params,
+            &masks,
+            first,
+            filled,
+            &work_sender,
+            &free_receiver,
+            &mut progress,
+        );
+        drop(work_sender);
+        // The hasher thread does not panic (it only hashes in-bounds slices); if it
+        // did, report it as an I/O-level failure rather than propagate the panic.
+        let blocks = hasher
+            .join()
+            .map_err(|_| io::Error::other("hashing thread failed"))?;
+        cut_result?;
+        Ok(Manifest::from_blocks(blocks)?)
+    })
+}
+
+/// The cutting half of [`build_manifest`]: fills segments, finds cut points, sends
+/// each segment to the hasher, and carries the uncut tail into the next segment.
+#[allow(clippy::too_many_arguments)]
+fn cut_segments<R: Read>(
+    reader: &mut R,
+    params: &ChunkParams,
+    masks: &Masks,
+    mut buffer: Vec<u8>,
+    mut filled: usize,
+    work: &mpsc::SyncSender<Segment>,
+    free: &mpsc::Receiver<Vec<u8>>,
+    progress: &mut impl FnMut(u64),
+) -> Result<(), ChunkError> {
+    let max = params.max as usize;
+    let segment_len = buffer.len();
+    let mut eof = false;
+    let mut done = 0u64;
+    let mut blocks = 0usize;
+    loop {
+        let mut chunks = Vec::with_capacity(segment_len / params.avg as usize + 4);
+        let mut start = 0;
+        while start < filled && (eof || filled - start >= max) {
+            let len = params.cut(masks, &buffer[start..filled]);
+            chunks.push((start, len));
+            start += len;
+        }
+        blocks += chunks.len();
+        if blocks > MAX_MANIFEST_BLOCKS {
+            return Err(ManifestError::TooManyBlocks { blocks }.into());
+        }
+        done += start as u64;
+        progress(done);
+        let mut next = free.try_recv().unwrap_or_else(|_| vec![0u8; segment_len]);
+        let tail = filled - start;
+        next[..tail].copy_from_slice(&buffer[start..filled]);
+        if !chunks.is_empty() && work.send(Segment { buffer, chunks }).is_err() {
+            return Err(io::Error::other("hashing thread stopped").into());
+        }
+        if eof {
+            return Ok(());
+        }
+        buffer = next;
+        let read = crate::manifest::read_full(reader, &mut buffer[tail..])?;
+        filled = tail + read;
+        eof = filled < segment_len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Deterministic pseudo-random bytes (xorshift), so tests need no RNG crate state.
+    pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            out.extend_from_slice(&state.to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Chunk lengths of `data` via the streaming chunker.
+    fn chunk_lengths(data: &[u8], params: ChunkParams) -> Vec<usize> {
+        let mut chunker = Chunker::new(data, params);
+        let mut lengths = Vec::new();
+        while let Some(chunk) = chunker.next_chunk().unwrap() {
+            lengths.push(chunk.len());
+        }
+        lengths
+    }
+
+    /// A reader that returns at most `step` bytes per call, cycling through `steps`.
+    struct Dribble<'a> {
+        data: &'a [u8],
+        steps: Vec<usize>,
+        call: usize,
+    }
+
+    impl Read for Dribble<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let step = self.steps[self.call % self.steps.len()].max(1);
+            self.call += 1;
+            let n = step.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    fn small_params() -> ChunkParams {
+        ChunkParams::new(4096, 16384, 65536).unwrap()
+    }
+
+    #[test]
+    fn params_are_validated() {
+        assert!(ChunkParams::new(64 * 1024, 256 * 1024, 1024 * 1024).is_ok());
+        assert_eq!(
+            ChunkParams::new(100, 200, 300),
+            Err(ChunkParamsError::Range)
+        );
+        assert!(matches!(
+            ChunkParams::new(8192, 4096, 65536),
+            Err(ChunkParamsError::Order { .. })
+        ));
+        assert_eq!(
+            ChunkParams::new(8192, 20000, 65536),
+            Err(ChunkParamsError::AverageNotPowerOfTwo { avg: 20000 })
+        );
+        assert_eq!(
+            ChunkParams::new(8193, 16384, 65536),
+            Err(ChunkParamsError::Odd)
+        );
+        assert_eq!(
+            ChunkParams::new(8192, 16384, 32 * 1024 * 1024),
+            Err(ChunkParamsError::Range)
+        );
+        let bad = postcard::to_allocvec(&RawChunkParams {
+            min: 1,
+            avg: 2,
+            max: 3,
+        })
+        .unwrap();
+        assert!(postcard::from_bytes::<ChunkParams>(&bad).is_err());
+    }
+
+    #[test]
+    fn empty_and_tiny_streams() {
+        let params = ChunkParams::DEFAULT;
+        assert!(chunk_lengths(&[], params).is_empty());
+        assert_eq!(
+            build_manifest(&[][..], &params, |_| {}).unwrap(),
+            Manifest::empty()
+        );
+        let tiny = pseudo_random(1000, 3);
+        assert_eq!(chunk_lengths(&tiny, params), vec![1000]);
+        let at_min = pseudo_random(params.min() as usize, 3);
+        assert_eq!(chunk_lengths(&at_min, params), vec![params.min() as usize]);
+        let manifest = build_manifest(&tiny[..], &params, |_| {}).unwrap();
+        assert_eq!(manifest.blocks().len(), 1);
+        assert_eq!(manifest.blocks()[0].hash, BlockHash::of(&tiny));
+    }
+
+    #[test]
+    fn max_is_never_exceeded_even_on_zeroes() {
+        let params = small_params();
+        let zeroes = vec![0u8; 1_000_000];
+        let lengths = chunk_lengths(&zeroes, params);
+        assert!(lengths.iter().all(|&l| l <= params.max() as usize));
+        assert_eq!(lengths.iter().sum::<usize>(), zeroes.len());
+        let random = pseudo_random(3_000_000, 9);
+        let lengths = chunk_lengths(&random, params);
+        assert!(lengths.iter().all(|&l| l <= params.max() as usize));
+        // All chunks but the last respect min.
+        let (_, body) = lengths.split_last().unwrap();
+        assert!(body.iter().all(|&l| l >= params.min() as usize));
+    }
+
+    /// Bytes of `new` covered by chunks whose content also appears as a chunk of `old`.
+    fn unchanged_bytes(old: &[u8], new: &[u8], params: ChunkParams) -> usize {
+        let old_manifest = build_manifest(old, &params, |_| {}).unwrap();
+        let known: std::collections::HashSet<_> =
+            old_manifest.blocks().iter().map(|b| b.hash).collect();
+        let new_manifest = build_manifest(new, &params, |_| {}).unwrap();
+        new_manifest
+            .blocks()
+            .iter()
+            .filter(|b| known.contains(&b.hash))
+            .map(|b| b.len as usize)
+            .sum()
+    }
+
+    #[test]
+    fn insertion_at_front_keeps_97_percent_of_chunks() {
+        let params = ChunkParams::DEFAULT;
+        let original = pseudo_random(64 * 1024 * 1024, 42);
+        let mut edited = b"0123456789".to_vec();
+        edited.extend_from_slice(&original);
+        let kept = unchanged_bytes(&original, &edited, params);
+        let ratio = kept as f64 / edited.len() as f64;
+        assert!(
+            ratio >= 0.97,
+            "only {ratio:.4} of bytes in unchanged chunks"
+        );
+    }
+
+    #[test]
+    fn overwrite_in_middle_changes_at_most_two_chunks() {
+        let params = ChunkParams::DEFAULT;
+        let original = pseudo_random(64 * 1024 * 1024, 7);
+        let mut edited = original.clone();
+        let middle = edited.len() / 2;
+        edited[middle..middle + 4096].copy_from_slice(&pseudo_random(4096, 99));
+        let old = build_manifest(&original[..], &params, |_| {}).unwrap();
+        let new = build_manifest(&edited[..], &params, |_| {}).unwrap();
+        let known: std::collections::HashSet<_> = old.blocks().iter().map(|b| b.hash).collect();
+        let changed = new
+            .blocks()
+            .iter()
+            .filter(|b| !known.contains(&b.hash))
+            .count();
+        assert!(changed >= 1 && changed <= 2, "{changed} chunks changed");
+    }
+
+    #[test]
+    fn pipeline_matches_sequential_chunker_and_verifies() {
+        let params = small_params();
+        // Several segments, with a tail that is not a multiple of anything.
+        let data = pseudo_random(segment_len(&params) * 3 + 12_345, 5);
+        let mut reported = 0;
+        let manifest = build_manifest(&data[..], &params, |done| reported = done).unwrap();
+        assert_eq!(reported, data.len() as u64);
+        let lengths: Vec<usize> = manifest.blocks().iter().map(|b| b.len as usize).collect();
+        assert_eq!(lengths, chunk_lengths(&data, params));
+        crate::manifest::verify(&data[..], &manifest).unwrap();
+    }
+
+    #[test]
+    fn read_errors_are_returned_not_panicked() {
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::new(io::ErrorKind::PermissionDenied, "denied"))
+            }
+        }
+        assert!(matches!(
+            build_manifest(Failing, &ChunkParams::DEFAULT, |_| {}),
+            Err(ChunkError::Io(_))
+        ));
+        // Fails after the pipeline has started.
+        let data = pseudo_random(segment_len(&small_params()) + 10, 1);
+        let failing_later = (&data[..]).chain(Failing);
+        assert!(matches!(
+            build_manifest(failing_later, &small_params(), |_| {}),
+            Err(ChunkError::Io(_))
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn cut_points_do_not_depend_on_read_sizes(
+            seed in any::<u64>(),
+            len in 0usize..400_000,
+            steps in proptest::collection::vec(1usize..70_000, 1..6),
+        ) {
+            let params = small_params();
+            let data = pseudo_random(len, seed);
+            let expected = chunk_lengths(&data, params);
+            let mut chunker = Chunker::new(Dribble { data: &data, steps: steps.clone(), call: 0 }, params);
+            let mut lengths = Vec::new();
+            while let Some(chunk) = chunker.next_chunk().unwrap() {
+                lengths.push(chunk.len());
+            }
+            prop_assert_eq!(&lengths, &expected);
+            let manifest = build_manifest(Dribble { data: &data, steps, call: 0 }, &params, |_| {}).unwrap();
+            let piped: Vec<usize> = manifest.blocks().iter().map(|b| b.len as usize).collect();
+            prop_assert_eq!(piped, expected);
+        }
+    }
+}

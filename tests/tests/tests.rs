@@ -1,0 +1,3 @@
+//! Black-box tests of the real binaries (one test binary for the whole suite).
+
+mod cli;
