@@ -500,6 +500,8 @@ mod tests {
 
     #[test]
     fn a_lying_manifest_inside_a_response_is_refused() {
+        /// A manifest as raw (size, [(hash, len)]), free of the invariant checks.
+        type RawManifest = (u64, Vec<([u8; 32], u32)>);
         #[derive(Serialize)]
         enum FakeMessage {
             #[allow(dead_code)]
@@ -508,7 +510,7 @@ mod tests {
             DocSync(u8),
             #[allow(dead_code)]
             ManifestRequest(u8),
-            ManifestResponse(u64, [u8; 32], Option<(u64, Vec<([u8; 32], u32)>)>),
+            ManifestResponse(u64, [u8; 32], Option<RawManifest>),
         }
         let fake = FakeMessage::ManifestResponse(1, [0; 32], Some((999, vec![([0; 32], 5)])));
         let payload = postcard::to_allocvec(&fake).unwrap();

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 /// Path of a binary built from this workspace (`weft`, `weft-relay`), next to the
-/// test executable's `deps/` directory. `cargo test --workspace` builds it first.
+/// test executable's `deps/` directory. `scripts/test` builds the binaries first.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
@@ -17,7 +17,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.exists(),
-        "{} is not built: run `cargo build --workspace` (cargo test --workspace does it)",
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test does)",
         path.display()
     );
     path

@@ -1,3 +1,4 @@
 //! Black-box tests of the real binaries (one test binary for the whole suite).
 
 mod cli;
+mod tidy;
