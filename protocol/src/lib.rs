@@ -18,10 +18,12 @@
 #![deny(missing_docs)]
 
 pub mod chunk;
+pub mod document;
 pub mod folder;
 pub mod hash;
 pub mod identity;
 pub mod manifest;
+pub mod path;
 pub mod wire;
 
 pub use chunk::{ChunkParams, ChunkParamsError, Chunker};
@@ -29,3 +31,4 @@ pub use folder::{FolderId, FolderIdError};
 pub use hash::{BlockHash, ManifestHash};
 pub use identity::{DeviceId, DeviceIdError, DeviceKey, KeyFileError, Signature};
 pub use manifest::{BlockRef, Manifest, ManifestError};
+pub use path::{PathError, RelPath};

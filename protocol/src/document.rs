@@ -1,0 +1,439 @@
+//! The folder document: a folder's tree as one automerge document.
+//!
+//! Schema (version 1): the document's root map holds one key per path,
+//! `"f/" + RelPath`, whose value is the [`Entry`] encoded with postcard as one automerge
+//! bytes scalar. One write of a path is one operation, so concurrent writes to the same
+//! path show up as automerge's conflicting values ([`FolderDocument::get_all`]): that is
+//! how the engine detects a conflict. Deletes are entries with `deleted = true`
+//! (tombstones), so that "edited here, deleted there" can be resolved. Keys are prefixed
+//! (rather than nested in a `files` map) because two devices that each created a nested
+//! map would produce two conflicting maps, hiding one device's files. Other prefixes are
+//! reserved for the access list and folder settings.
+//!
+//! The automerge actor ID is the 32-byte device ID plus an 8-byte random suffix chosen
+//! when a device's store is created (DESIGN.md): a device that lost its store must
+//! never reuse sequence numbers its peers already hold.
+//!
+//! Everything read from the document may come from a peer: entries that fail to
+//! decode or validate are reported, never trusted and never a panic.
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, AutoCommit, ReadDoc, ScalarValue, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::hash::ManifestHash;
+use crate::identity::DeviceId;
+use crate::manifest::Manifest;
+use crate::path::{PathError, RelPath};
+
+/// Key prefix of file entries in the document's root map.
+pub const ENTRY_PREFIX: &str = "f/";
+/// Manifests of at most this many blocks are inlined in their entry (8 x 36 bytes): a
+/// folder of small files then costs no manifest round trip per file.
+pub const INLINE_MANIFEST_BLOCKS: usize = 8;
+/// Bytes of random suffix in an actor ID after the device ID.
+pub const ACTOR_SUFFIX_LEN: usize = 8;
+
+/// What a path is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Directory,
+    /// A symbolic link (recorded, never followed).
+    Symlink,
+}
+
+/// The content of an entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Content {
+    /// Directories and tombstones.
+    None,
+    /// A file's manifest, inlined because it is small.
+    Inline(Manifest),
+    /// A file's manifest, by hash (fetched as a content-addressed object).
+    Manifest(ManifestHash),
+    /// A symlink's target, as text.
+    Symlink(String),
+}
+
+impl Content {
+    /// The content of a file with this manifest: inline if small, else by hash.
+    pub fn for_manifest(manifest: &Manifest) -> Self {
+        if manifest.blocks().len() <= INLINE_MANIFEST_BLOCKS {
+            Content::Inline(manifest.clone())
+        } else {
+            Content::Manifest(manifest.hash())
+        }
+    }
+
+    /// The manifest hash of a file's content.
+    pub fn manifest_hash(&self) -> Option<ManifestHash> {
+        match self {
+            Content::Inline(manifest) => Some(manifest.hash()),
+            Content::Manifest(hash) => Some(*hash),
+            Content::None | Content::Symlink(_) => None,
+        }
+    }
+}
+
+/// One version of one path, as written by one device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// File, directory or symlink.
+    pub kind: EntryKind,
+    /// A tombstone: the path was deleted.
+    pub deleted: bool,
+    /// Size in bytes (files), else 0.
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Permission bits (`mode & 0o7777`).
+    pub mode: u32,
+    /// Manifest or symlink target.
+    pub content: Content,
+    /// The device that wrote this version.
+    pub author: DeviceId,
+}
+
+impl Entry {
+    /// Canonical bytes stored in the document.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Decodes and validates an entry from the document.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DocumentError> {
+        let (entry, rest): (Entry, _) = postcard::take_from_bytes(bytes)
+            .map_err(|error| DocumentError::Entry(error.to_string()))?;
+        if !rest.is_empty() {
+            return Err(DocumentError::Entry("trailing bytes".into()));
+        }
+        let consistent = match (&entry.kind, &entry.content) {
+            (_, Content::None) => entry.deleted || entry.kind != EntryKind::File || entry.size == 0,
+            (EntryKind::File, Content::Inline(manifest)) => manifest.size() == entry.size,
+            (EntryKind::File, Content::Manifest(_)) => true,
+            (EntryKind::Symlink, Content::Symlink(_)) => true,
+            _ => false,
+        };
+        if !consistent {
+            return Err(DocumentError::Entry(format!(
+                "{:?} entry with inconsistent content",
+                entry.kind
+            )));
+        }
+        Ok(entry)
+    }
+}
+
+/// Why reading or changing the document failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DocumentError {
+    /// The saved bytes are not an automerge document.
+    #[error("folder document is damaged: {0}")]
+    Load(String),
+    /// An automerge operation failed.
+    #[error("folder document operation failed: {0}")]
+    Automerge(String),
+    /// An entry value is not a valid entry.
+    #[error("invalid entry: {0}")]
+    Entry(String),
+    /// A key is not a valid path.
+    #[error(transparent)]
+    Path(#[from] PathError),
+}
+
+fn automerge_error(error: automerge::AutomergeError) -> DocumentError {
+    DocumentError::Automerge(error.to_string())
+}
+
+/// One path's entry as read from the document.
+#[derive(Debug)]
+pub struct DocumentEntry {
+    /// The path.
+    pub path: RelPath,
+    /// The entry automerge picks for the path (the same on every device), or why its
+    /// value is invalid.
+    pub entry: Result<Entry, DocumentError>,
+    /// There are concurrent values for this path ([`FolderDocument::get_all`]).
+    pub conflict: bool,
+}
+
+/// A folder's document. Wraps automerge so that only the schema above is written.
+pub struct FolderDocument {
+    doc: AutoCommit,
+}
+
+impl std::fmt::Debug for FolderDocument {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FolderDocument({} actor)", self.doc.get_actor())
+    }
+}
+
+/// The actor ID of a device's store: device ID bytes then a random suffix.
+pub fn actor_id(device: &DeviceId, suffix: [u8; ACTOR_SUFFIX_LEN]) -> ActorId {
+    let mut bytes = device.as_bytes().to_vec();
+    bytes.extend_from_slice(&suffix);
+    ActorId::from(bytes)
+}
+
+/// The device an actor ID belongs to, if it follows Weft's actor layout.
+pub fn actor_device(actor: &ActorId) -> Option<DeviceId> {
+    let bytes = actor.to_bytes();
+    if bytes.len() != 32 + ACTOR_SUFFIX_LEN {
+        return None;
+    }
+    let key: [u8; 32] = bytes[..32].try_into().ok()?;
+    DeviceId::from_bytes(key).ok()
+}
+
+fn entry_key(path: &RelPath) -> String {
+    format!("{ENTRY_PREFIX}{path}")
+}
+
+fn value_bytes<'a>(value: &'a Value<'_>) -> Option<&'a [u8]> {
+    match value {
+        Value::Scalar(scalar) => match scalar.as_ref() {
+            ScalarValue::Bytes(bytes) => Some(bytes),
+            _ => None,
+        },
+        Value::Object(_) => None,
+    }
+}
+
+impl FolderDocument {
+    /// A new, empty document written by `actor`.
+    pub fn new(actor: ActorId) -> Self {
+        Self {
+            doc: AutoCommit::new().with_actor(actor),
+        }
+    }
+
+    /// Loads a saved document and then its incremental chunks, in order.
+    pub fn load<'a>(
+        saved: &[u8],
+        increments: impl IntoIterator<Item = &'a [u8]>,
+        actor: ActorId,
+    ) -> Result<Self, DocumentError> {
+        let mut doc = if saved.is_empty() {
+            AutoCommit::new()
+        } else {
+            AutoCommit::load(saved).map_err(|error| DocumentError::Load(error.to_string()))?
+        };
+        for chunk in increments {
+            doc.load_incremental(chunk)
+                .map_err(|error| DocumentError::Load(error.to_string()))?;
+        }
+        Ok(Self {
+            doc: doc.with_actor(actor),
+        })
+    }
+
+    /// Writes `entry` at `path` (one operation).
+    pub fn put(&mut self, path: &RelPath, entry: &Entry) -> Result<(), DocumentError> {
+        self.doc
+            .put(automerge::ROOT, entry_key(path), entry.encode())
+            .map_err(automerge_error)
+    }
+
+    /// The entry automerge picks for `path` (deterministic on every device).
+    pub fn get(&self, path: &RelPath) -> Result<Option<Entry>, DocumentError> {
+        let value = self
+            .doc
+            .get(automerge::ROOT, entry_key(path))
+            .map_err(automerge_error)?;
+        match value {
+            None => Ok(None),
+            Some((value, _)) => {
+                let bytes = value_bytes(&value)
+                    .ok_or_else(|| DocumentError::Entry("not a bytes value".into()))?;
+                Entry::decode(bytes).map(Some)
+            }
+        }
+    }
+
+    /// Every concurrent value at `path`; more than one means a conflict. Values that do
+    /// not decode are returned as errors so the caller can report them.
+    pub fn get_all(&self, path: &RelPath) -> Result<Vec<Result<Entry, DocumentError>>, DocumentError> {
+        let values = self
+            .doc
+            .get_all(automerge::ROOT, entry_key(path))
+            .map_err(automerge_error)?;
+        Ok(values
+            .iter()
+            .map(|(value, _)| {
+                value_bytes(value)
+                    .ok_or_else(|| DocumentError::Entry("not a bytes value".into()))
+                    .and_then(Entry::decode)
+            })
+            .collect())
+    }
+
+    /// Every path in the document with its current entry, in path order. Keys outside
+    /// the schema are skipped; invalid paths and entries are returned as errors.
+    pub fn entries(&self) -> impl Iterator<Item = Result<DocumentEntry, DocumentError>> + '_ {
+        let start = ENTRY_PREFIX.to_owned();
+        // The prefix "f/" is followed by "f0" in byte order.
+        let end = "f0".to_owned();
+        self.doc
+            .map_range(automerge::ROOT, start..end)
+            .map(|item| {
+                let path = RelPath::new(&item.key[ENTRY_PREFIX.len()..])?;
+                let entry = match &item.value {
+                    automerge::ValueRef::Scalar(automerge::ScalarValueRef::Bytes(bytes)) => {
+                        Entry::decode(bytes)
+                    }
+                    _ => Err(DocumentError::Entry("not a bytes value".into())),
+                };
+                Ok(DocumentEntry {
+                    path,
+                    entry,
+                    conflict: item.conflict,
+                })
+            })
+    }
+
+    /// Number of paths (including tombstones).
+    pub fn len(&self) -> usize {
+        self.doc
+            .map_range(automerge::ROOT, ENTRY_PREFIX.to_owned().."f0".to_owned())
+            .count()
+    }
+
+    /// True if the document has no paths.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Commits pending operations as one change, stamped with `time_ms` (ms since epoch).
+    pub fn commit(&mut self, time_ms: i64, message: &str) {
+        self.doc.commit_with(
+            CommitOptions::default()
+                .with_time(time_ms / 1000)
+                .with_message(message),
+        );
+    }
+
+    /// The whole document, compacted.
+    pub fn save(&mut self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// The changes since the last `save` or `save_incremental` (empty if none).
+    pub fn save_incremental(&mut self) -> Vec<u8> {
+        self.doc.save_incremental()
+    }
+
+    /// The automerge document, for the sync protocol (node side).
+    pub fn automerge(&mut self) -> &mut AutoCommit {
+        &mut self.doc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::BlockHash;
+    use crate::identity::DeviceKey;
+    use crate::manifest::BlockRef;
+
+    fn device(seed: u8) -> DeviceId {
+        DeviceKey::from_secret_bytes([seed; 32]).device_id()
+    }
+
+    fn file(author: DeviceId, data: &[u8]) -> Entry {
+        let manifest = Manifest::from_blocks(vec![BlockRef {
+            hash: BlockHash::of(data),
+            len: data.len() as u32,
+        }])
+        .unwrap();
+        Entry {
+            kind: EntryKind::File,
+            deleted: false,
+            size: data.len() as u64,
+            mtime_ns: 1_700_000_000_000_000_000,
+            mode: 0o644,
+            content: Content::for_manifest(&manifest),
+            author,
+        }
+    }
+
+    fn path(text: &str) -> RelPath {
+        RelPath::new(text).unwrap()
+    }
+
+    #[test]
+    fn put_get_save_load_round_trip() {
+        let a = device(1);
+        let mut doc = FolderDocument::new(actor_id(&a, [1; 8]));
+        doc.put(&path("docs/readme.txt"), &file(a, b"hello")).unwrap();
+        doc.put(&path("z"), &file(a, b"z")).unwrap();
+        doc.commit(1000, "scan");
+        let saved = doc.save();
+        doc.put(&path("docs/readme.txt"), &file(a, b"hello again")).unwrap();
+        doc.commit(2000, "edit");
+        let increment = doc.save_incremental();
+        assert!(!increment.is_empty());
+        let loaded =
+            FolderDocument::load(&saved, [increment.as_slice()], actor_id(&a, [2; 8])).unwrap();
+        assert_eq!(loaded.get(&path("docs/readme.txt")).unwrap(), Some(file(a, b"hello again")));
+        let paths: Vec<String> = loaded
+            .entries()
+            .map(|e| e.unwrap().path.to_string())
+            .collect();
+        assert_eq!(paths, vec!["docs/readme.txt", "z"]);
+        assert_eq!(loaded.len(), 2);
+        assert_eq!(actor_device(&actor_id(&a, [3; 8])), Some(a));
+    }
+
+    #[test]
+    fn concurrent_writes_are_a_conflict_on_both_sides() {
+        let (a, b) = (device(1), device(2));
+        let mut doc_a = FolderDocument::new(actor_id(&a, [0; 8]));
+        let mut doc_b = FolderDocument::new(actor_id(&b, [0; 8]));
+        doc_a.put(&path("f"), &file(a, b"from a")).unwrap();
+        doc_a.commit(1, "a");
+        doc_b.put(&path("f"), &file(b, b"from b")).unwrap();
+        doc_b.commit(1, "b");
+        doc_a.automerge().merge(doc_b.automerge()).unwrap();
+        doc_b.automerge().merge(doc_a.automerge()).unwrap();
+        for doc in [&doc_a, &doc_b] {
+            let all = doc.get_all(&path("f")).unwrap();
+            assert_eq!(all.len(), 2);
+            assert!(doc.entries().next().unwrap().unwrap().conflict);
+        }
+        // Both sides agree on automerge's pick.
+        assert_eq!(doc_a.get(&path("f")).unwrap(), doc_b.get(&path("f")).unwrap());
+    }
+
+    #[test]
+    fn hostile_values_are_reported_not_trusted() {
+        let a = device(1);
+        let mut doc = FolderDocument::new(actor_id(&a, [0; 8]));
+        // A peer writes garbage, a bad path, and an entry whose inline manifest lies.
+        doc.automerge()
+            .put(automerge::ROOT, "f/ok", vec![1u8, 2, 3])
+            .unwrap();
+        doc.automerge()
+            .put(automerge::ROOT, "f/../escape", file(a, b"x").encode())
+            .unwrap();
+        let mut lying = file(a, b"abc");
+        lying.size = 99;
+        doc.automerge()
+            .put(automerge::ROOT, "f/lying", lying.encode())
+            .unwrap();
+        doc.automerge().put(automerge::ROOT, "f/num", 5).unwrap();
+        let results: Vec<_> = doc.entries().collect();
+        assert_eq!(results.len(), 4);
+        for result in results {
+            match result {
+                Err(DocumentError::Path(_)) => {}
+                Ok(entry) => assert!(entry.entry.is_err(), "{:?} accepted", entry.path),
+                Err(other) => panic!("unexpected {other}"),
+            }
+        }
+        assert!(FolderDocument::load(b"not automerge", [], actor_id(&a, [0; 8])).is_err());
+    }
+}
