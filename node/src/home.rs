@@ -100,7 +100,7 @@ impl Home {
 }
 
 /// Writes `bytes` to `path` through a temp file of mode 0600, fsync, and rename.
-fn write_private_atomically(path: &Path, bytes: &[u8]) -> Result<(), HomeError> {
+pub(crate) fn write_private_atomically(path: &Path, bytes: &[u8]) -> Result<(), HomeError> {
     let temp = path.with_extension("tmp");
     let io = |action, source| HomeError::Io {
         action,

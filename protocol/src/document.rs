@@ -256,7 +256,10 @@ impl FolderDocument {
 
     /// Every concurrent value at `path`; more than one means a conflict. Values that do
     /// not decode are returned as errors so the caller can report them.
-    pub fn get_all(&self, path: &RelPath) -> Result<Vec<Result<Entry, DocumentError>>, DocumentError> {
+    pub fn get_all(
+        &self,
+        path: &RelPath,
+    ) -> Result<Vec<Result<Entry, DocumentError>>, DocumentError> {
         let values = self
             .doc
             .get_all(automerge::ROOT, entry_key(path))
@@ -277,22 +280,20 @@ impl FolderDocument {
         let start = ENTRY_PREFIX.to_owned();
         // The prefix "f/" is followed by "f0" in byte order.
         let end = "f0".to_owned();
-        self.doc
-            .map_range(automerge::ROOT, start..end)
-            .map(|item| {
-                let path = RelPath::new(&item.key[ENTRY_PREFIX.len()..])?;
-                let entry = match &item.value {
-                    automerge::ValueRef::Scalar(automerge::ScalarValueRef::Bytes(bytes)) => {
-                        Entry::decode(bytes)
-                    }
-                    _ => Err(DocumentError::Entry("not a bytes value".into())),
-                };
-                Ok(DocumentEntry {
-                    path,
-                    entry,
-                    conflict: item.conflict,
-                })
+        self.doc.map_range(automerge::ROOT, start..end).map(|item| {
+            let path = RelPath::new(&item.key[ENTRY_PREFIX.len()..])?;
+            let entry = match &item.value {
+                automerge::ValueRef::Scalar(automerge::ScalarValueRef::Bytes(bytes)) => {
+                    Entry::decode(bytes)
+                }
+                _ => Err(DocumentError::Entry("not a bytes value".into())),
+            };
+            Ok(DocumentEntry {
+                path,
+                entry,
+                conflict: item.conflict,
             })
+        })
     }
 
     /// Number of paths (including tombstones).
@@ -324,6 +325,28 @@ impl FolderDocument {
     /// The changes since the last `save` or `save_incremental` (empty if none).
     pub fn save_incremental(&mut self) -> Vec<u8> {
         self.doc.save_incremental()
+    }
+
+    /// Every version ever written at each path, in the document's change order: the
+    /// raw material of version history. Values that do not decode are skipped.
+    pub fn history(&mut self) -> std::collections::BTreeMap<String, Vec<Entry>> {
+        let mut versions: std::collections::BTreeMap<String, Vec<Entry>> = Default::default();
+        for change in self.doc.get_changes(&[]) {
+            for op in change.decode().operations {
+                let automerge::legacy::Key::Map(key) = &op.key else {
+                    continue;
+                };
+                let Some(path) = key.strip_prefix(ENTRY_PREFIX) else {
+                    continue;
+                };
+                if let automerge::legacy::OpType::Put(ScalarValue::Bytes(bytes)) = &op.action
+                    && let Ok(entry) = Entry::decode(bytes)
+                {
+                    versions.entry(path.to_owned()).or_default().push(entry);
+                }
+            }
+        }
+        versions
     }
 
     /// The automerge document, for the sync protocol (node side).
@@ -368,23 +391,32 @@ mod tests {
     fn put_get_save_load_round_trip() {
         let a = device(1);
         let mut doc = FolderDocument::new(actor_id(&a, [1; 8]));
-        doc.put(&path("docs/readme.txt"), &file(a, b"hello")).unwrap();
+        doc.put(&path("docs/readme.txt"), &file(a, b"hello"))
+            .unwrap();
         doc.put(&path("z"), &file(a, b"z")).unwrap();
         doc.commit(1000, "scan");
         let saved = doc.save();
-        doc.put(&path("docs/readme.txt"), &file(a, b"hello again")).unwrap();
+        doc.put(&path("docs/readme.txt"), &file(a, b"hello again"))
+            .unwrap();
         doc.commit(2000, "edit");
         let increment = doc.save_incremental();
         assert!(!increment.is_empty());
         let loaded =
             FolderDocument::load(&saved, [increment.as_slice()], actor_id(&a, [2; 8])).unwrap();
-        assert_eq!(loaded.get(&path("docs/readme.txt")).unwrap(), Some(file(a, b"hello again")));
+        assert_eq!(
+            loaded.get(&path("docs/readme.txt")).unwrap(),
+            Some(file(a, b"hello again"))
+        );
         let paths: Vec<String> = loaded
             .entries()
             .map(|e| e.unwrap().path.to_string())
             .collect();
         assert_eq!(paths, vec!["docs/readme.txt", "z"]);
         assert_eq!(loaded.len(), 2);
+        let mut loaded = loaded;
+        let history = loaded.history();
+        assert_eq!(history["docs/readme.txt"].len(), 2);
+        assert_eq!(history["z"], vec![file(a, b"z")]);
         assert_eq!(actor_device(&actor_id(&a, [3; 8])), Some(a));
     }
 
@@ -405,7 +437,10 @@ mod tests {
             assert!(doc.entries().next().unwrap().unwrap().conflict);
         }
         // Both sides agree on automerge's pick.
-        assert_eq!(doc_a.get(&path("f")).unwrap(), doc_b.get(&path("f")).unwrap());
+        assert_eq!(
+            doc_a.get(&path("f")).unwrap(),
+            doc_b.get(&path("f")).unwrap()
+        );
     }
 
     #[test]

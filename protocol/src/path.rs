@@ -170,7 +170,14 @@ mod tests {
 
     #[test]
     fn ordinary_paths_are_kept_and_normalised() {
-        for good in ["a", "dir/file.txt", ".hidden", "x/.weft", "name with spaces", "日本/語"] {
+        for good in [
+            "a",
+            "dir/file.txt",
+            ".hidden",
+            "x/.weft",
+            "name with spaces",
+            "日本/語",
+        ] {
             assert_eq!(RelPath::new(good).unwrap().as_str(), good);
         }
         // NFD "é" (e + combining acute) becomes NFC.
@@ -186,8 +193,16 @@ mod tests {
         assert!(RelPath::new("top").unwrap().parent().is_none());
         assert!(path.starts_with(&RelPath::new("a/b").unwrap()));
         assert!(!path.starts_with(&RelPath::new("a/bc").unwrap()));
-        assert!(RelPath::new("ab/c").unwrap().starts_with(&RelPath::new("ab").unwrap()));
-        assert!(!RelPath::new("abc").unwrap().starts_with(&RelPath::new("ab").unwrap()));
+        assert!(
+            RelPath::new("ab/c")
+                .unwrap()
+                .starts_with(&RelPath::new("ab").unwrap())
+        );
+        assert!(
+            !RelPath::new("abc")
+                .unwrap()
+                .starts_with(&RelPath::new("ab").unwrap())
+        );
     }
 
     proptest! {

@@ -1,10 +1,18 @@
 //! `weft-tests`: black-box tests that run the real `weft` and `weft-relay` binaries.
 //!
 //! The tests live in `tests/tests.rs` (one test binary, as in ripgrep); this library
-//! holds what they share: finding the built binaries and running them in temp homes.
+//! holds what they share: finding the built binaries, running nodes in temp homes,
+//! generating trees, and waiting for conditions with a deadline.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use weft_node::client::Client;
+use weft_node::node::{FileInfo, NodeStatus};
+
+/// API key written into test homes.
+pub const TEST_API_KEY: &str = "weft-test-api-key-0123456789";
 
 /// Path of a binary built from this workspace (`weft`, `weft-relay`), next to the
 /// test executable's `deps/` directory. `scripts/test` builds the binaries first.
@@ -24,11 +32,216 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// Runs `weft --home HOME ARGS...` to completion.
-pub fn weft(home: &std::path::Path, args: &[&str]) -> Output {
+pub fn weft(home: &Path, args: &[&str]) -> Output {
     Command::new(binary("weft"))
         .arg("--home")
         .arg(home)
         .args(args)
         .output()
         .expect("running weft")
+}
+
+/// Polls `condition` every 20 ms until it is true or `limit` passes; returns the time
+/// it took, or `None` on timeout.
+pub fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if condition() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Settings of a test node's `config.toml`.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Watch the filesystem.
+    pub watch: bool,
+    /// Debounce in milliseconds.
+    pub debounce_ms: u64,
+    /// Full rescan interval in seconds (large: only the watcher or a requested scan
+    /// finds changes).
+    pub full_rescan_interval_s: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            watch: true,
+            debounce_ms: 100,
+            full_rescan_interval_s: 86_400,
+        }
+    }
+}
+
+/// A running `weft run` process with its home; killed when dropped.
+pub struct TestNode {
+    /// The node home.
+    pub home: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestNode {
+    /// Writes `config.toml` (if absent) and starts `weft run` in `home`, waiting until its
+    /// control API answers.
+    pub fn start(home: &Path, config: &NodeConfig) -> TestNode {
+        Self::start_with(home, config, &[])
+    }
+
+    /// Like [`TestNode::start`], running the node through `wrapper` (e.g. setpriv).
+    pub fn start_with(home: &Path, config: &NodeConfig, wrapper: &[&str]) -> TestNode {
+        std::fs::create_dir_all(home).expect("create home");
+        let config_path = home.join("config.toml");
+        if !config_path.exists() {
+            std::fs::write(
+                &config_path,
+                format!(
+                    "api_key = \"{TEST_API_KEY}\"\ndevice_name = \"test\"\nwatch = {}\ndebounce_ms = {}\nfull_rescan_interval_s = {}\n",
+                    config.watch, config.debounce_ms, config.full_rescan_interval_s
+                ),
+            )
+            .expect("write config");
+        }
+        let _ = std::fs::remove_file(home.join("api.json"));
+        let log = std::fs::File::create(home.join("node.log")).expect("log file");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary("weft"));
+                command
+            }
+            None => Command::new(binary("weft")),
+        };
+        let child = command
+            .arg("--home")
+            .arg(home)
+            .args(["run", "--no-default-folder"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start weft run");
+        let node = TestNode {
+            home: home.to_path_buf(),
+            child: Some(child),
+        };
+        let up = wait_for(Duration::from_secs(20), || {
+            Client::connect(home)
+                .and_then(|c| c.get::<serde_json::Value>("/v1/status"))
+                .is_ok()
+        });
+        assert!(up.is_some(), "node did not start:\n{}", node.log());
+        node
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("node.log")).unwrap_or_default()
+    }
+
+    /// A control API client.
+    pub fn client(&self) -> Client {
+        Client::connect(&self.home).expect("connect to node")
+    }
+
+    /// The node's status.
+    pub fn status(&self) -> NodeStatus {
+        self.client().get("/v1/status").expect("status")
+    }
+
+    /// Adds a folder and returns its ID.
+    pub fn add_folder(&self, path: &Path, id: &str) -> String {
+        let output = weft(
+            &self.home,
+            &["folder", "add", path.to_str().unwrap(), "--id", id],
+        );
+        assert!(output.status.success(), "folder add failed: {output:?}");
+        id.to_owned()
+    }
+
+    /// Runs a full scan of `folder` and waits for it.
+    pub fn scan(&self, folder: &str) -> serde_json::Value {
+        self.client()
+            .post("/v1/scan", &serde_json::json!({ "folder": folder }))
+            .expect("scan")
+    }
+
+    /// The folder's local tree as the node recorded it.
+    pub fn files(&self, folder: &str) -> Vec<FileInfo> {
+        self.client()
+            .get(&format!("/v1/folders/{folder}/files"))
+            .expect("files")
+    }
+
+    /// Process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// `kill -9`: the node gets no chance to clean up.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait (up to 30 s) for a clean exit; returns its exit status success.
+    pub fn stop(mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let exited = wait_for(Duration::from_secs(30), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if exited.is_none() {
+            let _ = child.kill();
+        }
+        child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64).
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes `count` files of `size` bytes under `root` in nested directories
+/// (`d{i/100}/f{i}.bin`), each with different content.
+pub fn write_tree(root: &Path, count: usize, size: usize, seed: u64) {
+    for index in 0..count {
+        let dir = root.join(format!("d{:03}", index / 100));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join(format!("f{index}.bin")),
+            pseudo_random(size, seed + index as u64),
+        )
+        .expect("write");
+    }
 }

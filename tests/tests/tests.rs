@@ -1,4 +1,5 @@
 //! Black-box tests of the real binaries (one test binary for the whole suite).
 
 mod cli;
+mod node;
 mod tidy;

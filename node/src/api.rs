@@ -1,0 +1,227 @@
+//! The control API: HTTP + JSON on 127.0.0.1, used by the CLI and the GUI.
+//!
+//! Every request carries the API key from `config.toml` in the `X-API-Key` header;
+//! without it the answer is 401 and nothing else. Endpoints (documented in
+//! `docs/api.md`):
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/v1/status` | node and folder status |
+//! | GET | `/v1/folders` | folder records |
+//! | POST | `/v1/folders` | add a folder: `{"path", "id"?, "label"?}` |
+//! | DELETE | `/v1/folders/{id}` | forget a folder (files stay) |
+//! | GET | `/v1/folders/{id}/files` | the folder's local tree as last scanned |
+//! | GET | `/v1/manifests/{hash}` | a stored manifest |
+//! | POST | `/v1/scan` | scan and wait: `{"folder"?, "paths"?}` |
+//! | GET | `/v1/events` | server-sent events ([`crate::events::Event`] as JSON) |
+//!
+//! Errors are `{"error": "..."}` with a 4xx/5xx status; the text says what to do.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::node::{AddFolder, Node, NodeError};
+
+/// Header that carries the API key.
+pub const API_KEY_HEADER: &str = "x-api-key";
+/// File in the node home that tells clients where the API listens.
+pub const API_FILE: &str = "api.json";
+
+/// Contents of [`API_FILE`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiEndpoint {
+    /// `host:port` of the API.
+    pub address: String,
+    /// Process ID of the node.
+    pub pid: u32,
+}
+
+/// A scan request.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ScanRequest {
+    /// One folder, or all.
+    pub folder: Option<String>,
+    /// Paths inside the folder; all if empty.
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+/// An API error response.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(error: NodeError) -> Self {
+        let status = match &error {
+            NodeError::UnknownFolder(_) => StatusCode::NOT_FOUND,
+            NodeError::Invalid(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, error.to_string())
+    }
+}
+
+/// Constant-time comparison, so the key cannot be guessed byte by byte from timing.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn authorise(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get(API_KEY_HEADER)
+        .map(|value| value.as_bytes())
+        .unwrap_or_default();
+    if same_secret(given, node.config().api_key.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong API key (X-API-Key header; the key is in config.toml)".into(),
+        ))
+    }
+}
+
+/// Runs a blocking node call off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(error) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            error.to_string(),
+        )),
+    }
+}
+
+async fn status(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    Ok(Json(node.status()).into_response())
+}
+
+async fn list_folders(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    Ok(Json(node.folder_records()).into_response())
+}
+
+async fn add_folder(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Json(request): Json<AddFolder>,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    let record = blocking(move || node.add_folder(request)).await?;
+    Ok((StatusCode::CREATED, Json(record)).into_response())
+}
+
+async fn remove_folder(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    blocking(move || node.remove_folder(&id)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn files(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    let files = blocking(move || node.files(&id)).await?;
+    Ok(Json(files).into_response())
+}
+
+async fn manifest(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(hash): Path<String>,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    let manifest = blocking(move || node.manifest(&hash)).await?;
+    Ok(Json(manifest).into_response())
+}
+
+async fn scan(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Json(request): Json<ScanRequest>,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    let results = blocking(move || node.scan(request.folder.as_deref(), &request.paths)).await?;
+    let results: serde_json::Map<String, serde_json::Value> = results
+        .into_iter()
+        .map(|(id, result)| (id, serde_json::to_value(result).unwrap_or_default()))
+        .collect();
+    Ok(Json(results).into_response())
+}
+
+async fn events(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    let receiver = node.events().subscribe();
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let data = match receiver.recv().await {
+            Ok(event) => serde_json::to_string(&event).unwrap_or_default(),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                serde_json::json!({ "type": "lagged", "missed": missed }).to_string()
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((
+            Ok::<_, Infallible>(SseEvent::default().data(data)),
+            receiver,
+        ))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The API's routes.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/folders", get(list_folders).post(add_folder))
+        .route("/v1/folders/{id}", delete(remove_folder))
+        .route("/v1/folders/{id}/files", get(files))
+        .route("/v1/manifests/{hash}", get(manifest))
+        .route("/v1/scan", post(scan))
+        .route("/v1/events", get(events))
+        .with_state(node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secret_comparison() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abd", b"abc"));
+        assert!(!same_secret(b"ab", b"abc"));
+        assert!(!same_secret(b"", b"abc"));
+    }
+}

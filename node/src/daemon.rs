@@ -1,0 +1,116 @@
+//! `weft run`: starts the node, serves the control API, and shuts down cleanly on
+//! Ctrl-C or SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::api::{API_FILE, ApiEndpoint};
+use crate::config::Config;
+use crate::home::Home;
+use crate::node::{AddFolder, Node};
+
+/// Options of `weft run`.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Control API address, overriding the config.
+    pub api: Option<String>,
+    /// The default folder to create on first start (`None`: no default folder).
+    pub default_folder: Option<PathBuf>,
+}
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// Setup failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> DaemonError + '_ {
+    move |error| DaemonError::Setup(format!("{what}: {error}"))
+}
+
+/// Runs the node until Ctrl-C or SIGTERM.
+pub fn run(home: &Home, options: RunOptions) -> Result<(), DaemonError> {
+    let first_start = !home.root().join(crate::config::CONFIG_FILE).exists();
+    let key = home.load_or_create_key().map_err(setup("device key"))?;
+    let config = Config::load_or_create(home.root()).map_err(setup("config"))?;
+    let api_address = options
+        .api
+        .clone()
+        .unwrap_or_else(|| config.api_address.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("weft-io")
+        .build()
+        .map_err(setup("starting the runtime"))?;
+    let node = Arc::new(Node::open(home.root(), key, config).map_err(setup("opening the store"))?);
+    if first_start && let Some(path) = &options.default_folder {
+        let request = AddFolder {
+            path: path.display().to_string(),
+            id: Some("default".into()),
+            label: Some("Weft".into()),
+        };
+        match node.add_folder(request) {
+            Ok(record) => println!("default folder: {} ({})", record.path, record.id),
+            Err(error) => eprintln!("weft: could not create the default folder: {error}"),
+        }
+    }
+    let result = runtime.block_on(serve(home, node.clone(), &api_address));
+    node.shutdown();
+    let _ = std::fs::remove_file(home.root().join(API_FILE));
+    tracing::info!("stopped");
+    result
+}
+
+async fn serve(home: &Home, node: Arc<Node>, api_address: &str) -> Result<(), DaemonError> {
+    let listener = tokio::net::TcpListener::bind(api_address)
+        .await
+        .map_err(setup(
+            "binding the control API (is another node using this address?)",
+        ))?;
+    let address = listener
+        .local_addr()
+        .map_err(setup("control API address"))?;
+    let endpoint = ApiEndpoint {
+        address: address.to_string(),
+        pid: std::process::id(),
+    };
+    let endpoint_json = serde_json::to_string(&endpoint).map_err(setup("api.json"))?;
+    crate::home::write_private_atomically(&home.root().join(API_FILE), endpoint_json.as_bytes())
+        .map_err(setup("writing api.json"))?;
+    println!("device ID: {}", node.device_id());
+    for folder in node.folder_records() {
+        println!("folder {}: {} ({})", folder.id, folder.path, folder.label);
+    }
+    println!("control API: http://{address}");
+    tracing::info!(%address, device = %node.device_id(), "node running");
+    axum::serve(listener, crate::api::router(node))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(setup("control API"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

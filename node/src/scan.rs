@@ -1,0 +1,592 @@
+//! The scanner: what is on disk now, compared with what the store last saw.
+//!
+//! The scanner is the truth about the local tree; the watcher only says where to look.
+//! A scan walks the folder (or some paths of it), `lstat`s every entry, and compares it
+//! with the stored [`LocalEntry`]: a file is re-chunked only when its size, mtime, inode
+//! or mode changed. Changed files are chunked and hashed on every core (one worker per
+//! core; a large file also overlaps cutting and hashing inside `build_manifest`).
+//!
+//! Rules, by design:
+//! - `.weft/` at the top and `.weft.tmp.*` temp files anywhere are never scanned;
+//!   `.weftignore` in the folder root holds gitignore-syntax rules.
+//! - Symlinks are recorded with their target, never followed.
+//! - A name that is not UTF-8, or not a valid [`RelPath`] (a backslash, say), is
+//!   reported as a problem and skipped: it cannot have the same name on every device.
+//! - An unreadable file or directory is reported and skipped; the scan goes on, and the
+//!   stored entry (if any) is kept, not deleted.
+//! - A file that changes while it is hashed is hashed again (up to
+//!   [`MAX_HASH_ATTEMPTS`] times), then reported and left for the next scan.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use weft_protocol::chunk::build_manifest;
+use weft_protocol::document::EntryKind;
+use weft_protocol::path::{METADATA_DIR, TEMP_PREFIX};
+use weft_protocol::{ChunkParams, RelPath};
+
+use crate::store::{LocalChange, LocalEntry};
+
+/// Name of the ignore file in a folder's root.
+pub const IGNORE_FILE: &str = ".weftignore";
+/// Times a file that keeps changing under the hasher is hashed before giving up.
+pub const MAX_HASH_ATTEMPTS: usize = 3;
+
+/// Which part of a folder to scan.
+#[derive(Clone, Debug)]
+pub enum Scope {
+    /// Everything.
+    Full,
+    /// These paths and, for directories, everything inside them.
+    Paths(Vec<RelPath>),
+}
+
+/// A path the scan could not handle, and why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Problem {
+    /// The path, relative to the folder (lossy for non-UTF-8 names).
+    pub path: String,
+    /// What went wrong, for a person.
+    pub error: String,
+}
+
+/// Live counters of a scan, readable from other threads (status, progress events).
+#[derive(Debug, Default)]
+pub struct ScanProgress {
+    /// Files that need hashing in this scan.
+    pub files_to_hash: AtomicU64,
+    /// Bytes that need hashing in this scan.
+    pub bytes_to_hash: AtomicU64,
+    /// Files hashed so far.
+    pub files_hashed: AtomicU64,
+    /// Bytes hashed so far.
+    pub bytes_hashed: AtomicU64,
+}
+
+impl ScanProgress {
+    fn reset(&self) {
+        for counter in [
+            &self.files_to_hash,
+            &self.bytes_to_hash,
+            &self.files_hashed,
+            &self.bytes_hashed,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What a scan found.
+#[derive(Debug, Default)]
+pub struct ScanSummary {
+    /// Entries seen on disk (files, directories, symlinks).
+    pub seen: u64,
+    /// Changes found (also delivered to the sink as they are found).
+    pub changes: u64,
+    /// Paths that could not be scanned.
+    pub problems: Vec<Problem>,
+}
+
+/// A folder's scanner: its root, chunk parameters and ignore rules.
+#[derive(Debug)]
+pub struct Scanner {
+    root: PathBuf,
+    params: ChunkParams,
+    ignore: Gitignore,
+    workers: usize,
+}
+
+/// What a walk collects.
+#[derive(Default)]
+struct Walk {
+    observed: Vec<Observed>,
+    problems: Vec<Problem>,
+    /// Stored rows inside these paths are kept: they could not be read, not deleted.
+    unreadable: Vec<RelPath>,
+    /// The folder root itself could not be listed (unmounted disk, permissions): keep
+    /// every stored row rather than report the whole folder deleted.
+    root_unreadable: bool,
+}
+
+impl Walk {
+    fn problem(&mut self, path: impl Into<String>, error: String) {
+        self.problems.push(Problem {
+            path: path.into(),
+            error,
+        });
+    }
+}
+
+/// An entry found on disk, before hashing.
+#[derive(Debug, Clone)]
+struct Observed {
+    path: RelPath,
+    entry: LocalEntry,
+}
+
+fn mtime_ns(metadata: &fs::Metadata) -> i64 {
+    match metadata.modified() {
+        Ok(time) => match time.duration_since(std::time::UNIX_EPOCH) {
+            Ok(after) => i64::try_from(after.as_nanos()).unwrap_or(i64::MAX),
+            Err(before) => -i64::try_from(before.duration().as_nanos()).unwrap_or(i64::MAX),
+        },
+        Err(_) => 0,
+    }
+}
+
+#[cfg(unix)]
+fn mode_and_inode(metadata: &fs::Metadata) -> (u32, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (metadata.mode() & 0o7777, metadata.ino())
+}
+
+#[cfg(not(unix))]
+fn mode_and_inode(metadata: &fs::Metadata) -> (u32, u64) {
+    (
+        if metadata.permissions().readonly() {
+            0o444
+        } else {
+            0o644
+        },
+        0,
+    )
+}
+
+/// Same file content as far as metadata can tell.
+fn unchanged(old: &LocalEntry, new: &LocalEntry) -> bool {
+    match (old.kind, new.kind) {
+        (EntryKind::File, EntryKind::File) => {
+            old.size == new.size
+                && old.mtime_ns == new.mtime_ns
+                && old.inode == new.inode
+                && old.mode == new.mode
+                && old.manifest.is_some()
+        }
+        // A directory's mtime changes with its contents; only its mode is its own.
+        (EntryKind::Directory, EntryKind::Directory) => old.mode == new.mode,
+        (EntryKind::Symlink, EntryKind::Symlink) => old.symlink_target == new.symlink_target,
+        _ => false,
+    }
+}
+
+impl Scanner {
+    /// A scanner for the folder at `root`. Reads `.weftignore` now; a broken rule is
+    /// returned as a problem and the other rules still apply.
+    pub fn new(root: PathBuf, params: ChunkParams) -> (Self, Vec<Problem>) {
+        let mut problems = Vec::new();
+        let mut builder = GitignoreBuilder::new(&root);
+        let ignore_file = root.join(IGNORE_FILE);
+        if ignore_file.exists()
+            && let Some(error) = builder.add(&ignore_file)
+        {
+            problems.push(Problem {
+                path: IGNORE_FILE.into(),
+                error: format!("some ignore rules could not be read: {error}"),
+            });
+        }
+        let ignore = builder.build().unwrap_or_else(|error| {
+            problems.push(Problem {
+                path: IGNORE_FILE.into(),
+                error: format!("ignore rules are invalid, none apply: {error}"),
+            });
+            Gitignore::empty()
+        });
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        (
+            Self {
+                root,
+                params,
+                ignore,
+                workers,
+            },
+            problems,
+        )
+    }
+
+    /// The folder's root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// True if `path` is never synced: the node's own files or an ignore rule.
+    pub fn is_ignored(&self, path: &RelPath, is_dir: bool) -> bool {
+        let first = path.components().next().unwrap_or_default();
+        if first == METADATA_DIR || path.file_name().starts_with(TEMP_PREFIX) {
+            return true;
+        }
+        self.ignore
+            .matched_path_or_any_parents(path.as_str(), is_dir)
+            .is_ignore()
+    }
+
+    /// Turns an absolute path inside the folder into a [`RelPath`], if it is one.
+    pub fn relative(&self, absolute: &Path) -> Option<RelPath> {
+        let relative = absolute.strip_prefix(&self.root).ok()?;
+        let text = relative.to_str()?;
+        if text.is_empty() {
+            return None;
+        }
+        let text = if std::path::MAIN_SEPARATOR == '/' {
+            text.to_owned()
+        } else {
+            text.replace(std::path::MAIN_SEPARATOR, "/")
+        };
+        RelPath::new(&text).ok()
+    }
+
+    /// Scans `scope`, comparing with `previous` (the stored local rows of that scope),
+    /// and sends every change to `sink` as soon as it is known. Returns a summary.
+    ///
+    /// `previous` must hold every stored row inside the scope: a row not seen on disk is
+    /// reported removed.
+    pub fn scan(
+        &self,
+        scope: &Scope,
+        previous: &BTreeMap<RelPath, LocalEntry>,
+        progress: &ScanProgress,
+        sink: &mut dyn FnMut(LocalChange),
+    ) -> ScanSummary {
+        progress.reset();
+        let mut walk = Walk::default();
+        match scope {
+            Scope::Full => self.walk_dir(&self.root, None, &mut walk),
+            Scope::Paths(paths) => {
+                for path in paths {
+                    if !self.is_ignored(path, false) {
+                        self.observe_path(path, &mut walk);
+                    }
+                }
+            }
+        }
+        let mut summary = ScanSummary {
+            seen: walk.observed.len() as u64,
+            ..ScanSummary::default()
+        };
+
+        // Removals: stored rows in scope that are no longer on disk.
+        if !walk.root_unreadable {
+            let seen: std::collections::HashSet<&RelPath> =
+                walk.observed.iter().map(|o| &o.path).collect();
+            let in_scope = |path: &RelPath| match scope {
+                Scope::Full => true,
+                Scope::Paths(paths) => paths.iter().any(|scoped| path.starts_with(scoped)),
+            };
+            for path in previous.keys() {
+                if !seen.contains(path)
+                    && in_scope(path)
+                    && !walk.unreadable.iter().any(|dir| path.starts_with(dir))
+                {
+                    summary.changes += 1;
+                    sink(LocalChange::Remove { path: path.clone() });
+                }
+            }
+        }
+        summary.problems = std::mem::take(&mut walk.problems);
+        let observed = walk.observed;
+
+        // Directories and symlinks need no hashing; files only when metadata changed.
+        let mut to_hash = Vec::new();
+        for item in observed {
+            if previous
+                .get(&item.path)
+                .is_some_and(|old| unchanged(old, &item.entry))
+            {
+                continue;
+            }
+            if item.entry.kind == EntryKind::File {
+                progress.files_to_hash.fetch_add(1, Ordering::Relaxed);
+                progress
+                    .bytes_to_hash
+                    .fetch_add(item.entry.size, Ordering::Relaxed);
+                to_hash.push(item);
+            } else {
+                summary.changes += 1;
+                sink(LocalChange::Upsert {
+                    path: item.path,
+                    entry: item.entry,
+                    manifest: None,
+                });
+            }
+        }
+        // Big files first, so that the last worker is not left alone with a giant.
+        to_hash.sort_by_key(|item| std::cmp::Reverse(item.entry.size));
+        self.hash_files(to_hash, progress, &mut summary, sink);
+        summary
+    }
+
+    fn hash_files(
+        &self,
+        files: Vec<Observed>,
+        progress: &ScanProgress,
+        summary: &mut ScanSummary,
+        sink: &mut dyn FnMut(LocalChange),
+    ) {
+        if files.is_empty() {
+            return;
+        }
+        let next = AtomicUsize::new(0);
+        let (sender, receiver) = mpsc::channel::<Result<LocalChange, Problem>>();
+        std::thread::scope(|scope| {
+            for _ in 0..self.workers.min(files.len()) {
+                let sender = sender.clone();
+                let files = &files;
+                let next = &next;
+                scope.spawn(move || {
+                    loop {
+                        let index = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = files.get(index) else { break };
+                        let result = self.hash_file(item, progress);
+                        if sender.send(result).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(sender);
+            for result in receiver {
+                match result {
+                    Ok(change) => {
+                        summary.changes += 1;
+                        sink(change);
+                    }
+                    Err(problem) => summary.problems.push(problem),
+                }
+            }
+        });
+    }
+
+    /// Hashes one file, re-hashing if it changed meanwhile.
+    fn hash_file(&self, item: &Observed, progress: &ScanProgress) -> Result<LocalChange, Problem> {
+        let absolute = self.root.join(item.path.as_str());
+        let problem = |error: String| Problem {
+            path: item.path.to_string(),
+            error,
+        };
+        let mut before = item.entry.clone();
+        for _ in 0..MAX_HASH_ATTEMPTS {
+            let file =
+                fs::File::open(&absolute).map_err(|e| problem(format!("cannot read: {e}")))?;
+            let opened = file
+                .metadata()
+                .map_err(|e| problem(format!("cannot read: {e}")))?;
+            let mut hashed = 0u64;
+            let manifest = build_manifest(&file, &self.params, |done| {
+                progress
+                    .bytes_hashed
+                    .fetch_add(done - hashed, Ordering::Relaxed);
+                hashed = done;
+            });
+            let manifest = match manifest {
+                Ok(manifest) => manifest,
+                Err(error) => return Err(problem(format!("cannot read: {error}"))),
+            };
+            // The file is unchanged if what we opened is what we saw and it still is.
+            let after = match fs::symlink_metadata(&absolute) {
+                Ok(metadata) => entry_from_metadata(&metadata, None),
+                Err(error) => return Err(problem(format!("vanished while hashing: {error}"))),
+            };
+            let (_, opened_inode) = mode_and_inode(&opened);
+            let stable = after.kind == EntryKind::File
+                && after.size == manifest.size()
+                && after.size == before.size
+                && after.mtime_ns == before.mtime_ns
+                && after.inode == before.inode
+                && opened_inode == before.inode;
+            if stable {
+                progress.files_hashed.fetch_add(1, Ordering::Relaxed);
+                let mut entry = after;
+                entry.manifest = Some(manifest.hash());
+                return Ok(LocalChange::Upsert {
+                    path: item.path.clone(),
+                    entry,
+                    manifest: Some(manifest),
+                });
+            }
+            before = after;
+            if before.kind != EntryKind::File {
+                return Err(problem(
+                    "changed into a non-file while hashing; will rescan".into(),
+                ));
+            }
+        }
+        Err(problem(format!(
+            "kept changing while being read ({MAX_HASH_ATTEMPTS} attempts); will retry on the next scan"
+        )))
+    }
+
+    /// Observes one scoped path: the entry itself and, for a directory, its subtree.
+    fn observe_path(&self, path: &RelPath, walk: &mut Walk) {
+        let absolute = self.root.join(path.as_str());
+        // Scoped paths go through their parents: a parent that is a symlink would let a
+        // scan escape the folder, and a parent that is gone means the path is gone.
+        let mut parent = path.parent();
+        while let Some(dir) = parent {
+            match fs::symlink_metadata(self.root.join(dir.as_str())) {
+                Ok(metadata) if metadata.is_dir() => {}
+                _ => return,
+            }
+            parent = dir.parent();
+        }
+        match fs::symlink_metadata(&absolute) {
+            Ok(metadata) => {
+                if let Some(item) = self.observe(path.clone(), &absolute, &metadata, walk) {
+                    let is_dir = item.entry.kind == EntryKind::Directory;
+                    walk.observed.push(item);
+                    if is_dir {
+                        self.walk_dir(&absolute, Some(path), walk);
+                    }
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => {
+                walk.problem(path.as_str(), format!("cannot read: {error}"));
+                walk.unreadable.push(path.clone());
+            }
+        }
+    }
+
+    fn observe(
+        &self,
+        path: RelPath,
+        absolute: &Path,
+        metadata: &fs::Metadata,
+        walk: &mut Walk,
+    ) -> Option<Observed> {
+        let file_type = metadata.file_type();
+        let target = if file_type.is_symlink() {
+            match fs::read_link(absolute) {
+                Ok(target) => match target.into_os_string().into_string() {
+                    Ok(target) => Some(target),
+                    Err(_) => {
+                        walk.problem(path.as_str(), "symlink target is not UTF-8; skipped".into());
+                        return None;
+                    }
+                },
+                Err(error) => {
+                    walk.problem(path.as_str(), format!("cannot read symlink: {error}"));
+                    return None;
+                }
+            }
+        } else if !file_type.is_file() && !file_type.is_dir() {
+            // Sockets, FIFOs, devices: not content a person syncs.
+            return None;
+        } else {
+            None
+        };
+        Some(Observed {
+            entry: entry_from_metadata(metadata, target),
+            path,
+        })
+    }
+
+    /// Walks the directory `absolute` (whose path is `relative`, `None` for the root).
+    fn walk_dir(&self, absolute: &Path, relative: Option<&RelPath>, walk: &mut Walk) {
+        let mut stack: Vec<(PathBuf, Option<RelPath>)> =
+            vec![(absolute.to_path_buf(), relative.cloned())];
+        while let Some((dir, dir_relative)) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    let name = dir_relative.as_ref().map_or(".", |p| p.as_str()).to_owned();
+                    walk.problem(name, format!("cannot list directory: {error}"));
+                    match dir_relative {
+                        Some(path) => walk.unreadable.push(path),
+                        None => walk.root_unreadable = true,
+                    }
+                    continue;
+                }
+            };
+            for dir_entry in entries {
+                let dir_entry = match dir_entry {
+                    Ok(entry) => entry,
+                    Err(error) => {
+                        walk.problem(
+                            dir.display().to_string(),
+                            format!("cannot list directory: {error}"),
+                        );
+                        continue;
+                    }
+                };
+                let name = dir_entry.file_name();
+                let Some(name) = name.to_str() else {
+                    walk.problem(
+                        dir_entry.path().display().to_string(),
+                        "name is not valid UTF-8; skipped (rename it to sync it)".into(),
+                    );
+                    continue;
+                };
+                let path = match &dir_relative {
+                    Some(parent) => parent.join(name),
+                    None => RelPath::new(name),
+                };
+                let path = match path {
+                    Ok(path) => path,
+                    // `.weft` and temp files are reserved: not ours to sync, not a problem.
+                    Err(weft_protocol::PathError::Reserved(_)) => continue,
+                    Err(error) => {
+                        walk.problem(
+                            dir_entry.path().display().to_string(),
+                            format!("name cannot be synced: {error}; skipped"),
+                        );
+                        continue;
+                    }
+                };
+                let absolute = dir_entry.path();
+                let metadata = match fs::symlink_metadata(&absolute) {
+                    Ok(metadata) => metadata,
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                    Err(error) => {
+                        walk.problem(path.as_str(), format!("cannot read: {error}"));
+                        walk.unreadable.push(path);
+                        continue;
+                    }
+                };
+                let is_dir = metadata.is_dir();
+                if self.is_ignored(&path, is_dir) {
+                    continue;
+                }
+                if let Some(item) = self.observe(path.clone(), &absolute, &metadata, walk) {
+                    walk.observed.push(item);
+                    if is_dir {
+                        stack.push((absolute, Some(path)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Builds a [`LocalEntry`] (without manifest) from `lstat` metadata.
+fn entry_from_metadata(metadata: &fs::Metadata, symlink_target: Option<String>) -> LocalEntry {
+    let (mode, inode) = mode_and_inode(metadata);
+    let file_type = metadata.file_type();
+    let kind = if file_type.is_symlink() {
+        EntryKind::Symlink
+    } else if file_type.is_dir() {
+        EntryKind::Directory
+    } else {
+        EntryKind::File
+    };
+    LocalEntry {
+        kind,
+        size: if kind == EntryKind::File {
+            metadata.len()
+        } else {
+            0
+        },
+        mtime_ns: if kind == EntryKind::Directory {
+            0
+        } else {
+            mtime_ns(metadata)
+        },
+        mode,
+        inode,
+        manifest: None,
+        symlink_target,
+    }
+}
