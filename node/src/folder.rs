@@ -400,6 +400,7 @@ impl FolderActor {
 
     fn scan(&mut self, scope: Scope) -> ScanResult {
         let started = Instant::now();
+        let ignore_problems = self.scanner.refresh_ignore();
         let full = matches!(scope, Scope::Full);
         let folder = self.recorder.folder.to_string();
         self.recorder
@@ -489,6 +490,8 @@ impl FolderActor {
         });
         let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let finished_ms = u64::try_from(now_ns() / 1_000_000).unwrap_or(0);
+        let mut summary = summary;
+        summary.problems.extend(ignore_problems);
         let problems = summary.problems.clone();
         self.recorder.shared.update(|status| {
             status.state = FolderState::Idle;

@@ -8,7 +8,9 @@
 //!
 //! Rules, by design:
 //! - `.weft/` at the top and `.weft.tmp.*` temp files anywhere are never scanned;
-//!   `.weftignore` in the folder root holds gitignore-syntax rules.
+//!   `.weftignore` in the folder root holds gitignore-syntax rules (re-read before a
+//!   scan when it changed; the file itself is synced, so every device ignores alike).
+//!   A path that becomes ignored is reported removed from the local tree.
 //! - Symlinks are recorded with their target, never followed.
 //! - A name that is not UTF-8, or not a valid [`RelPath`] (a backslash, say), is
 //!   reported as a problem and skipped: it cannot have the same name on every device.
@@ -98,7 +100,39 @@ pub struct Scanner {
     root: PathBuf,
     params: ChunkParams,
     ignore: Gitignore,
+    /// Size and mtime of `.weftignore` when `ignore` was built (`None`: no file).
+    ignore_stamp: Option<(u64, i64)>,
     workers: usize,
+}
+
+fn ignore_stamp(root: &Path) -> Option<(u64, i64)> {
+    fs::metadata(root.join(IGNORE_FILE))
+        .ok()
+        .map(|metadata| (metadata.len(), mtime_ns(&metadata)))
+}
+
+/// Builds the ignore matcher from `root/.weftignore`; problems are returned, and the
+/// rules that could be read still apply.
+fn load_ignore(root: &Path) -> (Gitignore, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let mut builder = GitignoreBuilder::new(root);
+    let ignore_file = root.join(IGNORE_FILE);
+    if ignore_file.exists()
+        && let Some(error) = builder.add(&ignore_file)
+    {
+        problems.push(Problem {
+            path: IGNORE_FILE.into(),
+            error: format!("some ignore rules could not be read: {error}"),
+        });
+    }
+    let ignore = builder.build().unwrap_or_else(|error| {
+        problems.push(Problem {
+            path: IGNORE_FILE.into(),
+            error: format!("ignore rules are invalid, none apply: {error}"),
+        });
+        Gitignore::empty()
+    });
+    (ignore, problems)
 }
 
 /// What a walk collects.
@@ -178,27 +212,11 @@ impl Scanner {
     /// A scanner for the folder at `root`. Reads `.weftignore` now; a broken rule is
     /// returned as a problem and the other rules still apply.
     pub fn new(root: PathBuf, params: ChunkParams) -> (Self, Vec<Problem>) {
-        let mut problems = Vec::new();
-        let mut builder = GitignoreBuilder::new(&root);
-        let ignore_file = root.join(IGNORE_FILE);
-        if ignore_file.exists()
-            && let Some(error) = builder.add(&ignore_file)
-        {
-            problems.push(Problem {
-                path: IGNORE_FILE.into(),
-                error: format!("some ignore rules could not be read: {error}"),
-            });
-        }
-        let ignore = builder.build().unwrap_or_else(|error| {
-            problems.push(Problem {
-                path: IGNORE_FILE.into(),
-                error: format!("ignore rules are invalid, none apply: {error}"),
-            });
-            Gitignore::empty()
-        });
+        let (ignore, problems) = load_ignore(&root);
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         (
             Self {
+                ignore_stamp: ignore_stamp(&root),
                 root,
                 params,
                 ignore,
@@ -206,6 +224,18 @@ impl Scanner {
             },
             problems,
         )
+    }
+
+    /// Re-reads `.weftignore` if it changed since it was last read.
+    pub fn refresh_ignore(&mut self) -> Vec<Problem> {
+        let stamp = ignore_stamp(&self.root);
+        if stamp == self.ignore_stamp {
+            return Vec::new();
+        }
+        let (ignore, problems) = load_ignore(&self.root);
+        self.ignore = ignore;
+        self.ignore_stamp = stamp;
+        problems
     }
 
     /// The folder's root.

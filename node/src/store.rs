@@ -32,6 +32,9 @@ use weft_protocol::{BlockHash, ChunkParams, FolderId, Manifest, ManifestHash, Re
 
 /// Current schema version of the store.
 pub const SCHEMA_VERSION: u32 = 1;
+/// redb's page cache. Its default (1 GiB) would let a cold scan of a large folder grow
+/// the node's memory far past its budget; reads beyond this come from the OS page cache.
+pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// Increments kept before the document is compacted into a new snapshot.
 pub const DOC_INCREMENTS_BEFORE_COMPACTION: u64 = 256;
 
@@ -214,7 +217,9 @@ impl Store {
     /// Opens (or creates) the store at `path` and migrates it to [`SCHEMA_VERSION`].
     /// `random_suffix` is used only when the store is created.
     pub fn open(path: &Path, random_suffix: [u8; 8]) -> Result<Self, StoreError> {
-        let db = Database::create(path)?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)?;
         let txn = db.begin_write()?;
         let actor_suffix;
         {

@@ -271,10 +271,15 @@ pub fn build_manifest<R: Read>(
     let masks = params.masks();
     let segment_len = segment_len(params);
     let prefix = params.max as usize;
-    let mut first = vec![0u8; prefix + segment_len];
-    let filled = crate::manifest::read_full(&mut reader, &mut first[prefix..])?;
+    // Read the first segment into a buffer that grows with the data: most files are
+    // small, and zeroing a whole segment for each of them would cost more than hashing.
+    let mut head = Vec::new();
+    (&mut reader)
+        .take(segment_len as u64)
+        .read_to_end(&mut head)?;
+    let filled = head.len();
     if filled < segment_len {
-        let data = &first[prefix..prefix + filled];
+        let data = &head[..];
         let mut blocks = Vec::new();
         let mut start = 0;
         while start < data.len() {
@@ -289,6 +294,9 @@ pub fn build_manifest<R: Read>(
         return Ok(Manifest::from_blocks(blocks)?);
     }
 
+    let mut first = vec![0u8; prefix + segment_len];
+    first[prefix..].copy_from_slice(&head);
+    drop(head);
     let (to_cutter, cutter_inbox) = mpsc::sync_channel::<ReadSegment>(1);
     let (cutter_outbox, from_cutter) = mpsc::channel::<CutSegment>();
     std::thread::scope(|scope| {

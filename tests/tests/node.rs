@@ -211,6 +211,24 @@ fn a_rescan_alone_finds_every_change_with_the_watcher_off() {
     assert_eq!(tree["newdir/inner"].kind, EntryKind::Directory);
     // A second scan finds nothing new.
     assert_eq!(node.scan(&folder)[&folder]["changes"], 0);
+
+    // Ignore rules from .weftignore apply from the next scan on; newly ignored paths
+    // leave the local tree.
+    fs::write(root.join(".weftignore"), "*.tmp\nbuild/\n/newdir\n").unwrap();
+    fs::create_dir_all(root.join("build/out")).unwrap();
+    fs::write(root.join("build/out/a.o"), b"obj").unwrap();
+    fs::write(root.join("d000/scratch.tmp"), b"tmp").unwrap();
+    node.scan(&folder);
+    let tree = recorded(&node, &folder);
+    assert!(tree.contains_key(".weftignore"));
+    assert!(
+        !tree
+            .keys()
+            .any(|p| p.starts_with("build") || p.ends_with(".tmp")),
+        "{tree:?}"
+    );
+    assert!(!tree.keys().any(|p| p.starts_with("newdir")), "{tree:?}");
+    assert!(tree.contains_key("d000/f10.bin"));
 }
 
 #[test]
@@ -231,22 +249,47 @@ fn kill_9_during_a_scan_loses_and_duplicates_nothing() {
         ..NodeConfig::default()
     };
     let node = TestNode::start(&home, &config);
-    let folder = node.add_folder(&root, "big");
-    // Kill once some of the scan is committed but before it ends.
-    let mid_scan = wait_for(Duration::from_secs(60), || {
-        node.status().folders.iter().any(|f| {
-            f.files > 0
-                && f.progress
-                    .as_ref()
-                    .is_some_and(|p| p.files_hashed < p.files_to_hash)
+    // Kill the node the moment its first scan batch is committed (its first
+    // local_change event), long before the scan of 12,000 files ends.
+    let killer = {
+        let pid = node.pid().to_string();
+        let home = home.clone();
+        std::thread::spawn(move || {
+            let client = weft_node::client::Client::connect(&home).unwrap();
+            client
+                .follow_events(|event| {
+                    if event["type"] == "local_change" {
+                        std::process::Command::new("kill")
+                            .args(["-9", &pid])
+                            .status()
+                            .unwrap();
+                        return false;
+                    }
+                    true
+                })
+                .unwrap();
         })
-    });
-    assert!(
-        mid_scan.is_some(),
-        "scan finished before it could be interrupted:\n{}",
-        node.log()
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let folder = "big".to_owned();
+    let _ = weft(
+        &home,
+        &["folder", "add", root.to_str().unwrap(), "--id", &folder],
     );
+    killer.join().unwrap();
     node.kill9();
+    // The kill really was mid-scan: part of the tree, not all of it, was committed.
+    let committed = {
+        let store = Store::open(&home.join("weft.redb"), [0; 8]).unwrap();
+        store
+            .local_tree(&FolderId::new(&folder).unwrap())
+            .unwrap()
+            .len()
+    };
+    assert!(
+        committed > 0 && committed < 12_000,
+        "{committed} rows committed at the kill"
+    );
 
     let node = TestNode::start(&home, &config);
     wait_idle(&node, &folder, 1);
