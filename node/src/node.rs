@@ -209,6 +209,8 @@ impl Node {
             label,
             path: path_text,
             params: ChunkParams::DEFAULT,
+            mode: crate::engine::FolderMode::SendReceive,
+            devices: Vec::new(),
         };
         self.store.put_folder(&record)?;
         self.start_folder(record.clone())?;

@@ -12,6 +12,8 @@
 //! | `blocks` | block hash, folder ID, NUL, path, NUL, offset (u64 BE) | block length (u32) |
 //! | `doc_snapshots` | folder ID | the folder document, saved whole |
 //! | `doc_increments` | folder ID, NUL, sequence (u64 BE) | changes saved since the snapshot |
+//! | `devices` | device ID | [`DeviceRecord`]: accepted devices |
+//! | `invites` | folder ID | [`PendingInvite`]: invites received, not yet accepted |
 //!
 //! Invariants:
 //! - A change that must survive a crash is one write transaction: a scan batch commits
@@ -27,8 +29,8 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
-use weft_protocol::document::EntryKind;
-use weft_protocol::{BlockHash, ChunkParams, FolderId, Manifest, ManifestHash, RelPath};
+use weft_protocol::wire::{Invite, Permission};
+use weft_protocol::{BlockHash, ChunkParams, DeviceId, FolderId, Manifest, ManifestHash, RelPath};
 
 /// Current schema version of the store.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -45,6 +47,8 @@ const SYNCED: TableDefinition<&str, &[u8]> = TableDefinition::new("synced");
 const MANIFESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("manifests");
 const BLOCKS: TableDefinition<&[u8], u32> = TableDefinition::new("blocks");
 const DOC_SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_snapshots");
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const INVITES: TableDefinition<&str, &[u8]> = TableDefinition::new("invites");
 const DOC_INCREMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("doc_increments");
 
 /// Why a store operation failed.
@@ -101,26 +105,33 @@ pub struct FolderRecord {
     pub path: String,
     /// Chunk parameters, fixed at creation.
     pub params: ChunkParams,
+    /// Whether this device publishes its local changes.
+    pub mode: crate::engine::FolderMode,
+    /// The devices this folder is shared with, and what they may do.
+    pub devices: Vec<(DeviceId, Permission)>,
 }
 
-/// What the scanner last saw at a path.
+/// A device this node accepts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LocalEntry {
-    /// File, directory or symlink.
-    pub kind: EntryKind,
-    /// Size in bytes (files).
-    pub size: u64,
-    /// Modification time, ns since the Unix epoch.
-    pub mtime_ns: i64,
-    /// Permission bits.
-    pub mode: u32,
-    /// Inode number (0 where the platform has none).
-    pub inode: u64,
-    /// The file's manifest hash (files).
-    pub manifest: Option<ManifestHash>,
-    /// The link target (symlinks).
-    pub symlink_target: Option<String>,
+pub struct DeviceRecord {
+    /// The device.
+    pub id: DeviceId,
+    /// A person's name for it.
+    pub name: String,
+    /// Addresses to dial it at (multiaddrs).
+    pub addresses: Vec<String>,
 }
+
+/// An invite received and not yet answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingInvite {
+    /// The inviting device.
+    pub from: DeviceId,
+    /// The invite.
+    pub invite: Invite,
+}
+
+pub use crate::engine::{LocalEntry, SyncedEntry};
 
 fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|error| StoreError::Record {
@@ -267,6 +278,8 @@ impl Store {
             txn.open_table(BLOCKS)?;
             txn.open_table(DOC_SNAPSHOTS)?;
             txn.open_table(DOC_INCREMENTS)?;
+            txn.open_table(DEVICES)?;
+            txn.open_table(INVITES)?;
         }
         Ok(())
     }
@@ -318,6 +331,119 @@ impl Store {
         })?;
         txn.commit()?;
         Ok(existed)
+    }
+
+    fn all<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(table)?;
+        let mut rows = Vec::new();
+        for row in table.iter()? {
+            let (key, value) = row?;
+            rows.push(decode(key.value(), value.value())?);
+        }
+        Ok(rows)
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: Option<&T>,
+    ) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let existed = {
+            let mut table = txn.open_table(table)?;
+            match value {
+                Some(value) => table.insert(key, encode(value).as_slice())?.is_some(),
+                None => table.remove(key)?.is_some(),
+            }
+        };
+        txn.commit()?;
+        Ok(existed)
+    }
+
+    /// Accepted devices.
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.all(DEVICES)
+    }
+
+    /// Adds or replaces an accepted device.
+    pub fn put_device(&self, device: &DeviceRecord) -> Result<(), StoreError> {
+        self.put(DEVICES, &device.id.to_string(), Some(device))
+            .map(|_| ())
+    }
+
+    /// Forgets a device; true if it was known.
+    pub fn remove_device(&self, device: &DeviceId) -> Result<bool, StoreError> {
+        self.put::<DeviceRecord>(DEVICES, &device.to_string(), None)
+    }
+
+    /// Pending invites.
+    pub fn invites(&self) -> Result<Vec<PendingInvite>, StoreError> {
+        self.all(INVITES)
+    }
+
+    /// Records (or replaces) a pending invite.
+    pub fn put_invite(&self, invite: &PendingInvite) -> Result<(), StoreError> {
+        self.put(INVITES, invite.invite.folder.as_str(), Some(invite))
+            .map(|_| ())
+    }
+
+    /// Drops a pending invite; true if there was one.
+    pub fn remove_invite(&self, folder: &FolderId) -> Result<bool, StoreError> {
+        self.put::<PendingInvite>(INVITES, folder.as_str(), None)
+    }
+
+    /// The synced entry of a path.
+    pub fn synced(
+        &self,
+        folder: &FolderId,
+        path: &RelPath,
+    ) -> Result<Option<SyncedEntry>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SYNCED)?;
+        match table.get(path_key(folder, path).as_str())? {
+            Some(bytes) => Ok(Some(decode("synced entry", bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The whole synced tree of a folder.
+    pub fn synced_tree(
+        &self,
+        folder: &FolderId,
+    ) -> Result<std::collections::BTreeMap<RelPath, SyncedEntry>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SYNCED)?;
+        let (start, end) = folder_range(folder);
+        let mut tree = std::collections::BTreeMap::new();
+        for row in table.range(start.as_str()..end.as_str())? {
+            let (key, value) = row?;
+            let key = key.value();
+            let Some((_, path)) = key.split_once('\0') else {
+                continue;
+            };
+            let Ok(path) = RelPath::new(path) else {
+                continue;
+            };
+            tree.insert(path, decode("synced entry", value.value())?);
+        }
+        Ok(tree)
+    }
+
+    /// Sets (or clears) synced entries, with the document increment of the same
+    /// decision, in one transaction.
+    pub fn commit_synced(
+        &self,
+        folder: &FolderId,
+        updates: &[(RelPath, Option<SyncedEntry>)],
+        document_increment: &[u8],
+    ) -> Result<(), StoreError> {
+        self.commit_scan_batch_with(folder, &[], updates, document_increment)
+            .map(|_| ())
     }
 
     /// The local tree of a folder.
@@ -461,8 +587,33 @@ impl Store {
         changes: &[LocalChange],
         document_increment: &[u8],
     ) -> Result<u64, StoreError> {
+        self.commit_scan_batch_with(folder, changes, &[], document_increment)
+    }
+
+    /// [`Store::commit_scan_batch`] plus synced-tree updates, atomically.
+    pub fn commit_scan_batch_with(
+        &self,
+        folder: &FolderId,
+        changes: &[LocalChange],
+        synced_updates: &[(RelPath, Option<SyncedEntry>)],
+        document_increment: &[u8],
+    ) -> Result<u64, StoreError> {
         let txn = self.db.begin_write()?;
         let increments;
+        {
+            let mut synced = txn.open_table(SYNCED)?;
+            for (path, entry) in synced_updates {
+                let key = path_key(folder, path);
+                match entry {
+                    Some(entry) => {
+                        synced.insert(key.as_str(), encode(entry).as_slice())?;
+                    }
+                    None => {
+                        synced.remove(key.as_str())?;
+                    }
+                }
+            }
+        }
         {
             let mut local = txn.open_table(LOCAL)?;
             let mut manifests = txn.open_table(MANIFESTS)?;
@@ -550,6 +701,7 @@ impl Store {
 mod tests {
     use super::*;
     use weft_protocol::BlockRef;
+    use weft_protocol::document::EntryKind;
 
     fn folder() -> FolderId {
         FolderId::new("f1").unwrap()

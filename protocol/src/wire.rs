@@ -45,6 +45,9 @@ pub const MAX_DEVICE_NAME_LEN: usize = 256;
 /// Longest client version string, in bytes (`weft 1.2.3-abcdef`).
 pub const MAX_CLIENT_VERSION_LEN: usize = 64;
 
+/// Longest folder label in an invite, in bytes.
+pub const MAX_LABEL_LEN: usize = 256;
+
 /// Longest human-readable error text, in bytes.
 pub const MAX_ERROR_TEXT_LEN: usize = 1024;
 
@@ -69,6 +72,30 @@ pub enum Message {
     BlockMissing(BlockMissing),
     /// The sender refuses something; the text is for logs and people.
     Error(ErrorMessage),
+    /// The sender invites the receiver to a folder.
+    Invite(Invite),
+}
+
+/// What an invited device may do in a folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Permission {
+    /// Receive only.
+    View,
+    /// Send and receive.
+    Edit,
+}
+
+/// An invitation to a folder: everything the invited device needs to join it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invite {
+    /// The folder.
+    pub folder: FolderId,
+    /// The inviting person's label for it.
+    pub label: String,
+    /// The folder's chunk parameters (every device must cut alike).
+    pub params: crate::chunk::ChunkParams,
+    /// What the invited device may do.
+    pub permission: Permission,
 }
 
 /// Handshake: who is talking and which protocol it speaks.
@@ -254,6 +281,7 @@ impl Message {
             }
             Message::Block(block) => check_limit("data", block.data.len(), MAX_BLOCK_LEN as usize),
             Message::Error(error) => check_limit("text", error.text.len(), MAX_ERROR_TEXT_LEN),
+            Message::Invite(invite) => check_limit("label", invite.label.len(), MAX_LABEL_LEN),
             // Manifests validate themselves on decode; the frame limit bounds them.
             Message::ManifestResponse(_) | Message::BlockMissing(_) => Ok(()),
         }
@@ -439,6 +467,18 @@ mod tests {
                 ".{0,60}"
             )
                 .prop_map(|(code, text)| Message::Error(ErrorMessage { code, text })),
+            (arb_folder(), ".{0,30}", any::<bool>()).prop_map(|(folder, label, edit)| {
+                Message::Invite(Invite {
+                    folder,
+                    label,
+                    params: crate::chunk::ChunkParams::DEFAULT,
+                    permission: if edit {
+                        Permission::Edit
+                    } else {
+                        Permission::View
+                    },
+                })
+            }),
         ]
     }
 

@@ -1,0 +1,673 @@
+//! The sync engine: pure decisions about one path, from three views of it.
+//!
+//! Modelled on Dropbox's Nucleus planner. For every path the engine compares
+//! - **local**: what the scanner last saw on disk ([`LocalEntry`]),
+//! - **remote**: what the merged folder document says (one value, or concurrent
+//!   values: a conflict),
+//! - **synced**: what this device and the document last agreed on ([`SyncedEntry`]),
+//!
+//! and returns [`Action`]s for the shell to carry out. It does no I/O, reads no clock
+//! and keeps no hidden state: the same inputs give the same actions on every device,
+//! which is what lets `simulations/` run it against a virtual disk and network.
+//!
+//! Rules (each is a test below):
+//! - local matches remote: record them as synced (nothing to move).
+//! - only remote changed since the last sync: apply it (write the file, make the
+//!   directory or symlink, or delete what the remote deleted).
+//! - only local changed: publish it (receive-only folders keep it local instead).
+//! - both changed: an edit wins over a delete, on either side; two edits keep both,
+//!   the local one moved aside as a conflict copy.
+//! - concurrent document values: every device picks the same winner (an edit over a
+//!   delete, then the newest mtime, then the larger device ID) and writes the same
+//!   conflict-copy entries, so resolutions by several devices merge into one.
+//!
+//! "Changed" compares content (kind, manifest, mode, link target), not timestamps: a
+//! file touched without a new content is not a conflict.
+
+use serde::{Deserialize, Serialize};
+use weft_protocol::document::{Content, Entry, EntryKind};
+use weft_protocol::{DeviceId, ManifestHash, RelPath};
+
+/// Marker in conflict copy names: `name.sync-conflict-YYYYMMDD-HHMMSS-<device>.ext`.
+pub const CONFLICT_MARKER: &str = ".sync-conflict-";
+
+/// What the scanner saw at a path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalEntry {
+    /// File, directory or symlink.
+    pub kind: EntryKind,
+    /// Size in bytes (files).
+    pub size: u64,
+    /// Modification time, ns since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Inode number (0 where the platform has none).
+    pub inode: u64,
+    /// The file's manifest hash (files).
+    pub manifest: Option<ManifestHash>,
+    /// The link target (symlinks).
+    pub symlink_target: Option<String>,
+}
+
+/// What this device and the document last agreed on at a path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncedEntry {
+    /// The document's entry at that moment (a tombstone if both said "deleted").
+    pub entry: Entry,
+    /// What was on disk at that moment (`None` for a tombstone).
+    pub local: Option<LocalEntry>,
+}
+
+/// The document's view of a path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Remote {
+    /// The document never had the path.
+    Absent,
+    /// One current value (possibly a tombstone).
+    Value(Entry),
+    /// Concurrent values: a conflict to resolve.
+    Conflict(Vec<Entry>),
+}
+
+/// Whether this device may change the folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FolderMode {
+    /// Local changes are published (permission `edit`).
+    SendReceive,
+    /// Local changes stay local (permission `view`).
+    ReceiveOnly,
+}
+
+/// Everything the engine knows about one path.
+#[derive(Clone, Debug)]
+pub struct PathView<'a> {
+    /// The path.
+    pub path: &'a RelPath,
+    /// On disk now.
+    pub local: Option<&'a LocalEntry>,
+    /// Last agreed.
+    pub synced: Option<&'a SyncedEntry>,
+    /// In the document.
+    pub remote: Remote,
+}
+
+/// What the shell must do. Each action names what it expects to find, so the shell
+/// can refuse to act on a disk that changed meanwhile (that is a conflict, not an
+/// overwrite: the shell rescans and the engine decides again).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Local and remote agree: record `entry` (and what is on disk) as synced.
+    MarkSynced {
+        /// The path.
+        path: RelPath,
+        /// The agreed document entry.
+        entry: Entry,
+        /// What is on disk (`None` for an agreed deletion).
+        local: Option<LocalEntry>,
+    },
+    /// Publish the local version in the document (the shell builds the entry from
+    /// the local row and its manifest).
+    Publish {
+        /// The path.
+        path: RelPath,
+    },
+    /// Make the disk hold `entry`: fetch and write a file, make a directory or symlink.
+    Apply {
+        /// The path.
+        path: RelPath,
+        /// The remote version.
+        entry: Entry,
+        /// What must be on disk before it is replaced (`None`: nothing).
+        expected: Option<LocalEntry>,
+    },
+    /// Delete the local file, symlink or (empty) directory: the remote deleted it.
+    Remove {
+        /// The path.
+        path: RelPath,
+        /// The remote tombstone.
+        entry: Entry,
+        /// What must be on disk before it is removed.
+        expected: LocalEntry,
+    },
+    /// Move the local version aside as a conflict copy (then the remote one is applied).
+    MoveToConflictCopy {
+        /// The path.
+        path: RelPath,
+        /// The conflict copy path.
+        to: RelPath,
+        /// What must be on disk before it is moved.
+        expected: LocalEntry,
+    },
+    /// Resolve concurrent document values: write `winner` at `path` and each losing
+    /// edit at its conflict copy path.
+    Resolve {
+        /// The path.
+        path: RelPath,
+        /// The winning value, written again so it supersedes the others.
+        winner: Entry,
+        /// Conflict copies: path and the losing value.
+        copies: Vec<(RelPath, Entry)>,
+    },
+    /// A local change that is not published (receive-only folder).
+    KeepLocal {
+        /// The path.
+        path: RelPath,
+    },
+}
+
+/// True if the disk holds exactly what `entry` describes.
+pub fn local_matches(local: Option<&LocalEntry>, entry: Option<&Entry>) -> bool {
+    match (local, entry) {
+        (None, None) => true,
+        (None, Some(entry)) => entry.deleted,
+        (Some(_), None) => false,
+        (Some(local), Some(entry)) => {
+            if entry.deleted || local.kind != entry.kind {
+                return false;
+            }
+            match local.kind {
+                EntryKind::File => {
+                    local.manifest.is_some()
+                        && local.manifest == entry.content.manifest_hash()
+                        && local.mode & 0o777 == entry.mode & 0o777
+                }
+                EntryKind::Directory => true,
+                EntryKind::Symlink => match &entry.content {
+                    Content::Symlink(target) => local.symlink_target.as_ref() == Some(target),
+                    _ => false,
+                },
+            }
+        }
+    }
+}
+
+/// True if two document entries describe the same content (tombstones are equal).
+pub fn same_content(a: Option<&Entry>, b: Option<&Entry>) -> bool {
+    fn live(entry: Option<&Entry>) -> Option<&Entry> {
+        entry.filter(|e| !e.deleted)
+    }
+    match (live(a), live(b)) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.kind == b.kind
+                && match a.kind {
+                    EntryKind::File => {
+                        a.content.manifest_hash() == b.content.manifest_hash()
+                            && a.mode & 0o777 == b.mode & 0o777
+                    }
+                    EntryKind::Directory => true,
+                    EntryKind::Symlink => a.content == b.content,
+                }
+        }
+        _ => false,
+    }
+}
+
+/// The winner among concurrent values, the same on every device: an edit beats a
+/// delete, then the newest mtime, then the larger device ID, then the larger encoding
+/// (so that even identical keys order totally).
+pub fn pick_winner(values: &[Entry]) -> Option<&Entry> {
+    values.iter().max_by(|a, b| {
+        (!a.deleted, a.mtime_ns, a.author)
+            .cmp(&(!b.deleted, b.mtime_ns, b.author))
+            .then_with(|| a.encode().cmp(&b.encode()))
+    })
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Hinnant's
+/// civil_from_days).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// `name.sync-conflict-YYYYMMDD-HHMMSS-<short device>.ext` beside `path`, from the
+/// losing version's mtime (UTC) and author: every device derives the same name.
+pub fn conflict_copy_path(path: &RelPath, mtime_ns: i64, author: &DeviceId) -> RelPath {
+    let seconds = mtime_ns.div_euclid(1_000_000_000);
+    let (year, month, day) = civil_from_days(seconds.div_euclid(86_400));
+    let in_day = seconds.rem_euclid(86_400);
+    let stamp = format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        in_day / 3600,
+        in_day / 60 % 60,
+        in_day % 60
+    );
+    let name = path.file_name();
+    let (stem, extension) = match name.rfind('.') {
+        Some(dot) if dot > 0 => (&name[..dot], &name[dot..]),
+        _ => (name, ""),
+    };
+    let copy = format!(
+        "{stem}{CONFLICT_MARKER}{stamp}-{}{extension}",
+        author.short()
+    );
+    let joined = match path.parent() {
+        Some(parent) => parent.join(&copy),
+        None => RelPath::new(&copy),
+    };
+    // A name too long for the filesystem: drop the original stem, keep the marker.
+    joined.unwrap_or_else(|_| {
+        let short = format!("conflict{CONFLICT_MARKER}{stamp}-{}", author.short());
+        path.parent()
+            .and_then(|parent| parent.join(&short).ok())
+            .or_else(|| RelPath::new(&short).ok())
+            .unwrap_or_else(|| path.clone())
+    })
+}
+
+/// The entry a local row would publish, for conflict-copy naming and comparisons.
+fn local_mtime(local: &LocalEntry) -> i64 {
+    local.mtime_ns
+}
+
+/// Plans one path.
+pub fn plan_path(view: &PathView<'_>, mode: FolderMode, device: &DeviceId) -> Vec<Action> {
+    let path = view.path.clone();
+    let remote = match &view.remote {
+        Remote::Absent => None,
+        Remote::Value(entry) => Some(entry.clone()),
+        Remote::Conflict(values) => {
+            let Some(winner) = pick_winner(values).cloned() else {
+                return Vec::new();
+            };
+            let distinct = values.iter().any(|v| v != &winner);
+            if distinct && mode == FolderMode::SendReceive {
+                return plan_resolution(view, values, winner);
+            }
+            // Identical values are not a conflict; a receive-only device shows the
+            // winner and waits for a device that may write to resolve it.
+            Some(winner)
+        }
+    };
+    let remote = remote.as_ref();
+    let synced = view.synced.map(|s| &s.entry);
+    let local = view.local;
+
+    if local_matches(local, remote) {
+        let already = view
+            .synced
+            .is_some_and(|s| remote == Some(&s.entry) && s.local.as_ref() == local);
+        return match remote {
+            Some(entry) if !already => vec![Action::MarkSynced {
+                path,
+                entry: entry.clone(),
+                local: local.cloned(),
+            }],
+            _ => Vec::new(),
+        };
+    }
+    let local_changed = !local_matches(local, synced);
+    let remote_changed = !same_content(remote, synced);
+    let remote_is_edit = remote.is_some_and(|e| !e.deleted);
+
+    if !local_changed {
+        // Only the remote moved on: follow it.
+        return match (remote, local) {
+            (Some(entry), _) if remote_is_edit => vec![Action::Apply {
+                path,
+                entry: entry.clone(),
+                expected: local.cloned(),
+            }],
+            (Some(entry), Some(local)) => vec![Action::Remove {
+                path,
+                entry: entry.clone(),
+                expected: local.clone(),
+            }],
+            // Remote absent while we had agreed on something: the document lost
+            // nothing (it never forgets), so this is a new document; keep local.
+            _ => publish_or_keep(path, mode, local.is_some()),
+        };
+    }
+    if !remote_changed {
+        // Only the local side changed.
+        return publish_or_keep(path, mode, true);
+    }
+    // Both changed, differently.
+    match (local, remote_is_edit) {
+        // Deleted here, edited there: the edit wins.
+        (None, true) => match remote {
+            Some(entry) => vec![Action::Apply {
+                path,
+                entry: entry.clone(),
+                expected: None,
+            }],
+            None => Vec::new(),
+        },
+        // Edited here, deleted (or never known) there: the edit wins.
+        (Some(_), false) => publish_or_keep(path, mode, true),
+        // Edited on both sides: keep ours as a conflict copy, then take theirs.
+        (Some(local), true) => {
+            if local.kind == EntryKind::Directory
+                && remote.is_some_and(|e| e.kind == EntryKind::Directory)
+            {
+                return Vec::new();
+            }
+            vec![Action::MoveToConflictCopy {
+                to: conflict_copy_path(&path, local_mtime(local), device),
+                path,
+                expected: local.clone(),
+            }]
+        }
+        (None, false) => Vec::new(),
+    }
+}
+
+fn publish_or_keep(path: RelPath, mode: FolderMode, local_exists: bool) -> Vec<Action> {
+    match mode {
+        FolderMode::SendReceive => vec![Action::Publish { path }],
+        FolderMode::ReceiveOnly if local_exists => vec![Action::KeepLocal { path }],
+        FolderMode::ReceiveOnly => Vec::new(),
+    }
+}
+
+/// Concurrent values: the deterministic resolution, plus moving our own losing version
+/// aside locally so that it need not be fetched back.
+fn plan_resolution(view: &PathView<'_>, values: &[Entry], winner: Entry) -> Vec<Action> {
+    let mut copies: Vec<(RelPath, Entry)> = Vec::new();
+    for loser in values {
+        if loser.deleted || same_content(Some(loser), Some(&winner)) {
+            continue;
+        }
+        let copy_path = conflict_copy_path(view.path, loser.mtime_ns, &loser.author);
+        if !copies.iter().any(|(p, e)| p == &copy_path && e == loser) {
+            copies.push((copy_path, loser.clone()));
+        }
+    }
+    copies.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut actions = Vec::new();
+    if let Some(local) = view.local
+        && let Some((copy_path, _)) = copies
+            .iter()
+            .find(|(_, loser)| local_matches(Some(local), Some(loser)))
+    {
+        actions.push(Action::MoveToConflictCopy {
+            path: view.path.clone(),
+            to: copy_path.clone(),
+            expected: local.clone(),
+        });
+    }
+    actions.insert(
+        0,
+        Action::Resolve {
+            path: view.path.clone(),
+            winner,
+            copies,
+        },
+    );
+    actions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_protocol::{BlockHash, BlockRef, DeviceKey, Manifest};
+
+    fn device(seed: u8) -> DeviceId {
+        DeviceKey::from_secret_bytes([seed; 32]).device_id()
+    }
+
+    fn manifest(seed: u8) -> Manifest {
+        Manifest::from_blocks(vec![BlockRef {
+            hash: BlockHash([seed; 32]),
+            len: 10,
+        }])
+        .unwrap()
+    }
+
+    fn remote_file(seed: u8, author: DeviceId, mtime_ns: i64) -> Entry {
+        Entry {
+            kind: EntryKind::File,
+            deleted: false,
+            size: 10,
+            mtime_ns,
+            mode: 0o644,
+            content: Content::for_manifest(&manifest(seed)),
+            author,
+        }
+    }
+
+    fn tombstone(author: DeviceId, mtime_ns: i64) -> Entry {
+        Entry {
+            kind: EntryKind::File,
+            deleted: true,
+            size: 0,
+            mtime_ns,
+            mode: 0,
+            content: Content::None,
+            author,
+        }
+    }
+
+    fn local_file(seed: u8) -> LocalEntry {
+        LocalEntry {
+            kind: EntryKind::File,
+            size: 10,
+            mtime_ns: 5,
+            mode: 0o644,
+            inode: 1,
+            manifest: Some(manifest(seed).hash()),
+            symlink_target: None,
+        }
+    }
+
+    fn synced(seed: u8) -> SyncedEntry {
+        SyncedEntry {
+            entry: remote_file(seed, device(1), 1),
+            local: Some(local_file(seed)),
+        }
+    }
+
+    fn path() -> RelPath {
+        RelPath::new("docs/report.txt").unwrap()
+    }
+
+    /// One row of the decision table: (local seed, synced seed, remote) -> actions.
+    fn plan(local: Option<u8>, synced_seed: Option<u8>, remote: Remote) -> Vec<Action> {
+        let local = local.map(local_file);
+        let synced = synced_seed.map(synced);
+        let path = path();
+        plan_path(
+            &PathView {
+                path: &path,
+                local: local.as_ref(),
+                synced: synced.as_ref(),
+                remote,
+            },
+            FolderMode::SendReceive,
+            &device(9),
+        )
+    }
+
+    fn kinds(actions: &[Action]) -> Vec<&'static str> {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::MarkSynced { .. } => "mark_synced",
+                Action::Publish { .. } => "publish",
+                Action::Apply { .. } => "apply",
+                Action::Remove { .. } => "remove",
+                Action::MoveToConflictCopy { .. } => "conflict_copy",
+                Action::Resolve { .. } => "resolve",
+                Action::KeepLocal { .. } => "keep_local",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn decision_table() {
+        let a = device(1);
+        let value = |seed| Remote::Value(remote_file(seed, a, 7));
+        let cases: Vec<(&str, Vec<&str>)> = vec![
+            (
+                "in sync",
+                kinds(&plan(Some(1), Some(1), Remote::Value(synced(1).entry))),
+            ),
+            ("new remote file", kinds(&plan(None, None, value(2)))),
+            ("remote edit", kinds(&plan(Some(1), Some(1), value(2)))),
+            (
+                "remote delete",
+                kinds(&plan(Some(1), Some(1), Remote::Value(tombstone(a, 9)))),
+            ),
+            (
+                "local edit",
+                kinds(&plan(Some(2), Some(1), Remote::Value(synced(1).entry))),
+            ),
+            (
+                "local delete",
+                kinds(&plan(None, Some(1), Remote::Value(synced(1).entry))),
+            ),
+            (
+                "new local file",
+                kinds(&plan(Some(3), None, Remote::Absent)),
+            ),
+            (
+                "same edit both sides",
+                kinds(&plan(Some(2), Some(1), value(2))),
+            ),
+            (
+                "edit here, delete there",
+                kinds(&plan(Some(2), Some(1), Remote::Value(tombstone(a, 9)))),
+            ),
+            (
+                "delete here, edit there",
+                kinds(&plan(None, Some(1), value(2))),
+            ),
+            (
+                "edit on both sides",
+                kinds(&plan(Some(3), Some(1), value(2))),
+            ),
+            (
+                "both deleted",
+                kinds(&plan(None, Some(1), Remote::Value(tombstone(a, 9)))),
+            ),
+        ];
+        let expected = vec![
+            ("in sync", vec![]),
+            ("new remote file", vec!["apply"]),
+            ("remote edit", vec!["apply"]),
+            ("remote delete", vec!["remove"]),
+            ("local edit", vec!["publish"]),
+            ("local delete", vec!["publish"]),
+            ("new local file", vec!["publish"]),
+            ("same edit both sides", vec!["mark_synced"]),
+            ("edit here, delete there", vec!["publish"]),
+            ("delete here, edit there", vec!["apply"]),
+            ("edit on both sides", vec!["conflict_copy"]),
+            ("both deleted", vec!["mark_synced"]),
+        ];
+        assert_eq!(cases, expected);
+    }
+
+    #[test]
+    fn receive_only_keeps_local_changes_local() {
+        let path = path();
+        let local = local_file(2);
+        let synced = synced(1);
+        let actions = plan_path(
+            &PathView {
+                path: &path,
+                local: Some(&local),
+                synced: Some(&synced),
+                remote: Remote::Value(synced.entry.clone()),
+            },
+            FolderMode::ReceiveOnly,
+            &device(9),
+        );
+        assert_eq!(kinds(&actions), vec!["keep_local"]);
+    }
+
+    #[test]
+    fn concurrent_values_resolve_identically_everywhere() {
+        let (a, b) = (device(1), device(2));
+        let older = remote_file(2, a, 1_000_000_000);
+        let newer = remote_file(3, b, 2_000_000_000);
+        let deleted = tombstone(device(3), 9_000_000_000);
+        let path = path();
+        let resolve = |values: Vec<Entry>, local: Option<&LocalEntry>| {
+            plan_path(
+                &PathView {
+                    path: &path,
+                    local,
+                    synced: None,
+                    remote: Remote::Conflict(values),
+                },
+                FolderMode::SendReceive,
+                &device(9),
+            )
+        };
+        let one = resolve(vec![older.clone(), newer.clone(), deleted.clone()], None);
+        let other = resolve(vec![deleted, newer.clone(), older.clone()], None);
+        assert_eq!(one, other, "order of values must not matter");
+        let Action::Resolve { winner, copies, .. } = &one[0] else {
+            panic!("{one:?}")
+        };
+        // The newer edit wins over both the older edit and the (newest) delete.
+        assert_eq!(winner, &newer);
+        assert_eq!(copies.len(), 1);
+        assert_eq!(copies[0].1, older);
+        assert!(
+            copies[0]
+                .0
+                .as_str()
+                .contains(".sync-conflict-19700101-000001-")
+        );
+        // The device holding the losing version moves it aside instead of refetching.
+        let local = local_file(2);
+        let mine = resolve(vec![older, newer], Some(&local));
+        assert_eq!(kinds(&mine), vec!["resolve", "conflict_copy"]);
+        // Identical values are no conflict at all.
+        let same = remote_file(4, a, 5);
+        assert_eq!(
+            kinds(&resolve(vec![same.clone(), same], None)),
+            vec!["apply"]
+        );
+    }
+
+    #[test]
+    fn conflict_copy_names() {
+        let id = device(1);
+        let at = |text: &str, mtime: i64| {
+            conflict_copy_path(&RelPath::new(text).unwrap(), mtime, &id).to_string()
+        };
+        let short = id.short();
+        // 2026-11-27 09:03:04 UTC.
+        let mtime = 1_795_770_184 * 1_000_000_000;
+        assert_eq!(
+            at("a/b/report.txt", mtime),
+            format!("a/b/report.sync-conflict-20261127-090304-{short}.txt")
+        );
+        assert_eq!(
+            at("Makefile", mtime),
+            format!("Makefile.sync-conflict-20261127-090304-{short}")
+        );
+        assert_eq!(
+            at(".bashrc", mtime),
+            format!(".bashrc.sync-conflict-20261127-090304-{short}")
+        );
+        assert_eq!(
+            at("x.tar.gz", 0),
+            format!("x.tar.sync-conflict-19700101-000000-{short}.gz")
+        );
+        let long = format!("{}.txt", "n".repeat(250));
+        assert!(at(&long, mtime).starts_with("conflict.sync-conflict-"));
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+}

@@ -1,0 +1,758 @@
+//! Networking: libp2p (QUIC, and TCP + noise + yamux as fallback), identify, mDNS, and
+//! Weft's two stream protocols on `libp2p-stream`.
+//!
+//! - `/weft/control/1` is one-way: each side opens one stream per peer and writes
+//!   frames on it (first a `Hello`, then document sync messages and invites); the other
+//!   side only reads. No side has to decide who opens.
+//! - `/weft/blocks/1` is one request per stream: the requester writes a
+//!   `BlockRequest` or `ManifestRequest` frame; the responder answers each hash in
+//!   order (`Block`/`BlockMissing`, or `ManifestResponse`) and closes.
+//!
+//! Frames are `weft_protocol::wire` frames. A malformed or oversized frame, or a wrong
+//! protocol version, disconnects that peer with a logged reason; nothing else is
+//! affected. The PeerId is the device key, so the transport authenticates the device;
+//! what a device may see is decided by the [`BlockSource`] and the node, not here.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, mdns, noise, tcp, yamux};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use weft_protocol::wire::{
+    self, Block, BlockMissing, BlockRequest, FRAME_HEADER_LEN, Hello, ManifestRequest,
+    ManifestResponse, Message, PROTOCOL_VERSION,
+};
+use weft_protocol::{BlockHash, DeviceId, DeviceKey, FolderId, Manifest, ManifestHash};
+
+/// The one-way control stream protocol.
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/weft/control/1");
+/// The block and manifest request protocol.
+pub const BLOCKS_PROTOCOL: StreamProtocol = StreamProtocol::new("/weft/blocks/1");
+/// Messages queued for one peer's control stream before senders wait.
+pub const CONTROL_QUEUE: usize = 256;
+/// How long a block or manifest request may take before the peer is given up on.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a network request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// The peer is not connected.
+    #[error("device {0:?} is not connected")]
+    NotConnected(DeviceId),
+    /// The stream failed.
+    #[error("stream to {device:?} failed: {reason}")]
+    Stream {
+        /// The peer.
+        device: DeviceId,
+        /// What happened.
+        reason: String,
+    },
+    /// The peer broke the protocol.
+    #[error("device {device:?} broke the protocol: {reason}")]
+    Protocol {
+        /// The peer.
+        device: DeviceId,
+        /// What it did.
+        reason: String,
+    },
+    /// Setting up the transport failed.
+    #[error("network setup failed: {0}")]
+    Setup(String),
+}
+
+/// Where blocks and manifests come from when a peer asks. Implemented by the node;
+/// it decides what the asking device may see.
+pub trait BlockSource: Send + Sync + 'static {
+    /// May `device` read `folder`?
+    fn authorised(&self, device: &DeviceId, folder: &FolderId) -> bool;
+    /// A block of `folder`, read and verified from a local file.
+    fn block(&self, folder: &FolderId, hash: &BlockHash) -> Option<Vec<u8>>;
+    /// A manifest of `folder`.
+    fn manifest(&self, folder: &FolderId, hash: &ManifestHash) -> Option<Manifest>;
+}
+
+/// Something the network reports to the node.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A device connected (first connection).
+    Connected(DeviceId),
+    /// A device's last connection closed.
+    Disconnected(DeviceId),
+    /// A control message arrived.
+    Message(DeviceId, Message),
+    /// mDNS found a peer on the LAN.
+    Discovered(DeviceId, Vec<Multiaddr>),
+}
+
+/// A peer's connection, as the status shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The device.
+    pub device_id: String,
+    /// The remote address of the connection.
+    pub address: String,
+    /// The device's name from its Hello.
+    pub name: String,
+    /// Bytes received from it (Weft frames, headers included).
+    pub bytes_in: u64,
+    /// Bytes sent to it.
+    pub bytes_out: u64,
+    /// Blocks from it that failed verification.
+    pub bad_blocks: u64,
+}
+
+struct PeerState {
+    address: String,
+    name: String,
+    sender: mpsc::Sender<Message>,
+}
+
+/// Byte and error counters of one device (kept across reconnects).
+#[derive(Default, Debug)]
+pub struct Counters {
+    /// Bytes received.
+    pub bytes_in: AtomicU64,
+    /// Bytes sent.
+    pub bytes_out: AtomicU64,
+    /// Blocks that failed verification.
+    pub bad_blocks: AtomicU64,
+}
+
+#[derive(Default)]
+struct Shared {
+    peers: Mutex<HashMap<DeviceId, PeerState>>,
+    counters: Mutex<HashMap<DeviceId, Arc<Counters>>>,
+    listen: Mutex<Vec<Multiaddr>>,
+}
+
+impl Shared {
+    fn counters(&self, device: &DeviceId) -> Arc<Counters> {
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        counters.entry(*device).or_default().clone()
+    }
+}
+
+enum Command {
+    Dial(PeerId, Vec<Multiaddr>),
+    Disconnect(PeerId),
+}
+
+/// The handle the node uses to talk to the network.
+#[derive(Clone)]
+pub struct NetHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    control: libp2p_stream::Control,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for NetHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NetHandle")
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// Network settings.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// LAN discovery.
+    pub mdns: bool,
+}
+
+/// Starts the network on the current tokio runtime.
+pub fn start(
+    key: &DeviceKey,
+    config: NetConfig,
+    source: Arc<dyn BlockSource>,
+) -> Result<(NetHandle, mpsc::UnboundedReceiver<NetEvent>), NetError> {
+    let keypair = key
+        .to_libp2p_keypair()
+        .map_err(|error| NetError::Setup(error.to_string()))?;
+    let mdns_enabled = config.mdns;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|error| NetError::Setup(error.to_string()))?
+        .with_quic_config(|mut quic| {
+            // Bulk transfers: large flow-control windows (DESIGN.md transport notes).
+            quic.max_stream_data = 64 * 1024 * 1024;
+            quic.max_connection_data = 256 * 1024 * 1024;
+            quic
+        })
+        .with_behaviour(|key| {
+            let mdns = if mdns_enabled {
+                mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id()).ok()
+            } else {
+                None
+            };
+            Behaviour {
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/weft/id/1".into(),
+                    key.public(),
+                )),
+                mdns: Toggle::from(mdns),
+                stream: libp2p_stream::Behaviour::new(),
+            }
+        })
+        .map_err(|error| NetError::Setup(error.to_string()))?
+        .with_swarm_config(|swarm| swarm.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build();
+    for address in &config.listen {
+        swarm
+            .listen_on(address.clone())
+            .map_err(|error| NetError::Setup(format!("cannot listen on {address}: {error}")))?;
+    }
+    let mut control = swarm.behaviour().stream.new_control();
+    let shared = Arc::new(Shared::default());
+    let (commands, command_receiver) = mpsc::unbounded_channel();
+    let (events, event_receiver) = mpsc::unbounded_channel();
+    let handle = NetHandle {
+        commands: commands.clone(),
+        control: control.clone(),
+        shared: shared.clone(),
+    };
+    let local_name = hello_name();
+    let incoming_control = control
+        .accept(CONTROL_PROTOCOL)
+        .map_err(|error| NetError::Setup(error.to_string()))?;
+    let incoming_blocks = control
+        .accept(BLOCKS_PROTOCOL)
+        .map_err(|error| NetError::Setup(error.to_string()))?;
+    tokio::spawn(accept_control(
+        incoming_control,
+        events.clone(),
+        shared.clone(),
+        commands.clone(),
+    ));
+    tokio::spawn(accept_blocks(incoming_blocks, source, shared.clone()));
+    tokio::spawn(run_swarm(
+        swarm,
+        command_receiver,
+        events,
+        handle.clone(),
+        local_name,
+    ));
+    Ok((handle, event_receiver))
+}
+
+fn hello_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "weft".into())
+}
+
+async fn run_swarm(
+    mut swarm: Swarm<Behaviour>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<NetEvent>,
+    handle: NetHandle,
+    device_name: String,
+) {
+    loop {
+        tokio::select! {
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    tracing::info!(%address, "listening");
+                    handle.shared.listen.lock().unwrap_or_else(|p| p.into_inner()).push(address);
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                    let Ok(device) = DeviceId::try_from_peer_id(&peer_id) else {
+                        tracing::warn!(%peer_id, "peer is not a Weft device; disconnecting");
+                        let _ = swarm.disconnect_peer_id(peer_id);
+                        continue;
+                    };
+                    if num_established.get() == 1 {
+                        let address = endpoint.get_remote_address().to_string();
+                        tracing::info!(device = %device, %address, "connected");
+                        let (sender, receiver) = mpsc::channel(CONTROL_QUEUE);
+                        handle.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                            device,
+                            PeerState { address, name: String::new(), sender },
+                        );
+                        tokio::spawn(write_control(handle.clone(), device, peer_id, receiver, device_name.clone()));
+                        let _ = events.send(NetEvent::Connected(device));
+                    }
+                }
+                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
+                    if let Ok(device) = DeviceId::try_from_peer_id(&peer_id) {
+                        tracing::info!(device = %device, cause = ?cause, "disconnected");
+                        handle.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&device);
+                        let _ = events.send(NetEvent::Disconnected(device));
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                    let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+                    for (peer, address) in found {
+                        by_peer.entry(peer).or_default().push(address);
+                    }
+                    for (peer, addresses) in by_peer {
+                        if let Ok(device) = DeviceId::try_from_peer_id(&peer) {
+                            let _ = events.send(NetEvent::Discovered(device, addresses));
+                        }
+                    }
+                }
+                SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                    tracing::debug!(?peer_id, %error, "dial failed");
+                }
+                _ => {}
+            },
+            command = commands.recv() => match command {
+                Some(Command::Dial(peer, addresses)) => {
+                    if swarm.is_connected(&peer) {
+                        continue;
+                    }
+                    let options = DialOpts::peer_id(peer).addresses(addresses).build();
+                    if let Err(error) = swarm.dial(options) {
+                        tracing::debug!(%peer, %error, "dial not started");
+                    }
+                }
+                Some(Command::Disconnect(peer)) => {
+                    let _ = swarm.disconnect_peer_id(peer);
+                }
+                None => break,
+            },
+        }
+    }
+}
+
+/// Writes one frame; counts its bytes.
+async fn write_frame(
+    stream: &mut libp2p::Stream,
+    message: &Message,
+    counters: &Counters,
+) -> Result<(), String> {
+    let frame = wire::encode(message).map_err(|error| error.to_string())?;
+    stream
+        .write_all(&frame)
+        .await
+        .map_err(|error| error.to_string())?;
+    counters
+        .bytes_out
+        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream.
+async fn read_frame(
+    stream: &mut libp2p::Stream,
+    counters: &Counters,
+) -> Result<Option<Message>, String> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    let mut filled = 0;
+    while filled < FRAME_HEADER_LEN {
+        let read = stream
+            .read(&mut header[filled..])
+            .await
+            .map_err(|error| error.to_string())?;
+        if read == 0 {
+            return if filled == 0 {
+                Ok(None)
+            } else {
+                Err("stream ended inside a frame header".into())
+            };
+        }
+        filled += read;
+    }
+    let len = wire::frame_len(header).map_err(|error| error.to_string())?;
+    let mut payload = vec![0u8; len];
+    stream
+        .read_exact(&mut payload)
+        .await
+        .map_err(|error| format!("stream ended inside a frame: {error}"))?;
+    counters
+        .bytes_in
+        .fetch_add((FRAME_HEADER_LEN + len) as u64, Ordering::Relaxed);
+    wire::decode_payload(&payload)
+        .map(Some)
+        .map_err(|error| error.to_string())
+}
+
+async fn write_control(
+    handle: NetHandle,
+    device: DeviceId,
+    peer: PeerId,
+    mut outbox: mpsc::Receiver<Message>,
+    device_name: String,
+) {
+    let counters = handle.shared.counters(&device);
+    let mut control = handle.control.clone();
+    let mut stream = match control.open_stream(peer, CONTROL_PROTOCOL).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(device = %device, %error, "cannot open the control stream");
+            let _ = handle.commands.send(Command::Disconnect(peer));
+            return;
+        }
+    };
+    let hello = Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        device_name,
+        client_version: format!("weft {}", env!("CARGO_PKG_VERSION")),
+    });
+    if write_frame(&mut stream, &hello, &counters).await.is_err() {
+        return;
+    }
+    while let Some(message) = outbox.recv().await {
+        if let Err(error) = write_frame(&mut stream, &message, &counters).await {
+            tracing::debug!(device = %device, %error, "control stream closed");
+            return;
+        }
+    }
+}
+
+async fn accept_control(
+    mut incoming: libp2p_stream::IncomingStreams,
+    events: mpsc::UnboundedSender<NetEvent>,
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+) {
+    while let Some((peer, mut stream)) = incoming.next().await {
+        let Ok(device) = DeviceId::try_from_peer_id(&peer) else {
+            continue;
+        };
+        let events = events.clone();
+        let shared = shared.clone();
+        let commands = commands.clone();
+        tokio::spawn(async move {
+            let counters = shared.counters(&device);
+            let mut greeted = false;
+            loop {
+                match read_frame(&mut stream, &counters).await {
+                    Ok(Some(Message::Hello(hello))) if !greeted => {
+                        if hello.protocol_version != PROTOCOL_VERSION {
+                            tracing::warn!(device = %device, version = hello.protocol_version, "unsupported protocol version; disconnecting");
+                            let _ = commands.send(Command::Disconnect(peer));
+                            return;
+                        }
+                        if let Some(state) = shared
+                            .peers
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_mut(&device)
+                        {
+                            state.name = hello.device_name.clone();
+                        }
+                        greeted = true;
+                    }
+                    Ok(Some(message)) if greeted => {
+                        let _ = events.send(NetEvent::Message(device, message));
+                    }
+                    Ok(Some(_)) => {
+                        tracing::warn!(device = %device, "first control frame was not a Hello; disconnecting");
+                        let _ = commands.send(Command::Disconnect(peer));
+                        return;
+                    }
+                    Ok(None) => return,
+                    Err(reason) => {
+                        tracing::warn!(device = %device, %reason, "bad control frame; disconnecting");
+                        let _ = commands.send(Command::Disconnect(peer));
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn accept_blocks(
+    mut incoming: libp2p_stream::IncomingStreams,
+    source: Arc<dyn BlockSource>,
+    shared: Arc<Shared>,
+) {
+    while let Some((peer, stream)) = incoming.next().await {
+        let Ok(device) = DeviceId::try_from_peer_id(&peer) else {
+            continue;
+        };
+        let source = source.clone();
+        let counters = shared.counters(&device);
+        tokio::spawn(async move {
+            if let Err(reason) = serve_request(device, stream, source, &counters).await {
+                tracing::warn!(device = %device, %reason, "block request refused");
+            }
+        });
+    }
+}
+
+async fn serve_request(
+    device: DeviceId,
+    mut stream: libp2p::Stream,
+    source: Arc<dyn BlockSource>,
+    counters: &Counters,
+) -> Result<(), String> {
+    let request = read_frame(&mut stream, counters)
+        .await?
+        .ok_or("empty request")?;
+    match request {
+        Message::BlockRequest(BlockRequest {
+            folder,
+            request_id,
+            hashes,
+        }) => {
+            let allowed = {
+                let source = source.clone();
+                let folder = folder.clone();
+                tokio::task::spawn_blocking(move || source.authorised(&device, &folder))
+                    .await
+                    .unwrap_or(false)
+            };
+            for hash in hashes {
+                let data = if allowed {
+                    let source = source.clone();
+                    let folder = folder.clone();
+                    tokio::task::spawn_blocking(move || source.block(&folder, &hash))
+                        .await
+                        .ok()
+                        .flatten()
+                } else {
+                    None
+                };
+                let message = match data {
+                    Some(data) => Message::Block(Block {
+                        request_id,
+                        hash,
+                        data,
+                    }),
+                    None => Message::BlockMissing(BlockMissing { request_id, hash }),
+                };
+                write_frame(&mut stream, &message, counters).await?;
+            }
+        }
+        Message::ManifestRequest(ManifestRequest {
+            folder,
+            request_id,
+            hashes,
+        }) => {
+            let source2 = source.clone();
+            let folder2 = folder.clone();
+            let allowed =
+                tokio::task::spawn_blocking(move || source2.authorised(&device, &folder2))
+                    .await
+                    .unwrap_or(false);
+            for hash in hashes {
+                let manifest = if allowed {
+                    let source = source.clone();
+                    let folder = folder.clone();
+                    tokio::task::spawn_blocking(move || source.manifest(&folder, &hash))
+                        .await
+                        .ok()
+                        .flatten()
+                } else {
+                    None
+                };
+                let message = Message::ManifestResponse(ManifestResponse {
+                    request_id,
+                    hash,
+                    manifest,
+                });
+                write_frame(&mut stream, &message, counters).await?;
+            }
+        }
+        other => return Err(format!("unexpected request {other:?}")),
+    }
+    stream.close().await.map_err(|error| error.to_string())
+}
+
+impl NetHandle {
+    /// Dials a device at the given addresses (no-op if connected).
+    pub fn dial(&self, device: &DeviceId, addresses: Vec<Multiaddr>) {
+        let _ = self
+            .commands
+            .send(Command::Dial(device.to_peer_id(), addresses));
+    }
+
+    /// Queues a control message for a connected device.
+    pub fn send(&self, device: &DeviceId, message: Message) -> Result<(), NetError> {
+        let sender = {
+            let peers = self.shared.peers.lock().unwrap_or_else(|p| p.into_inner());
+            peers
+                .get(device)
+                .map(|p| p.sender.clone())
+                .ok_or(NetError::NotConnected(*device))?
+        };
+        sender.try_send(message).map_err(|error| NetError::Stream {
+            device: *device,
+            reason: error.to_string(),
+        })
+    }
+
+    /// Is this device connected?
+    pub fn is_connected(&self, device: &DeviceId) -> bool {
+        self.shared
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(device)
+    }
+
+    /// Connected devices.
+    pub fn connected(&self) -> Vec<DeviceId> {
+        self.shared
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Addresses this node listens on.
+    pub fn listen_addresses(&self) -> Vec<Multiaddr> {
+        self.shared
+            .listen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Status of every connected peer.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let peers = self.shared.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers
+            .iter()
+            .map(|(device, state)| {
+                let counters = self.shared.counters(device);
+                PeerInfo {
+                    device_id: device.to_string(),
+                    address: state.address.clone(),
+                    name: state.name.clone(),
+                    bytes_in: counters.bytes_in.load(Ordering::Relaxed),
+                    bytes_out: counters.bytes_out.load(Ordering::Relaxed),
+                    bad_blocks: counters.bad_blocks.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Counts a block from `device` that failed verification.
+    pub fn penalise(&self, device: &DeviceId) {
+        self.shared
+            .counters(device)
+            .bad_blocks
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn request(
+        &self,
+        device: &DeviceId,
+        request: Message,
+        answers: usize,
+    ) -> Result<Vec<Message>, NetError> {
+        let counters = self.shared.counters(device);
+        let mut control = self.control.clone();
+        let stream_error = |reason: String| NetError::Stream {
+            device: *device,
+            reason,
+        };
+        let work = async {
+            let mut stream = control
+                .open_stream(device.to_peer_id(), BLOCKS_PROTOCOL)
+                .await
+                .map_err(|error| stream_error(error.to_string()))?;
+            write_frame(&mut stream, &request, &counters)
+                .await
+                .map_err(stream_error)?;
+            let mut replies = Vec::with_capacity(answers);
+            while replies.len() < answers {
+                match read_frame(&mut stream, &counters).await {
+                    Ok(Some(message)) => replies.push(message),
+                    Ok(None) => return Err(stream_error("stream ended early".into())),
+                    Err(reason) => {
+                        return Err(NetError::Protocol {
+                            device: *device,
+                            reason,
+                        });
+                    }
+                }
+            }
+            Ok(replies)
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, work)
+            .await
+            .map_err(|_| stream_error("request timed out".into()))?
+    }
+
+    /// Asks `device` for blocks; returns each hash with its bytes (unverified) or `None`.
+    pub async fn fetch_blocks(
+        &self,
+        device: &DeviceId,
+        folder: &FolderId,
+        hashes: Vec<BlockHash>,
+    ) -> Result<Vec<(BlockHash, Option<Vec<u8>>)>, NetError> {
+        let count = hashes.len();
+        let request = Message::BlockRequest(BlockRequest {
+            folder: folder.clone(),
+            request_id: 0,
+            hashes: hashes.clone(),
+        });
+        let replies = self.request(device, request, count).await?;
+        let mut blocks = Vec::with_capacity(count);
+        for (expected, reply) in hashes.into_iter().zip(replies) {
+            match reply {
+                Message::Block(block) if block.hash == expected => {
+                    blocks.push((expected, Some(block.data)));
+                }
+                Message::BlockMissing(missing) if missing.hash == expected => {
+                    blocks.push((expected, None));
+                }
+                other => {
+                    return Err(NetError::Protocol {
+                        device: *device,
+                        reason: format!("answered {expected:?} with {other:?}"),
+                    });
+                }
+            }
+        }
+        Ok(blocks)
+    }
+
+    /// Asks `device` for a manifest; the answer is checked against its hash.
+    pub async fn fetch_manifest(
+        &self,
+        device: &DeviceId,
+        folder: &FolderId,
+        hash: ManifestHash,
+    ) -> Result<Option<Manifest>, NetError> {
+        let request = Message::ManifestRequest(ManifestRequest {
+            folder: folder.clone(),
+            request_id: 0,
+            hashes: vec![hash],
+        });
+        let replies = self.request(device, request, 1).await?;
+        match replies.into_iter().next() {
+            Some(Message::ManifestResponse(response)) if response.hash == hash => {
+                match response.manifest {
+                    Some(manifest) if manifest.hash() == hash => Ok(Some(manifest)),
+                    Some(_) => Err(NetError::Protocol {
+                        device: *device,
+                        reason: "manifest does not match its hash".into(),
+                    }),
+                    None => Ok(None),
+                }
+            }
+            other => Err(NetError::Protocol {
+                device: *device,
+                reason: format!("unexpected answer {other:?}"),
+            }),
+        }
+    }
+}
