@@ -12,6 +12,12 @@
 //! | DELETE | `/v1/folders/{id}` | forget a folder (files stay) |
 //! | GET | `/v1/folders/{id}/files` | the folder's local tree as last scanned |
 //! | GET | `/v1/manifests/{hash}` | a stored manifest |
+//! | POST | `/v1/folders/{id}/share` | share with a device: `{"device", "permission"}` |
+//! | GET, POST | `/v1/devices` | accepted devices; accept one: `{"id", "name"?, "addresses"?}` |
+//! | GET | `/v1/devices/pending` | devices that connected without being accepted |
+//! | DELETE | `/v1/devices/{id}` | forget a device |
+//! | GET | `/v1/invites` | invites received |
+//! | POST | `/v1/invites/{folder}/accept`, `.../decline` | answer an invite: `{"path"?}` |
 //! | POST | `/v1/scan` | scan and wait: `{"folder"?, "paths"?}` |
 //! | GET | `/v1/events` | server-sent events ([`crate::events::Event`] as JSON) |
 //!
@@ -28,7 +34,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::node::{AddFolder, Node, NodeError};
+use crate::node::{AcceptInvite, AddDevice, AddFolder, Node, NodeError, ShareFolder};
 
 /// Header that carries the API key.
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -165,6 +171,83 @@ async fn manifest(
     Ok(Json(manifest).into_response())
 }
 
+async fn devices(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    let devices = blocking(move || node.devices()).await?;
+    Ok(Json(devices).into_response())
+}
+
+async fn pending_devices(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    let pending: Vec<serde_json::Value> = node
+        .pending_devices()
+        .into_iter()
+        .map(|(id, address)| serde_json::json!({ "id": id, "address": address }))
+        .collect();
+    Ok(Json(pending).into_response())
+}
+
+async fn add_device(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Json(request): Json<AddDevice>,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    let record = blocking(move || node.add_device(request)).await?;
+    Ok((StatusCode::CREATED, Json(record)).into_response())
+}
+
+async fn remove_device(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    blocking(move || node.remove_device(&id)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn share_folder(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(request): Json<ShareFolder>,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    let record = blocking(move || node.share_folder(&id, request)).await?;
+    Ok(Json(record).into_response())
+}
+
+async fn invites(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    let invites = blocking(move || node.invites()).await?;
+    Ok(Json(invites).into_response())
+}
+
+async fn accept_invite(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(folder): Path<String>,
+    Json(request): Json<AcceptInvite>,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    let record = blocking(move || node.accept_invite(&folder, request)).await?;
+    Ok(Json(record).into_response())
+}
+
+async fn decline_invite(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(folder): Path<String>,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    blocking(move || node.decline_invite(&folder)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 async fn scan(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
@@ -208,6 +291,13 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/folders/{id}", delete(remove_folder))
         .route("/v1/folders/{id}/files", get(files))
         .route("/v1/manifests/{hash}", get(manifest))
+        .route("/v1/folders/{id}/share", post(share_folder))
+        .route("/v1/devices", get(devices).post(add_device))
+        .route("/v1/devices/pending", get(pending_devices))
+        .route("/v1/devices/{id}", delete(remove_device))
+        .route("/v1/invites", get(invites))
+        .route("/v1/invites/{folder}/accept", post(accept_invite))
+        .route("/v1/invites/{folder}/decline", post(decline_invite))
         .route("/v1/scan", post(scan))
         .route("/v1/events", get(events))
         .with_state(node)

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::api::{API_FILE, ApiEndpoint};
 use crate::config::Config;
 use crate::home::Home;
-use crate::node::{AddFolder, Node};
+use crate::node::{AddFolder, NetOptions, Node};
 
 /// Options of `weft run`.
 #[derive(Clone, Debug, Default)]
@@ -16,7 +16,16 @@ pub struct RunOptions {
     pub api: Option<String>,
     /// The default folder to create on first start (`None`: no default folder).
     pub default_folder: Option<PathBuf>,
+    /// Peer listen addresses (multiaddrs); empty: all interfaces, QUIC and TCP.
+    pub listen: Vec<String>,
+    /// LAN discovery with mDNS.
+    pub mdns: bool,
+    /// Where accepted invites go by default.
+    pub invites_parent: Option<PathBuf>,
 }
+
+/// Listen addresses when none are given: every interface, QUIC and TCP, free ports.
+pub const DEFAULT_LISTEN: [&str; 2] = ["/ip4/0.0.0.0/udp/0/quic-v1", "/ip4/0.0.0.0/tcp/0"];
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +55,32 @@ pub fn run(home: &Home, options: RunOptions) -> Result<(), DaemonError> {
         .thread_name("weft-io")
         .build()
         .map_err(setup("starting the runtime"))?;
-    let node = Arc::new(Node::open(home.root(), key, config).map_err(setup("opening the store"))?);
+    let listen_text: Vec<String> = if options.listen.is_empty() {
+        DEFAULT_LISTEN.iter().map(|a| (*a).to_owned()).collect()
+    } else {
+        options.listen.clone()
+    };
+    let mut listen = Vec::new();
+    for address in &listen_text {
+        listen.push(
+            address.parse::<libp2p::Multiaddr>().map_err(|error| {
+                DaemonError::Setup(format!("listen address {address:?}: {error}"))
+            })?,
+        );
+    }
+    let net = NetOptions {
+        listen,
+        mdns: options.mdns,
+        default_parent: options.invites_parent.clone(),
+    };
+    let (node, events) = {
+        let _context = runtime.enter();
+        Node::open(home.root(), key, config, Some(net)).map_err(setup("starting the node"))?
+    };
+    let node = Arc::new(node);
+    if let Some(events) = events {
+        runtime.spawn(node.clone().route(events));
+    }
     if first_start && let Some(path) = &options.default_folder {
         let request = AddFolder {
             path: path.display().to_string(),

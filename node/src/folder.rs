@@ -11,7 +11,7 @@
 //! ([`crate::store::Store::commit_scan_batch`]), so a crash loses at most the batch in
 //! flight, and the rescan after restart redoes exactly that.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
@@ -21,9 +21,11 @@ use serde::{Deserialize, Serialize};
 use weft_protocol::document::{self, Content, Entry, EntryKind, FolderDocument};
 use weft_protocol::{DeviceId, FolderId, RelPath};
 
+use crate::engine::{self, Action, FolderMode, LocalEntry, PathView, Remote, SyncedEntry};
 use crate::events::{Event, EventBus};
+use crate::net::NetHandle;
 use crate::scan::{Problem, ScanProgress, Scanner, Scope};
-use crate::store::{FolderRecord, LocalChange, LocalEntry, Store, StoreError};
+use crate::store::{FolderRecord, LocalChange, Store, StoreError};
 
 /// Dirty paths beyond which a full scan is cheaper than a scan of each path.
 pub const MAX_DIRTY_PATHS: usize = 10_000;
@@ -33,6 +35,8 @@ pub const MAX_DEBOUNCE_FACTOR: u32 = 5;
 pub const BATCH_CHANGES: usize = 2_000;
 /// Longest wait before a pending batch is committed.
 pub const BATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often failed downloads are tried again (also whenever a peer connects).
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// Problems kept in the status (the most recent scan's first ones).
 pub const MAX_PROBLEMS_SHOWN: usize = 100;
 
@@ -143,6 +147,25 @@ pub enum FolderCommand {
     FileEvents(Vec<PathBuf>),
     /// The watcher lost events; rescan everything.
     WatcherOverflow,
+    /// A device that shares this folder connected.
+    PeerConnected(DeviceId),
+    /// A device that shares this folder disconnected.
+    PeerDisconnected(DeviceId),
+    /// An automerge sync message from a device that shares this folder.
+    SyncMessage(DeviceId, Vec<u8>),
+    /// A download finished (or failed).
+    Fetched {
+        /// The path.
+        path: RelPath,
+        /// The version downloaded.
+        entry: Entry,
+        /// What the disk held when the download was planned.
+        expected: Option<LocalEntry>,
+        /// The temp file, or why the download failed.
+        result: Result<crate::fetch::Fetched, String>,
+    },
+    /// The folder's record changed (shared with another device, say).
+    UpdateRecord(FolderRecord),
     /// Stop after the current operation.
     Shutdown,
 }
@@ -236,6 +259,7 @@ pub fn start(
     device: DeviceId,
     settings: FolderSettings,
     events: EventBus,
+    network: Option<Network>,
 ) -> Result<FolderHandle, FolderError> {
     let (snapshot, increments) = store.document(&record.id)?;
     let actor = document::actor_id(&device, store.actor_suffix());
@@ -279,7 +303,16 @@ pub fn start(
             device,
             events,
             shared: shared.clone(),
+            mode: record.mode,
+            needs_plan: BTreeSet::new(),
+            published: false,
         },
+        record: record.clone(),
+        network,
+        sender: sender.clone(),
+        peers: HashMap::new(),
+        in_flight: HashMap::new(),
+        failed: BTreeSet::new(),
         settings,
         receiver,
         dirty: BTreeSet::new(),
@@ -300,9 +333,28 @@ pub fn start(
     })
 }
 
+/// What a folder actor needs to sync with peers: the network and a runtime for
+/// downloads. Absent in tests of scanning alone.
+#[derive(Clone, Debug)]
+pub struct Network {
+    /// The network handle.
+    pub net: NetHandle,
+    /// The runtime downloads run on.
+    pub runtime: tokio::runtime::Handle,
+}
+
 struct FolderActor {
     scanner: Scanner,
     recorder: Recorder,
+    record: FolderRecord,
+    network: Option<Network>,
+    sender: mpsc::Sender<FolderCommand>,
+    /// Automerge sync state per connected device sharing this folder.
+    peers: HashMap<DeviceId, weft_protocol::document::SyncState>,
+    /// Downloads in progress: path and bytes.
+    in_flight: HashMap<RelPath, u64>,
+    /// Paths whose download failed; planned again when peers change.
+    failed: BTreeSet<RelPath>,
     settings: FolderSettings,
     receiver: mpsc::Receiver<FolderCommand>,
     dirty: BTreeSet<RelPath>,
@@ -315,11 +367,16 @@ struct FolderActor {
 impl FolderActor {
     fn run(&mut self) {
         self.scan(Scope::Full);
+        self.after_changes();
         let mut next_full = Instant::now() + self.jittered_interval();
+        let mut last_retry = Instant::now();
         loop {
-            let deadline = self
+            let mut deadline = self
                 .dirty_deadline()
                 .map_or(next_full, |d| d.min(next_full));
+            if !self.failed.is_empty() {
+                deadline = deadline.min(last_retry + RETRY_INTERVAL);
+            }
             let timeout = deadline.saturating_duration_since(Instant::now());
             match self.receiver.recv_timeout(timeout) {
                 Ok(FolderCommand::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -333,6 +390,23 @@ impl FolderActor {
                 Ok(FolderCommand::WatcherOverflow) => {
                     self.overflow = true;
                     self.touch();
+                }
+                Ok(FolderCommand::PeerConnected(device)) => self.peer_connected(device),
+                Ok(FolderCommand::PeerDisconnected(device)) => {
+                    self.peers.remove(&device);
+                }
+                Ok(FolderCommand::SyncMessage(device, bytes)) => self.sync_message(device, &bytes),
+                Ok(FolderCommand::Fetched {
+                    path,
+                    entry,
+                    expected,
+                    result,
+                }) => self.fetched(path, entry, expected, result),
+                Ok(FolderCommand::UpdateRecord(record)) => {
+                    self.recorder.mode = record.mode;
+                    self.peers
+                        .retain(|device, _| record.devices.iter().any(|(d, _)| d == device));
+                    self.record = record;
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
@@ -353,6 +427,12 @@ impl FolderActor {
                 self.scan(Scope::Full);
                 next_full = Instant::now() + self.jittered_interval();
             }
+            if !self.failed.is_empty() && last_retry.elapsed() >= RETRY_INTERVAL {
+                last_retry = Instant::now();
+                let failed: Vec<RelPath> = std::mem::take(&mut self.failed).into_iter().collect();
+                self.plan_paths(failed);
+            }
+            self.after_changes();
         }
     }
 
@@ -535,6 +615,455 @@ impl FolderActor {
     }
 }
 
+/// Longest chain of plan -> act -> rescan -> plan rounds after one trigger; real
+/// convergence takes two or three, so more means a bug, logged rather than looped.
+pub const MAX_PLAN_ROUNDS: usize = 8;
+
+/// True if the disk at `absolute` holds what `expected` says (nothing, for `None`).
+fn disk_matches(absolute: &std::path::Path, expected: Option<&LocalEntry>) -> bool {
+    let metadata = std::fs::symlink_metadata(absolute);
+    match (expected, metadata) {
+        (None, Err(error)) => error.kind() == std::io::ErrorKind::NotFound,
+        (None, Ok(_)) | (Some(_), Err(_)) => false,
+        (Some(expected), Ok(metadata)) => {
+            let kind = if metadata.file_type().is_symlink() {
+                EntryKind::Symlink
+            } else if metadata.is_dir() {
+                EntryKind::Directory
+            } else {
+                EntryKind::File
+            };
+            if kind != expected.kind {
+                return false;
+            }
+            match kind {
+                EntryKind::File => {
+                    use std::os::unix::fs::MetadataExt;
+                    let mtime = metadata
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+                    metadata.len() == expected.size
+                        && mtime == expected.mtime_ns
+                        && metadata.ino() == expected.inode
+                }
+                EntryKind::Directory => true,
+                EntryKind::Symlink => {
+                    std::fs::read_link(absolute)
+                        .ok()
+                        .and_then(|t| t.into_os_string().into_string().ok())
+                        == expected.symlink_target
+                }
+            }
+        }
+    }
+}
+
+impl FolderActor {
+    fn root(&self) -> PathBuf {
+        PathBuf::from(&self.record.path)
+    }
+
+    fn peer_connected(&mut self, device: DeviceId) {
+        if !self.record.devices.iter().any(|(d, _)| *d == device) {
+            return;
+        }
+        self.peers
+            .insert(device, weft_protocol::document::SyncState::new());
+        self.send_sync(device);
+        // Downloads that failed for want of a peer may succeed now.
+        let failed: Vec<RelPath> = std::mem::take(&mut self.failed).into_iter().collect();
+        self.plan_paths(failed);
+    }
+
+    fn send_sync(&mut self, device: DeviceId) {
+        let Some(network) = &self.network else { return };
+        let Some(state) = self.peers.get_mut(&device) else {
+            return;
+        };
+        if let Some(message) = self.recorder.document.generate_sync_message(state) {
+            let message = weft_protocol::wire::Message::DocSync(weft_protocol::wire::DocSync {
+                folder: self.record.id.clone(),
+                sync_message: message,
+            });
+            if let Err(error) = network.net.send(&device, message) {
+                tracing::debug!(folder = %self.record.id, %error, "sync message not sent");
+            }
+        }
+    }
+
+    fn broadcast(&mut self) {
+        let peers: Vec<DeviceId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            self.send_sync(peer);
+        }
+    }
+
+    fn sync_message(&mut self, device: DeviceId, bytes: &[u8]) {
+        if !self.record.devices.iter().any(|(d, _)| *d == device) {
+            tracing::warn!(folder = %self.record.id, device = %device, "sync message from a device this folder is not shared with; ignored");
+            return;
+        }
+        let before = self.recorder.document.heads();
+        let state = self.peers.entry(device).or_default();
+        if let Err(error) = self.recorder.document.receive_sync_message(state, bytes) {
+            tracing::warn!(folder = %self.record.id, device = %device, %error, "bad sync message; ignored");
+            return;
+        }
+        let increment = self.recorder.document.save_incremental();
+        if !increment.is_empty()
+            && let Err(error) =
+                self.recorder
+                    .store
+                    .commit_scan_batch_with(&self.record.id, &[], &[], &increment)
+        {
+            tracing::error!(folder = %self.record.id, %error, "saving received changes failed");
+        }
+        let changed = self.recorder.document.changed_paths(&before);
+        // Answer this peer, and pass new changes on to the others (A-B-C chains).
+        self.send_sync(device);
+        if !changed.is_empty() {
+            let others: Vec<DeviceId> = self
+                .peers
+                .keys()
+                .copied()
+                .filter(|d| *d != device)
+                .collect();
+            for other in others {
+                self.send_sync(other);
+            }
+            self.plan_paths(changed);
+        }
+    }
+
+    /// After any command: offer new local changes to peers, plan what scans left over.
+    fn after_changes(&mut self) {
+        for _ in 0..MAX_PLAN_ROUNDS {
+            if self.recorder.needs_plan.is_empty() {
+                break;
+            }
+            let paths: Vec<RelPath> = std::mem::take(&mut self.recorder.needs_plan)
+                .into_iter()
+                .collect();
+            self.plan_paths(paths);
+        }
+        if self.recorder.published {
+            self.recorder.published = false;
+            self.broadcast();
+        }
+        let need_bytes: u64 = self.in_flight.values().sum();
+        let need_files = self.in_flight.len() as u64;
+        self.recorder.shared.update(|status| {
+            status.need_files = need_files;
+            status.need_bytes = need_bytes;
+            if status.state != FolderState::Scanning {
+                status.state = if need_files > 0 {
+                    FolderState::Syncing
+                } else {
+                    FolderState::Idle
+                };
+            }
+        });
+    }
+
+    /// Plans `paths` and carries the actions out; disk changes are rescanned, which
+    /// records them and may plan again (bounded by [`MAX_PLAN_ROUNDS`]).
+    fn plan_paths(&mut self, paths: Vec<RelPath>) {
+        let mut queue: VecDeque<RelPath> = paths.into_iter().collect();
+        let mut rounds = 0;
+        while !queue.is_empty() && rounds < MAX_PLAN_ROUNDS {
+            rounds += 1;
+            let mut rescan: BTreeSet<RelPath> = BTreeSet::new();
+            let mut seen: BTreeSet<RelPath> = BTreeSet::new();
+            while let Some(path) = queue.pop_front() {
+                if self.in_flight.contains_key(&path) || !seen.insert(path.clone()) {
+                    continue;
+                }
+                let local = match self
+                    .recorder
+                    .store
+                    .local_under(&self.record.id, Some(&path))
+                {
+                    Ok(mut rows) => rows.remove(&path),
+                    Err(error) => {
+                        tracing::error!(folder = %self.record.id, %error, "reading the local tree failed");
+                        continue;
+                    }
+                };
+                let synced = self
+                    .recorder
+                    .store
+                    .synced(&self.record.id, &path)
+                    .ok()
+                    .flatten();
+                let view = PathView {
+                    path: &path,
+                    local: local.as_ref(),
+                    synced: synced.as_ref(),
+                    remote: remote_of(&self.recorder.document, &path),
+                };
+                let actions = engine::plan_path(&view, self.recorder.mode, &self.recorder.device);
+                for action in actions {
+                    self.execute(action, local.as_ref(), &mut queue, &mut rescan);
+                }
+            }
+            if !rescan.is_empty() {
+                self.scan(Scope::Paths(collapse(rescan)));
+                queue.extend(std::mem::take(&mut self.recorder.needs_plan));
+            }
+        }
+        if !queue.is_empty() {
+            tracing::warn!(folder = %self.record.id, left = queue.len(), "planning did not settle; will retry on the next change");
+            self.recorder.needs_plan.extend(queue);
+        }
+    }
+
+    fn execute(
+        &mut self,
+        action: Action,
+        local: Option<&LocalEntry>,
+        queue: &mut VecDeque<RelPath>,
+        rescan: &mut BTreeSet<RelPath>,
+    ) {
+        let root = self.root();
+        match action {
+            Action::MarkSynced { path, entry, local } => {
+                let _ = self
+                    .recorder
+                    .commit_decisions(&[(path, Some(SyncedEntry { entry, local }))]);
+            }
+            Action::Publish { path } => {
+                let entry = match local {
+                    Some(local) => {
+                        let manifest = local
+                            .manifest
+                            .and_then(|hash| self.recorder.store.manifest(&hash).ok().flatten());
+                        publish_entry(local, manifest.as_ref(), self.recorder.device)
+                    }
+                    None => match self.recorder.document.get(&path).ok().flatten() {
+                        Some(current) if !current.deleted => {
+                            tombstone(&current, now_ns(), self.recorder.device)
+                        }
+                        _ => return,
+                    },
+                };
+                if self.recorder.document.put(&path, &entry).is_ok() {
+                    let _ = self.recorder.commit_decisions(&[(
+                        path,
+                        Some(SyncedEntry {
+                            entry,
+                            local: local.cloned(),
+                        }),
+                    )]);
+                }
+            }
+            Action::Resolve {
+                path,
+                winner,
+                copies,
+            } => {
+                let mut ok = self.recorder.document.put(&path, &winner).is_ok();
+                for (copy, entry) in &copies {
+                    ok &= self.recorder.document.put(copy, entry).is_ok();
+                }
+                if ok && self.recorder.commit_decisions(&[]) {
+                    tracing::info!(folder = %self.record.id, %path, copies = copies.len(), "conflict resolved");
+                    queue.push_back(path);
+                    queue.extend(copies.into_iter().map(|(copy, _)| copy));
+                }
+            }
+            Action::Apply {
+                path,
+                entry,
+                expected,
+            } => {
+                let absolute = root.join(path.as_str());
+                if !disk_matches(&absolute, expected.as_ref()) {
+                    rescan.insert(path);
+                    return;
+                }
+                match entry.kind {
+                    EntryKind::Directory => {
+                        if let Some(expected) = &expected
+                            && expected.kind != EntryKind::Directory
+                        {
+                            let _ = std::fs::remove_file(&absolute);
+                        }
+                        if let Err(error) = std::fs::create_dir_all(&absolute) {
+                            tracing::warn!(folder = %self.record.id, %path, %error, "cannot create directory");
+                        }
+                        rescan.insert(path);
+                    }
+                    EntryKind::Symlink => {
+                        if let Content::Symlink(target) = &entry.content {
+                            let temp = absolute.with_file_name(format!(
+                                "{}{}",
+                                weft_protocol::path::TEMP_PREFIX,
+                                now_ns()
+                            ));
+                            if let Some(parent) = absolute.parent() {
+                                let _ = std::fs::create_dir_all(parent);
+                            }
+                            let made = std::os::unix::fs::symlink(target, &temp)
+                                .and_then(|()| std::fs::rename(&temp, &absolute));
+                            if let Err(error) = made {
+                                let _ = std::fs::remove_file(&temp);
+                                tracing::warn!(folder = %self.record.id, %path, %error, "cannot create symlink");
+                            }
+                        }
+                        rescan.insert(path);
+                    }
+                    EntryKind::File => self.start_fetch(path, entry, expected),
+                }
+            }
+            Action::Remove { path, expected, .. } => {
+                let absolute = root.join(path.as_str());
+                if !disk_matches(&absolute, Some(&expected)) {
+                    rescan.insert(path);
+                    return;
+                }
+                let removed = match expected.kind {
+                    EntryKind::Directory => std::fs::remove_dir(&absolute),
+                    _ => std::fs::remove_file(&absolute),
+                };
+                match removed {
+                    Ok(()) => {}
+                    Err(error) if expected.kind == EntryKind::Directory => {
+                        // Something inside is kept (a local edit): the directory stays,
+                        // and an edit wins over a delete, so it is published again.
+                        tracing::info!(folder = %self.record.id, %path, %error, "directory kept: it still holds files");
+                        if self.recorder.mode == FolderMode::SendReceive
+                            && let Some(local) = local
+                        {
+                            let entry = publish_entry(local, None, self.recorder.device);
+                            if self.recorder.document.put(&path, &entry).is_ok() {
+                                let _ = self.recorder.commit_decisions(&[(
+                                    path.clone(),
+                                    Some(SyncedEntry {
+                                        entry,
+                                        local: Some(local.clone()),
+                                    }),
+                                )]);
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(folder = %self.record.id, %path, %error, "cannot delete");
+                    }
+                }
+                rescan.insert(path);
+            }
+            Action::MoveToConflictCopy { path, to, expected } => {
+                let from = root.join(path.as_str());
+                let target = root.join(to.as_str());
+                if !disk_matches(&from, Some(&expected)) || target.exists() {
+                    rescan.insert(path);
+                    return;
+                }
+                match std::fs::rename(&from, &target) {
+                    Ok(()) => {
+                        tracing::info!(folder = %self.record.id, %path, copy = %to, "conflict: local version kept as a conflict copy");
+                    }
+                    Err(error) => {
+                        tracing::warn!(folder = %self.record.id, %path, %error, "cannot make a conflict copy");
+                    }
+                }
+                rescan.insert(path);
+                rescan.insert(to);
+            }
+            Action::KeepLocal { .. } => {}
+        }
+    }
+
+    fn start_fetch(&mut self, path: RelPath, entry: Entry, expected: Option<LocalEntry>) {
+        let Some(network) = self.network.clone() else {
+            return;
+        };
+        let peers: Vec<DeviceId> = self
+            .peers
+            .keys()
+            .copied()
+            .filter(|device| network.net.is_connected(device))
+            .collect();
+        let context = crate::fetch::FetchContext {
+            net: network.net.clone(),
+            store: self.recorder.store.clone(),
+            folder: self.record.id.clone(),
+            root: self.root(),
+            peers,
+        };
+        self.in_flight.insert(path.clone(), entry.size);
+        let sender = self.sender.clone();
+        network.runtime.spawn(async move {
+            let result = crate::fetch::fetch_file(context, path.clone(), entry.clone()).await;
+            let _ = sender.send(FolderCommand::Fetched {
+                path,
+                entry,
+                expected,
+                result,
+            });
+        });
+    }
+
+    fn fetched(
+        &mut self,
+        path: RelPath,
+        entry: Entry,
+        expected: Option<LocalEntry>,
+        result: Result<crate::fetch::Fetched, String>,
+    ) {
+        self.in_flight.remove(&path);
+        let fetched = match result {
+            Ok(fetched) => fetched,
+            Err(error) => {
+                tracing::warn!(folder = %self.record.id, %path, %error, "download failed; will retry when peers change");
+                self.failed.insert(path);
+                return;
+            }
+        };
+        // The version may have been superseded while it downloaded.
+        let still_wanted = match remote_of(&self.recorder.document, &path) {
+            Remote::Value(current) => current == entry,
+            _ => false,
+        };
+        let absolute = self.root().join(path.as_str());
+        if !still_wanted || !disk_matches(&absolute, expected.as_ref()) {
+            // Changed here or there meanwhile: decide again (the temp file is kept for a
+            // retry of the same version, and removed otherwise).
+            if !still_wanted {
+                let _ = std::fs::remove_file(&fetched.temp);
+            }
+            self.scan(Scope::Paths(vec![path.clone()]));
+            self.plan_paths(vec![path]);
+            return;
+        }
+        if let Some(parent) = absolute.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        if let Err(error) = std::fs::rename(&fetched.temp, &absolute) {
+            tracing::warn!(folder = %self.record.id, %path, %error, "cannot move the downloaded file into place");
+            self.failed.insert(path);
+            return;
+        }
+        tracing::debug!(folder = %self.record.id, %path, bytes = fetched.bytes_fetched, "file updated");
+        self.scan(Scope::Paths(vec![path]));
+    }
+}
+
+/// A tombstone for `current`, written by `author` at `now`.
+fn tombstone(current: &Entry, now: i64, author: DeviceId) -> Entry {
+    Entry {
+        kind: current.kind,
+        deleted: true,
+        size: 0,
+        mtime_ns: now,
+        mode: 0,
+        content: Content::None,
+        author,
+    }
+}
+
 /// Keeps the outermost of nested dirty paths (`a` covers `a/b`).
 fn collapse(paths: BTreeSet<RelPath>) -> Vec<RelPath> {
     let covered = |path: &RelPath| {
@@ -562,6 +1091,45 @@ struct Recorder {
     device: DeviceId,
     events: EventBus,
     shared: Arc<FolderShared>,
+    mode: FolderMode,
+    /// Paths where the engine wants more than publishing (apply, conflict, ...).
+    needs_plan: BTreeSet<RelPath>,
+    /// The document gained local changes not yet offered to peers.
+    published: bool,
+}
+
+/// The document's view of a path, for the engine. Undecodable values are left out.
+fn remote_of(document: &FolderDocument, path: &RelPath) -> Remote {
+    let mut values: Vec<Entry> = document
+        .get_all(path)
+        .map(|values| values.into_iter().filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    if values.len() > 1 {
+        return Remote::Conflict(values);
+    }
+    values.pop().map_or(Remote::Absent, Remote::Value)
+}
+
+/// The document entry that publishes a local row.
+fn publish_entry(
+    local: &LocalEntry,
+    manifest: Option<&weft_protocol::Manifest>,
+    author: DeviceId,
+) -> Entry {
+    let content = match (local.kind, manifest, &local.symlink_target) {
+        (EntryKind::File, Some(manifest), _) => Content::for_manifest(manifest),
+        (EntryKind::Symlink, _, Some(target)) => Content::Symlink(target.clone()),
+        _ => Content::None,
+    };
+    Entry {
+        kind: local.kind,
+        deleted: false,
+        size: local.size,
+        mtime_ns: local.mtime_ns,
+        mode: local.mode,
+        content,
+        author,
+    }
 }
 
 impl Recorder {
@@ -593,42 +1161,16 @@ impl Recorder {
                 path,
                 entry,
                 manifest,
-            } => {
-                let content = match (entry.kind, manifest, &entry.symlink_target) {
-                    (EntryKind::File, Some(manifest), _) => Content::for_manifest(manifest),
-                    (EntryKind::Symlink, _, Some(target)) => Content::Symlink(target.clone()),
-                    _ => Content::None,
-                };
-                Some((
-                    path.clone(),
-                    Entry {
-                        kind: entry.kind,
-                        deleted: false,
-                        size: entry.size,
-                        mtime_ns: entry.mtime_ns,
-                        mode: entry.mode,
-                        content,
-                        author: self.device,
-                    },
-                ))
-            }
+            } => Some((
+                path.clone(),
+                publish_entry(entry, manifest.as_ref(), self.device),
+            )),
             LocalChange::Remove { path } => {
                 let current = self.document.get(path).ok().flatten()?;
                 if current.deleted {
                     return None;
                 }
-                Some((
-                    path.clone(),
-                    Entry {
-                        kind: current.kind,
-                        deleted: true,
-                        size: 0,
-                        mtime_ns: now,
-                        mode: 0,
-                        content: Content::None,
-                        author: self.device,
-                    },
-                ))
+                Some((path.clone(), tombstone(&current, now, self.device)))
             }
         }
     }
@@ -645,39 +1187,64 @@ impl Recorder {
         }
         let now = now_ns();
         let mut recorded = Vec::new();
+        let mut synced_updates = Vec::new();
         for change in &batch {
-            let Some((path, entry)) = self.entry_for(change, now) else {
-                continue;
+            let (path, local) = match change {
+                LocalChange::Upsert { path, entry, .. } => (path, Some(entry)),
+                LocalChange::Remove { path } => (path, None),
             };
-            // Same as the document already says (metadata-only change): no new version.
-            if self.document.get(&path).ok().flatten().as_ref() == Some(&entry) {
-                continue;
+            let synced = self.store.synced(&self.folder, path).ok().flatten();
+            let view = PathView {
+                path,
+                local,
+                synced: synced.as_ref(),
+                remote: remote_of(&self.document, path),
+            };
+            for action in engine::plan_path(&view, self.mode, &self.device) {
+                match action {
+                    Action::Publish { .. } => {
+                        let Some((_, entry)) = self.entry_for(change, now) else {
+                            continue;
+                        };
+                        if let Err(error) = self.document.put(path, &entry) {
+                            tracing::error!(folder = %self.folder, %path, %error, "document write failed");
+                            continue;
+                        }
+                        recorded.push((path.clone(), entry.deleted));
+                        synced_updates.push((
+                            path.clone(),
+                            Some(SyncedEntry {
+                                entry,
+                                local: local.cloned(),
+                            }),
+                        ));
+                    }
+                    Action::MarkSynced { entry, local, .. } => {
+                        synced_updates.push((path.clone(), Some(SyncedEntry { entry, local })));
+                    }
+                    _ => {
+                        self.needs_plan.insert(path.clone());
+                    }
+                }
             }
-            if let Err(error) = self.document.put(&path, &entry) {
-                tracing::error!(folder = %self.folder, %path, %error, "document write failed");
-                continue;
-            }
-            recorded.push((path, entry.deleted));
         }
         self.document.commit(now / 1_000_000, "local changes");
         let increment = self.document.save_incremental();
         match self
             .store
-            .commit_scan_batch(&self.folder, &batch, &increment)
+            .commit_scan_batch_with(&self.folder, &batch, &synced_updates, &increment)
         {
             Ok(increments) => {
-                if increments >= crate::store::DOC_INCREMENTS_BEFORE_COMPACTION {
-                    let snapshot = self.document.save();
-                    if let Err(error) = self.store.compact_document(&self.folder, &snapshot) {
-                        tracing::warn!(folder = %self.folder, %error, "document compaction failed");
-                    }
-                }
+                self.maybe_compact(increments);
             }
             Err(error) => {
                 tracing::error!(folder = %self.folder, %error, "committing scan results failed; will rescan");
                 self.reload_document();
                 return;
             }
+        }
+        if !recorded.is_empty() {
+            self.published = true;
         }
         self.adjust_counts(&batch, previous);
         for (path, deleted) in recorded {
@@ -725,6 +1292,38 @@ impl Recorder {
                 }
             }
         });
+    }
+
+    fn maybe_compact(&mut self, increments: u64) {
+        if increments >= crate::store::DOC_INCREMENTS_BEFORE_COMPACTION {
+            let snapshot = self.document.save();
+            if let Err(error) = self.store.compact_document(&self.folder, &snapshot) {
+                tracing::warn!(folder = %self.folder, %error, "document compaction failed");
+            }
+        }
+    }
+
+    /// Commits document operations already made (publish, resolve) with synced updates.
+    fn commit_decisions(&mut self, synced_updates: &[(RelPath, Option<SyncedEntry>)]) -> bool {
+        self.document.commit(now_ns() / 1_000_000, "sync");
+        let increment = self.document.save_incremental();
+        if !increment.is_empty() {
+            self.published = true;
+        }
+        match self
+            .store
+            .commit_scan_batch_with(&self.folder, &[], synced_updates, &increment)
+        {
+            Ok(increments) => {
+                self.maybe_compact(increments);
+                true
+            }
+            Err(error) => {
+                tracing::error!(folder = %self.folder, %error, "committing a sync decision failed");
+                self.reload_document();
+                false
+            }
+        }
     }
 
     fn reload_document(&mut self) {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod events;
+pub mod fetch;
 pub mod folder;
 pub mod home;
 pub mod net;

@@ -15,8 +15,9 @@ use weft_node::client::Client;
 use weft_node::daemon::{self, RunOptions};
 use weft_node::folder::ScanResult;
 use weft_node::home::Home;
-use weft_node::node::{AddFolder, NodeStatus};
-use weft_node::store::FolderRecord;
+use weft_node::node::{AcceptInvite, AddDevice, AddFolder, DeviceView, NodeStatus, ShareFolder};
+use weft_node::store::{FolderRecord, PendingInvite};
+use weft_protocol::wire::Permission;
 
 /// Weft: peer-to-peer folder sync.
 #[derive(Parser, Debug)]
@@ -36,9 +37,13 @@ enum Command {
         /// Control API address (host:port; port 0 picks a free one).
         #[arg(long)]
         api: Option<String>,
-        /// Listen address for peers (used from the sync release on).
+        /// Listen address for peers (multiaddr, repeatable); default: all
+        /// interfaces, QUIC and TCP, free ports.
         #[arg(long)]
         listen: Vec<String>,
+        /// Do not discover peers on the LAN with mDNS.
+        #[arg(long)]
+        no_mdns: bool,
         /// Folder to create and share on first start.
         #[arg(long, conflicts_with = "no_default_folder")]
         default_folder: Option<PathBuf>,
@@ -57,6 +62,17 @@ enum Command {
     /// Manage folders.
     #[command(subcommand)]
     Folder(FolderCommand),
+    /// Manage devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Invites received: list them, or accept or decline one.
+    Invites {
+        #[command(subcommand)]
+        command: Option<InviteCommand>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rescan a folder (or all) now and wait for the result.
     Scan {
         /// Folder ID; all folders if omitted.
@@ -71,7 +87,69 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+enum DeviceCommand {
+    /// Accept a device (and dial it at the given addresses).
+    Add {
+        /// Its device ID.
+        id: String,
+        /// A name for it.
+        #[arg(long)]
+        name: Option<String>,
+        /// A multiaddr to reach it at (repeatable).
+        #[arg(long = "addr")]
+        addresses: Vec<String>,
+    },
+    /// List devices.
+    List {
+        /// Devices that connected but are not accepted.
+        #[arg(long)]
+        pending: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a device.
+    Remove {
+        /// Its device ID.
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum InviteCommand {
+    /// Accept an invite (also accepts the inviting device).
+    Accept {
+        /// Folder ID.
+        folder: String,
+        /// Where to put the folder (default ~/Weft/LABEL).
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
+    /// Decline an invite.
+    Decline {
+        /// Folder ID.
+        folder: String,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum PermissionArg {
+    Edit,
+    View,
+}
+
+#[derive(Subcommand, Debug)]
 enum FolderCommand {
+    /// Share a folder with a device (invites it).
+    Share {
+        /// Folder ID.
+        folder: String,
+        /// The device's ID.
+        device: String,
+        /// What it may do.
+        #[arg(long, value_enum, default_value = "edit")]
+        perm: PermissionArg,
+    },
     /// Add a folder (created if missing).
     Add {
         /// Where the folder is.
@@ -125,7 +203,8 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run {
             api,
-            listen: _,
+            listen,
+            no_mdns,
             default_folder: folder,
             no_default_folder,
         } => {
@@ -137,6 +216,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     folder.or_else(default_folder)
                 },
+                listen,
+                mdns: !no_mdns,
+                invites_parent: default_folder(),
             };
             daemon::run(&home, options)?;
         }
@@ -185,6 +267,119 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = Client::connect(home.root())?;
             client.delete(&format!("/v1/folders/{id}"))?;
             println!("removed folder {id} (its files are still on disk)");
+        }
+        Command::Folder(FolderCommand::Share {
+            folder,
+            device,
+            perm,
+        }) => {
+            let client = Client::connect(home.root())?;
+            let permission = match perm {
+                PermissionArg::Edit => Permission::Edit,
+                PermissionArg::View => Permission::View,
+            };
+            let _: FolderRecord = client.post(
+                &format!("/v1/folders/{folder}/share"),
+                &ShareFolder { device, permission },
+            )?;
+            println!("shared {folder}; the device sees the invite when it connects");
+        }
+        Command::Device(DeviceCommand::Add {
+            id,
+            name,
+            addresses,
+        }) => {
+            let client = Client::connect(home.root())?;
+            let _: serde_json::Value = client.post(
+                "/v1/devices",
+                &AddDevice {
+                    id,
+                    name,
+                    addresses,
+                },
+            )?;
+        }
+        Command::Device(DeviceCommand::List { pending, json }) => {
+            let client = Client::connect(home.root())?;
+            if pending {
+                let pending: serde_json::Value = client.get("/v1/devices/pending")?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&pending)?);
+                } else {
+                    for device in pending.as_array().into_iter().flatten() {
+                        println!(
+                            "{}\t{}",
+                            device["id"].as_str().unwrap_or(""),
+                            device["address"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+            } else {
+                let devices: Vec<DeviceView> = client.get("/v1/devices")?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&devices)?);
+                } else {
+                    for device in devices {
+                        let state = match &device.connection {
+                            Some(c) => format!(
+                                "connected {} (in {} B, out {} B)",
+                                c.address, c.bytes_in, c.bytes_out
+                            ),
+                            None => "not connected".into(),
+                        };
+                        println!("{}\t{}\t{}", device.id, device.name, state);
+                    }
+                }
+            }
+        }
+        Command::Device(DeviceCommand::Remove { id }) => {
+            let client = Client::connect(home.root())?;
+            client.delete(&format!("/v1/devices/{id}"))?;
+        }
+        Command::Invites { command, json } => {
+            let client = Client::connect(home.root())?;
+            match command {
+                None => {
+                    let invites: Vec<PendingInvite> = client.get("/v1/invites")?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&invites)?);
+                    } else if invites.is_empty() {
+                        println!("no pending invites");
+                    } else {
+                        for invite in invites {
+                            println!(
+                                "{}\t{}\tfrom {}\t{:?}",
+                                invite.invite.folder,
+                                invite.invite.label,
+                                invite.from,
+                                invite.invite.permission
+                            );
+                        }
+                    }
+                }
+                Some(InviteCommand::Accept { folder, path }) => {
+                    let path = match path {
+                        Some(path) => Some(
+                            std::path::absolute(&path)
+                                .with_context(|| format!("resolving {}", path.display()))?
+                                .display()
+                                .to_string(),
+                        ),
+                        None => None,
+                    };
+                    let record: FolderRecord = client.post(
+                        &format!("/v1/invites/{folder}/accept"),
+                        &AcceptInvite { path },
+                    )?;
+                    println!("accepted {} at {}", record.id, record.path);
+                }
+                Some(InviteCommand::Decline { folder }) => {
+                    let _: serde_json::Value = client.post(
+                        &format!("/v1/invites/{folder}/decline"),
+                        &serde_json::json!({}),
+                    )?;
+                }
+            }
         }
         Command::Scan {
             folder,
@@ -280,5 +475,11 @@ fn print_status(status: &NodeStatus) {
             println!("  problem: {}: {}", problem.path, problem.error);
         }
     }
-    println!("peers: {}", status.peers.len());
+    println!("listening on: {}", status.listen.join(" "));
+    for peer in &status.peers {
+        println!(
+            "peer {} ({}) at {}: in {} B, out {} B, bad blocks {}",
+            peer.device_id, peer.name, peer.address, peer.bytes_in, peer.bytes_out, peer.bad_blocks
+        );
+    }
 }

@@ -7,13 +7,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use weft_protocol::wire::{Invite, Message, Permission};
 use weft_protocol::{ChunkParams, DeviceId, DeviceKey, FolderId, RelPath};
 
 use crate::config::Config;
+use crate::engine::FolderMode;
 use crate::events::{Event, EventBus};
 use crate::folder::{self, FolderCommand, FolderHandle, FolderSettings, FolderStatus, ScanResult};
+use crate::net::NetEvent;
 use crate::scan::Scope;
-use crate::store::{FolderRecord, Store, StoreError};
+use crate::store::{DeviceRecord, FolderRecord, PendingInvite, Store, StoreError};
 
 /// File name of the store inside the home.
 pub const STORE_FILE: &str = "weft.redb";
@@ -50,8 +53,10 @@ pub struct NodeStatus {
     pub version: String,
     /// Folders, ordered by ID.
     pub folders: Vec<FolderStatus>,
-    /// Connected peers (the sync issue fills this in).
-    pub peers: Vec<serde_json::Value>,
+    /// Connected peers.
+    pub peers: Vec<crate::net::PeerInfo>,
+    /// Addresses the node listens on for peers.
+    pub listen: Vec<String>,
 }
 
 /// One path of a folder's local tree, as `GET /v1/folders/{id}/files` lists it.
@@ -74,6 +79,60 @@ pub struct AddFolder {
     pub label: Option<String>,
 }
 
+/// A device as `weft device list` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// Device ID.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Addresses to dial.
+    pub addresses: Vec<String>,
+    /// Connected now.
+    pub connected: bool,
+    /// Connection details when connected.
+    pub connection: Option<crate::net::PeerInfo>,
+}
+
+/// A request to add a device.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddDevice {
+    /// Device ID (text form).
+    pub id: String,
+    /// A name for it.
+    pub name: Option<String>,
+    /// Multiaddrs to dial it at.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// A request to share a folder.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShareFolder {
+    /// The device to invite.
+    pub device: String,
+    /// `Edit` or `View`.
+    pub permission: Permission,
+}
+
+/// A request to accept an invite.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AcceptInvite {
+    /// Where to put the folder (default: `~/Weft/<label>`).
+    pub path: Option<String>,
+}
+
+/// Network options of the node.
+#[derive(Clone, Debug)]
+pub struct NetOptions {
+    /// Addresses to listen on.
+    pub listen: Vec<libp2p::Multiaddr>,
+    /// LAN discovery.
+    pub mdns: bool,
+    /// Where accepted invites go by default.
+    pub default_parent: Option<PathBuf>,
+}
+
 /// The node.
 pub struct Node {
     key: DeviceKey,
@@ -81,6 +140,59 @@ pub struct Node {
     store: Arc<Store>,
     events: EventBus,
     folders: Mutex<BTreeMap<FolderId, FolderHandle>>,
+    network: Option<folder::Network>,
+    /// Devices that connected without being accepted: ID and address.
+    pending: Mutex<BTreeMap<DeviceId, String>>,
+    default_parent: Option<PathBuf>,
+}
+
+/// What peers may read: blocks and manifests of folders shared with them.
+struct StoreSource {
+    store: Arc<Store>,
+}
+
+impl crate::net::BlockSource for StoreSource {
+    fn authorised(&self, device: &DeviceId, folder: &FolderId) -> bool {
+        self.store
+            .folders()
+            .map(|folders| {
+                folders
+                    .iter()
+                    .any(|f| &f.id == folder && f.devices.iter().any(|(d, _)| d == device))
+            })
+            .unwrap_or(false)
+    }
+
+    fn block(&self, folder: &FolderId, hash: &weft_protocol::BlockHash) -> Option<Vec<u8>> {
+        let root = self
+            .store
+            .folders()
+            .ok()?
+            .into_iter()
+            .find(|f| &f.id == folder)?
+            .path;
+        let locations = self.store.block_locations(hash).ok()?;
+        locations
+            .into_iter()
+            .filter(|location| &location.folder == folder)
+            .find_map(|location| {
+                use std::os::unix::fs::FileExt;
+                let file =
+                    std::fs::File::open(Path::new(&root).join(location.path.as_str())).ok()?;
+                let mut data = vec![0u8; location.len as usize];
+                file.read_exact_at(&mut data, location.offset).ok()?;
+                // The file may have changed since it was indexed.
+                (weft_protocol::BlockHash::of(&data) == *hash).then_some(data)
+            })
+    }
+
+    fn manifest(
+        &self,
+        _folder: &FolderId,
+        hash: &weft_protocol::ManifestHash,
+    ) -> Option<weft_protocol::Manifest> {
+        self.store.manifest(hash).ok().flatten()
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -98,20 +210,421 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], NodeError> {
 }
 
 impl Node {
-    /// Opens the store in `home` and starts every folder.
-    pub fn open(home: &Path, key: DeviceKey, config: Config) -> Result<Self, NodeError> {
+    /// Opens the store in `home`, starts the network (when `net` is given, on the
+    /// current tokio runtime) and every folder. Returns the network's events for
+    /// [`Node::route`].
+    pub fn open(
+        home: &Path,
+        key: DeviceKey,
+        config: Config,
+        net: Option<NetOptions>,
+    ) -> Result<(Self, Option<tokio::sync::mpsc::UnboundedReceiver<NetEvent>>), NodeError> {
         let store = Arc::new(Store::open(&home.join(STORE_FILE), random_bytes()?)?);
+        let (network, events, default_parent) = match net {
+            Some(options) => {
+                let source = Arc::new(StoreSource {
+                    store: store.clone(),
+                });
+                let (handle, events) = crate::net::start(
+                    &key,
+                    crate::net::NetConfig {
+                        listen: options.listen,
+                        mdns: options.mdns,
+                    },
+                    source,
+                )
+                .map_err(|error| NodeError::Io(error.to_string()))?;
+                let network = folder::Network {
+                    net: handle,
+                    runtime: tokio::runtime::Handle::current(),
+                };
+                (Some(network), Some(events), options.default_parent)
+            }
+            None => (None, None, None),
+        };
         let node = Self {
             key,
             config,
             store,
             events: EventBus::default(),
             folders: Mutex::new(BTreeMap::new()),
+            network,
+            pending: Mutex::new(BTreeMap::new()),
+            default_parent,
         };
         for record in node.store.folders()? {
             node.start_folder(record)?;
         }
-        Ok(node)
+        Ok((node, events))
+    }
+
+    /// Handles network events until the network stops; also redials accepted devices
+    /// every few seconds.
+    pub async fn route(
+        self: Arc<Self>,
+        mut events: tokio::sync::mpsc::UnboundedReceiver<NetEvent>,
+    ) {
+        let mut redial = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                event = events.recv() => {
+                    let Some(event) = event else { break };
+                    let node = self.clone();
+                    // Store reads and folder commands are quick but blocking.
+                    let _ = tokio::task::spawn_blocking(move || node.on_net_event(event)).await;
+                }
+                _ = redial.tick() => {
+                    let node = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || node.dial_devices()).await;
+                }
+            }
+        }
+    }
+
+    fn dial_devices(&self) {
+        let Some(network) = &self.network else { return };
+        for device in self.store.devices().unwrap_or_default() {
+            if network.net.is_connected(&device.id) {
+                continue;
+            }
+            let addresses: Vec<libp2p::Multiaddr> = device
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect();
+            if !addresses.is_empty() {
+                network.net.dial(&device.id, addresses);
+            }
+        }
+    }
+
+    fn accepted(&self, device: &DeviceId) -> bool {
+        self.store
+            .devices()
+            .map(|devices| devices.iter().any(|d| d.id == *device))
+            .unwrap_or(false)
+    }
+
+    fn on_net_event(&self, event: NetEvent) {
+        match event {
+            NetEvent::Connected(device) => {
+                if !self.accepted(&device) {
+                    tracing::info!(device = %device, "unknown device connected; shown as pending (`weft device list --pending`)");
+                    let address = self
+                        .network
+                        .as_ref()
+                        .and_then(|n| {
+                            n.net
+                                .peers()
+                                .into_iter()
+                                .find(|p| p.device_id == device.to_string())
+                        })
+                        .map(|p| p.address)
+                        .unwrap_or_default();
+                    self.pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(device, address);
+                    return;
+                }
+                for handle in self.folders().values() {
+                    if let Some((_, permission)) =
+                        handle.record.devices.iter().find(|(d, _)| *d == device)
+                    {
+                        self.send_invite(&device, &handle.record, *permission);
+                        handle.send(FolderCommand::PeerConnected(device));
+                    }
+                }
+            }
+            NetEvent::Disconnected(device) => {
+                for handle in self.folders().values() {
+                    handle.send(FolderCommand::PeerDisconnected(device));
+                }
+            }
+            NetEvent::Discovered(device, addresses) => {
+                if self.accepted(&device)
+                    && let Some(network) = &self.network
+                {
+                    network.net.dial(&device, addresses);
+                }
+            }
+            NetEvent::Message(device, message) => self.on_message(device, message),
+        }
+    }
+
+    fn on_message(&self, device: DeviceId, message: Message) {
+        match message {
+            Message::DocSync(sync) => {
+                let accepted = self.accepted(&device);
+                let folders = self.folders();
+                let shared = folders
+                    .get(&sync.folder)
+                    .filter(|h| accepted && h.record.devices.iter().any(|(d, _)| *d == device));
+                match shared {
+                    Some(handle) => {
+                        handle.send(FolderCommand::SyncMessage(device, sync.sync_message));
+                    }
+                    None => {
+                        tracing::warn!(device = %device, folder = %sync.folder, "document sync for a folder not shared with that device; ignored")
+                    }
+                }
+            }
+            Message::Invite(invite) => {
+                if self.folders().contains_key(&invite.folder) {
+                    return;
+                }
+                tracing::info!(device = %device, folder = %invite.folder, label = invite.label, "invite received (`weft invites`)");
+                let _ = self.store.put_invite(&PendingInvite {
+                    from: device,
+                    invite,
+                });
+            }
+            other => {
+                tracing::debug!(device = %device, ?other, "unexpected control message; ignored")
+            }
+        }
+    }
+
+    fn send_invite(&self, device: &DeviceId, record: &FolderRecord, permission: Permission) {
+        if let Some(network) = &self.network {
+            let invite = Message::Invite(Invite {
+                folder: record.id.clone(),
+                label: record.label.clone(),
+                params: record.params,
+                permission,
+            });
+            let _ = network.net.send(device, invite);
+        }
+    }
+
+    fn parse_device(text: &str) -> Result<DeviceId, NodeError> {
+        text.parse()
+            .map_err(|error: weft_protocol::DeviceIdError| NodeError::Invalid(error.to_string()))
+    }
+
+    /// Accepts a device (or updates its name and addresses) and dials it.
+    pub fn add_device(&self, request: AddDevice) -> Result<DeviceRecord, NodeError> {
+        let id = Self::parse_device(&request.id)?;
+        if id == self.device_id() {
+            return Err(NodeError::Invalid("that is this device's own ID".into()));
+        }
+        for address in &request.addresses {
+            address
+                .parse::<libp2p::Multiaddr>()
+                .map_err(|error| NodeError::Invalid(format!("address {address:?}: {error}")))?;
+        }
+        let existing = self.store.devices()?.into_iter().find(|d| d.id == id);
+        let record = DeviceRecord {
+            id,
+            name: request
+                .name
+                .or_else(|| existing.as_ref().map(|d| d.name.clone()))
+                .unwrap_or_else(|| id.short()),
+            addresses: if request.addresses.is_empty() {
+                existing.map(|d| d.addresses).unwrap_or_default()
+            } else {
+                request.addresses
+            },
+        };
+        self.store.put_device(&record)?;
+        let was_pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+            .is_some();
+        self.dial_devices();
+        // Already connected (it was pending): start what it shares now.
+        if was_pending
+            && self
+                .network
+                .as_ref()
+                .is_some_and(|n| n.net.is_connected(&id))
+        {
+            self.on_net_event(NetEvent::Connected(id));
+        }
+        Ok(record)
+    }
+
+    /// Forgets a device.
+    pub fn remove_device(&self, id: &str) -> Result<(), NodeError> {
+        let id = Self::parse_device(id)?;
+        if !self.store.remove_device(&id)? {
+            return Err(NodeError::Invalid(format!("device {id} is not known")));
+        }
+        Ok(())
+    }
+
+    /// Accepted devices with their connection state.
+    pub fn devices(&self) -> Result<Vec<DeviceView>, NodeError> {
+        let peers = self
+            .network
+            .as_ref()
+            .map(|n| n.net.peers())
+            .unwrap_or_default();
+        Ok(self
+            .store
+            .devices()?
+            .into_iter()
+            .map(|device| {
+                let id = device.id.to_string();
+                let connection = peers.iter().find(|p| p.device_id == id).cloned();
+                DeviceView {
+                    connected: connection.is_some(),
+                    connection,
+                    name: device.name,
+                    addresses: device.addresses,
+                    id,
+                }
+            })
+            .collect())
+    }
+
+    /// Devices that connected without being accepted: (ID, address).
+    pub fn pending_devices(&self) -> Vec<(String, String)> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(device, address)| (device.to_string(), address.clone()))
+            .collect()
+    }
+
+    /// Shares a folder with a device (accepting the device too) and invites it.
+    pub fn share_folder(
+        &self,
+        folder: &str,
+        request: ShareFolder,
+    ) -> Result<FolderRecord, NodeError> {
+        let device = Self::parse_device(&request.device)?;
+        let id = FolderId::new(folder).map_err(|_| NodeError::UnknownFolder(folder.to_owned()))?;
+        if !self.folders().contains_key(&id) {
+            return Err(NodeError::UnknownFolder(folder.to_owned()));
+        }
+        if !self.accepted(&device) {
+            self.add_device(AddDevice {
+                id: request.device.clone(),
+                name: None,
+                addresses: Vec::new(),
+            })?;
+        }
+        let record = {
+            let mut folders = self.folders();
+            let handle = folders
+                .get_mut(&id)
+                .ok_or_else(|| NodeError::UnknownFolder(folder.to_owned()))?;
+            let mut record = handle.record.clone();
+            record.devices.retain(|(d, _)| *d != device);
+            record.devices.push((device, request.permission));
+            self.store.put_folder(&record)?;
+            handle.record = record.clone();
+            handle.send(FolderCommand::UpdateRecord(record.clone()));
+            record
+        };
+        if self
+            .network
+            .as_ref()
+            .is_some_and(|n| n.net.is_connected(&device))
+        {
+            self.send_invite(&device, &record, request.permission);
+            if let Some(handle) = self.folders().get(&id) {
+                handle.send(FolderCommand::PeerConnected(device));
+            }
+        }
+        Ok(record)
+    }
+
+    /// Invites received and not yet answered.
+    pub fn invites(&self) -> Result<Vec<PendingInvite>, NodeError> {
+        Ok(self.store.invites()?)
+    }
+
+    /// Accepts an invite: the folder is created at `path` (default `~/Weft/<label>`)
+    /// and shared back with the inviting device, which is accepted too.
+    pub fn accept_invite(
+        &self,
+        folder: &str,
+        request: AcceptInvite,
+    ) -> Result<FolderRecord, NodeError> {
+        let id = FolderId::new(folder).map_err(|_| NodeError::UnknownFolder(folder.to_owned()))?;
+        let invite = self
+            .store
+            .invites()?
+            .into_iter()
+            .find(|i| i.invite.folder == id)
+            .ok_or_else(|| {
+                NodeError::Invalid(format!(
+                    "no pending invite for folder {folder}; `weft invites` lists them"
+                ))
+            })?;
+        let path = match request.path {
+            Some(path) => path,
+            None => {
+                let parent = self
+                    .default_parent
+                    .clone()
+                    .ok_or_else(|| NodeError::Invalid("give a path with --path".into()))?;
+                // The label comes from a peer: never let it name another place.
+                let label: String = invite
+                    .invite
+                    .label
+                    .chars()
+                    .map(|c| {
+                        if matches!(c, '/' | '\\' | '\0') {
+                            '_'
+                        } else {
+                            c
+                        }
+                    })
+                    .collect();
+                let name = if label.is_empty() || label.starts_with('.') {
+                    id.to_string()
+                } else {
+                    label
+                };
+                parent.join(name).display().to_string()
+            }
+        };
+        if !self.accepted(&invite.from) {
+            self.add_device(AddDevice {
+                id: invite.from.to_string(),
+                name: None,
+                addresses: Vec::new(),
+            })?;
+        }
+        let mode = match invite.invite.permission {
+            Permission::Edit => FolderMode::SendReceive,
+            Permission::View => FolderMode::ReceiveOnly,
+        };
+        let record = self.create_folder(
+            &path,
+            id,
+            invite.invite.label.clone(),
+            invite.invite.params,
+            mode,
+            vec![(invite.from, Permission::Edit)],
+        )?;
+        self.store.remove_invite(&record.id)?;
+        if self
+            .network
+            .as_ref()
+            .is_some_and(|n| n.net.is_connected(&invite.from))
+            && let Some(handle) = self.folders().get(&record.id)
+        {
+            handle.send(FolderCommand::PeerConnected(invite.from));
+        }
+        Ok(record)
+    }
+
+    /// Declines an invite.
+    pub fn decline_invite(&self, folder: &str) -> Result<(), NodeError> {
+        let id = FolderId::new(folder).map_err(|_| NodeError::UnknownFolder(folder.to_owned()))?;
+        if !self.store.remove_invite(&id)? {
+            return Err(NodeError::Invalid(format!(
+                "no pending invite for folder {folder}"
+            )));
+        }
+        Ok(())
     }
 
     /// This device's ID.
@@ -152,6 +665,7 @@ impl Node {
             self.device_id(),
             self.settings(),
             self.events.clone(),
+            self.network.clone(),
         )?;
         self.folders().insert(id, handle);
         Ok(())
@@ -159,11 +673,41 @@ impl Node {
 
     /// Adds a folder: creates its directory if needed, records it, starts scanning.
     pub fn add_folder(&self, request: AddFolder) -> Result<FolderRecord, NodeError> {
-        let path = PathBuf::from(&request.path);
+        let id = match &request.id {
+            Some(id) => FolderId::new(id).map_err(|error| NodeError::Invalid(error.to_string()))?,
+            None => FolderId::random(random_bytes()?),
+        };
+        let label = request.label.unwrap_or_else(|| {
+            Path::new(&request.path)
+                .file_name()
+                .and_then(|name| name.to_str())
+                .unwrap_or("folder")
+                .to_owned()
+        });
+        self.create_folder(
+            &request.path,
+            id,
+            label,
+            ChunkParams::DEFAULT,
+            FolderMode::SendReceive,
+            Vec::new(),
+        )
+    }
+
+    fn create_folder(
+        &self,
+        path: &str,
+        id: FolderId,
+        label: String,
+        params: ChunkParams,
+        mode: FolderMode,
+        devices: Vec<(DeviceId, Permission)>,
+    ) -> Result<FolderRecord, NodeError> {
+        let path = PathBuf::from(path);
         if !path.is_absolute() {
             return Err(NodeError::Invalid(format!(
-                "folder path {:?} must be absolute",
-                request.path
+                "folder path {} must be absolute",
+                path.display()
             )));
         }
         std::fs::create_dir_all(&path)
@@ -175,10 +719,6 @@ impl Node {
             .to_str()
             .ok_or_else(|| NodeError::Invalid("folder path must be valid UTF-8".into()))?
             .to_owned();
-        let id = match &request.id {
-            Some(id) => FolderId::new(id).map_err(|error| NodeError::Invalid(error.to_string()))?,
-            None => FolderId::random(random_bytes()?),
-        };
         {
             let folders = self.folders();
             if folders.contains_key(&id) {
@@ -198,19 +738,13 @@ impl Node {
                 }
             }
         }
-        let label = request.label.unwrap_or_else(|| {
-            path.file_name()
-                .and_then(|name| name.to_str())
-                .unwrap_or("folder")
-                .to_owned()
-        });
         let record = FolderRecord {
             id: id.clone(),
             label,
             path: path_text,
-            params: ChunkParams::DEFAULT,
-            mode: crate::engine::FolderMode::SendReceive,
-            devices: Vec::new(),
+            params,
+            mode,
+            devices,
         };
         self.store.put_folder(&record)?;
         self.start_folder(record.clone())?;
@@ -333,7 +867,22 @@ impl Node {
                 .values()
                 .map(|h| h.shared.snapshot())
                 .collect(),
-            peers: Vec::new(),
+            peers: self
+                .network
+                .as_ref()
+                .map(|n| n.net.peers())
+                .unwrap_or_default(),
+            listen: self
+                .network
+                .as_ref()
+                .map(|n| {
+                    n.net
+                        .listen_addresses()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 

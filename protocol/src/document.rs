@@ -26,6 +26,9 @@ use crate::identity::DeviceId;
 use crate::manifest::Manifest;
 use crate::path::{PathError, RelPath};
 
+/// Per-peer state of automerge's sync protocol (kept for the life of a connection).
+pub use automerge::sync::State as SyncState;
+
 /// Key prefix of file entries in the document's root map.
 pub const ENTRY_PREFIX: &str = "f/";
 /// Manifests of at most this many blocks are inlined in their entry (8 x 36 bytes): a
@@ -349,6 +352,59 @@ impl FolderDocument {
         versions
     }
 
+    /// The document's current heads.
+    pub fn heads(&mut self) -> Vec<automerge::ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// Paths whose value changed between `before` (earlier heads) and now.
+    pub fn changed_paths(&mut self, before: &[automerge::ChangeHash]) -> Vec<RelPath> {
+        let after = self.doc.get_heads();
+        if after.as_slice() == before {
+            return Vec::new();
+        }
+        let mut paths: Vec<RelPath> = self
+            .doc
+            .diff(before, &after)
+            .into_iter()
+            .filter_map(|patch| match patch.action {
+                automerge::PatchAction::PutMap { key, .. }
+                | automerge::PatchAction::DeleteMap { key } => key
+                    .strip_prefix(ENTRY_PREFIX)
+                    .and_then(|path| RelPath::new(path).ok()),
+                _ => None,
+            })
+            .collect();
+        paths.sort();
+        paths.dedup();
+        paths
+    }
+
+    /// The next sync message for a peer, if it lacks anything (automerge's sync
+    /// protocol; `state` is kept per peer for the life of the connection).
+    pub fn generate_sync_message(&mut self, state: &mut automerge::sync::State) -> Option<Vec<u8>> {
+        use automerge::sync::SyncDoc;
+        self.doc
+            .sync()
+            .generate_sync_message(state)
+            .map(automerge::sync::Message::encode)
+    }
+
+    /// Applies a sync message from a peer.
+    pub fn receive_sync_message(
+        &mut self,
+        state: &mut automerge::sync::State,
+        bytes: &[u8],
+    ) -> Result<(), DocumentError> {
+        use automerge::sync::SyncDoc;
+        let message = automerge::sync::Message::decode(bytes)
+            .map_err(|error| DocumentError::Load(format!("bad sync message: {error}")))?;
+        self.doc
+            .sync()
+            .receive_sync_message(state, message)
+            .map_err(automerge_error)
+    }
+
     /// The automerge document, for the sync protocol (node side).
     pub fn automerge(&mut self) -> &mut AutoCommit {
         &mut self.doc
@@ -440,6 +496,44 @@ mod tests {
         assert_eq!(
             doc_a.get(&path("f")).unwrap(),
             doc_b.get(&path("f")).unwrap()
+        );
+    }
+
+    #[test]
+    fn sync_protocol_converges_and_reports_changed_paths() {
+        let (a, b) = (device(1), device(2));
+        let mut doc_a = FolderDocument::new(actor_id(&a, [0; 8]));
+        let mut doc_b = FolderDocument::new(actor_id(&b, [0; 8]));
+        doc_a.put(&path("x"), &file(a, b"x")).unwrap();
+        doc_a.put(&path("y/z"), &file(a, b"z")).unwrap();
+        doc_a.commit(1, "a");
+        let before = doc_b.heads();
+        let (mut state_a, mut state_b) =
+            (automerge::sync::State::new(), automerge::sync::State::new());
+        for _ in 0..10 {
+            let to_b = doc_a.generate_sync_message(&mut state_a);
+            if let Some(message) = &to_b {
+                doc_b.receive_sync_message(&mut state_b, message).unwrap();
+            }
+            let to_a = doc_b.generate_sync_message(&mut state_b);
+            if let Some(message) = &to_a {
+                doc_a.receive_sync_message(&mut state_a, message).unwrap();
+            }
+            if to_a.is_none() && to_b.is_none() {
+                break;
+            }
+        }
+        assert_eq!(doc_b.get(&path("y/z")).unwrap(), Some(file(a, b"z")));
+        let changed: Vec<String> = doc_b
+            .changed_paths(&before)
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(changed, vec!["x", "y/z"]);
+        assert!(
+            doc_b
+                .receive_sync_message(&mut state_b, b"garbage")
+                .is_err()
         );
     }
 

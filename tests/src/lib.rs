@@ -119,7 +119,16 @@ impl TestNode {
         let child = command
             .arg("--home")
             .arg(home)
-            .args(["run", "--no-default-folder"])
+            // Loopback only, no LAN discovery: tests never leave this machine.
+            .args([
+                "run",
+                "--no-default-folder",
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/udp/0/quic-v1",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+            ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

@@ -1,0 +1,310 @@
+//! Downloading one file version into a temp file beside its destination.
+//!
+//! The temp file (`.weft.tmp.<id>`, never scanned) is named from the path and the
+//! manifest, so a download interrupted by a crash finds its own temp file again: blocks
+//! already in it that verify against the manifest are kept (resume), the others come
+//! from a local file that has the same block (dedup, renames, copies: never fetched)
+//! or from connected peers, in batches, several in flight, each block verified by its
+//! BLAKE3 hash before it is written. A block that fails verification counts against
+//! the peer that sent it and is asked of another.
+//!
+//! The result is a complete, fsynced temp file with the version's mode and mtime. The
+//! folder actor then checks that the destination is still what it expects and renames
+//! the temp file over it (DESIGN.md, "Applying changes safely").
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use weft_protocol::document::{Content, Entry};
+use weft_protocol::path::TEMP_PREFIX;
+use weft_protocol::{BlockHash, DeviceId, FolderId, Manifest, RelPath};
+
+use crate::net::NetHandle;
+use crate::store::Store;
+
+/// Blocks per request: a few MiB per round trip with the default chunk size.
+pub const BATCH_BLOCKS: usize = 32;
+/// Requests in flight per file.
+pub const BATCHES_IN_FLIGHT: usize = 4;
+/// Times a block is asked for (from different peers where possible) before giving up.
+pub const BLOCK_ATTEMPTS: usize = 3;
+
+/// What a download needs from the node.
+#[derive(Clone)]
+pub struct FetchContext {
+    /// The network.
+    pub net: NetHandle,
+    /// The store (block index, manifests).
+    pub store: Arc<Store>,
+    /// The folder.
+    pub folder: FolderId,
+    /// The folder's root on disk.
+    pub root: PathBuf,
+    /// Connected devices that share the folder.
+    pub peers: Vec<DeviceId>,
+}
+
+/// A finished download.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The complete temp file.
+    pub temp: PathBuf,
+    /// The manifest it holds.
+    pub manifest: Manifest,
+    /// Bytes that came over the network.
+    pub bytes_fetched: u64,
+}
+
+/// The temp file of a download: deterministic, so a restart resumes it.
+pub fn temp_path(root: &Path, path: &RelPath, manifest: &Manifest) -> PathBuf {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(path.as_str().as_bytes());
+    hasher.update(manifest.hash().as_bytes());
+    let id = hasher.finalize().to_hex();
+    let dir = match path.parent() {
+        Some(parent) => root.join(parent.as_str()),
+        None => root.to_path_buf(),
+    };
+    dir.join(format!("{TEMP_PREFIX}{}", &id[..24]))
+}
+
+fn io_error(what: &str, path: &Path, error: std::io::Error) -> String {
+    format!("{what} {}: {error}", path.display())
+}
+
+/// Gets the manifest of an entry: inline, stored, or from a peer.
+async fn manifest_of(context: &FetchContext, entry: &Entry) -> Result<Manifest, String> {
+    match &entry.content {
+        Content::Inline(manifest) => Ok(manifest.clone()),
+        Content::Manifest(hash) => {
+            if let Ok(Some(manifest)) = context.store.manifest(hash) {
+                return Ok(manifest);
+            }
+            for peer in &context.peers {
+                match context
+                    .net
+                    .fetch_manifest(peer, &context.folder, *hash)
+                    .await
+                {
+                    Ok(Some(manifest)) => return Ok(manifest),
+                    Ok(None) => {}
+                    Err(error) => tracing::debug!(%error, "manifest request failed"),
+                }
+            }
+            Err(format!("no connected device has manifest {hash}"))
+        }
+        _ => Err("entry has no file content".into()),
+    }
+}
+
+/// Reads `len` bytes at `offset` of `path` and returns them if they hash to `hash`.
+fn read_verified(path: &Path, offset: u64, len: u32, hash: &BlockHash) -> Option<Vec<u8>> {
+    let file = File::open(path).ok()?;
+    let mut data = vec![0u8; len as usize];
+    file.read_exact_at(&mut data, offset).ok()?;
+    (BlockHash::of(&data) == *hash).then_some(data)
+}
+
+/// The local part of a download: keep verified blocks already in the temp file, copy
+/// blocks that exist in local files. Returns what is still missing (hash -> offsets).
+fn prepare_locally(
+    context: &FetchContext,
+    temp: &Path,
+    manifest: &Manifest,
+) -> Result<BTreeMap<BlockHash, Vec<u64>>, String> {
+    if let Some(parent) = temp.parent() {
+        fs::create_dir_all(parent).map_err(|e| io_error("creating", parent, e))?;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(temp)
+        .map_err(|e| io_error("opening", temp, e))?;
+    let existing_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    file.set_len(manifest.size())
+        .map_err(|e| io_error("sizing", temp, e))?;
+    let mut missing: BTreeMap<BlockHash, Vec<u64>> = BTreeMap::new();
+    let mut buffer = Vec::new();
+    for (offset, block) in manifest.blocks_with_offsets() {
+        // Resume: a block already in the temp file is kept if it verifies.
+        if offset + u64::from(block.len) <= existing_len {
+            buffer.resize(block.len as usize, 0);
+            if file.read_exact_at(&mut buffer, offset).is_ok()
+                && BlockHash::of(&buffer) == block.hash
+            {
+                continue;
+            }
+        }
+        // Dedup: the block is in a local file.
+        let local = context
+            .store
+            .block_locations(&block.hash)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|location| {
+                let root = if location.folder == context.folder {
+                    context.root.clone()
+                } else {
+                    return None;
+                };
+                read_verified(
+                    &root.join(location.path.as_str()),
+                    location.offset,
+                    block.len,
+                    &block.hash,
+                )
+            })
+            .next();
+        match local {
+            Some(data) => file
+                .write_all_at(&data, offset)
+                .map_err(|e| io_error("writing", temp, e))?,
+            None => missing.entry(block.hash).or_default().push(offset),
+        }
+    }
+    Ok(missing)
+}
+
+/// Downloads `entry` (a file version) of `path` into its temp file.
+pub async fn fetch_file(
+    context: FetchContext,
+    path: RelPath,
+    entry: Entry,
+) -> Result<Fetched, String> {
+    let manifest = manifest_of(&context, &entry).await?;
+    let temp = temp_path(&context.root, &path, &manifest);
+    let missing = {
+        let context = context.clone();
+        let temp = temp.clone();
+        let manifest = manifest.clone();
+        tokio::task::spawn_blocking(move || prepare_locally(&context, &temp, &manifest))
+            .await
+            .map_err(|e| e.to_string())??
+    };
+    let lengths: HashMap<BlockHash, u32> =
+        manifest.blocks().iter().map(|b| (b.hash, b.len)).collect();
+    let mut bytes_fetched = 0u64;
+    if !missing.is_empty() {
+        if context.peers.is_empty() {
+            return Err("no connected device to fetch blocks from".into());
+        }
+        let hashes: Vec<BlockHash> = missing.keys().copied().collect();
+        let mut attempts: HashMap<BlockHash, usize> = HashMap::new();
+        let mut queue: Vec<Vec<BlockHash>> =
+            hashes.chunks(BATCH_BLOCKS).map(<[_]>::to_vec).collect();
+        queue.reverse();
+        let mut round = 0usize;
+        let file = Arc::new(
+            OpenOptions::new()
+                .write(true)
+                .open(&temp)
+                .map_err(|e| io_error("opening", &temp, e))?,
+        );
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        loop {
+            while in_flight.len() < BATCHES_IN_FLIGHT {
+                let Some(batch) = queue.pop() else { break };
+                let peer = context.peers[round % context.peers.len()];
+                round += 1;
+                let net = context.net.clone();
+                let folder = context.folder.clone();
+                in_flight.push(async move {
+                    let result = net.fetch_blocks(&peer, &folder, batch.clone()).await;
+                    (peer, batch, result)
+                });
+            }
+            let Some((peer, batch, result)) = in_flight.next().await else {
+                break;
+            };
+            let mut retry = Vec::new();
+            match result {
+                Ok(blocks) => {
+                    for (hash, data) in blocks {
+                        match data {
+                            Some(data)
+                                if BlockHash::of(&data) == hash
+                                    && lengths.get(&hash) == Some(&(data.len() as u32)) =>
+                            {
+                                bytes_fetched += data.len() as u64;
+                                let offsets = missing.get(&hash).cloned().unwrap_or_default();
+                                let file = file.clone();
+                                let temp = temp.clone();
+                                tokio::task::spawn_blocking(move || {
+                                    for offset in offsets {
+                                        file.write_all_at(&data, offset)
+                                            .map_err(|e| io_error("writing", &temp, e))?;
+                                    }
+                                    Ok::<(), String>(())
+                                })
+                                .await
+                                .map_err(|e| e.to_string())??;
+                            }
+                            Some(_) => {
+                                tracing::warn!(peer = %peer, %hash, "block failed verification; asking elsewhere");
+                                context.net.penalise(&peer);
+                                retry.push(hash);
+                            }
+                            None => retry.push(hash),
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(peer = %peer, %error, "block request failed");
+                    retry.extend(batch);
+                }
+            }
+            for hash in retry {
+                let tries = attempts.entry(hash).or_insert(0);
+                *tries += 1;
+                if *tries >= BLOCK_ATTEMPTS.max(context.peers.len()) {
+                    return Err(format!(
+                        "block {hash} is not available from any connected device"
+                    ));
+                }
+                queue.push(vec![hash]);
+            }
+        }
+    }
+    let mode = entry.mode;
+    let mtime_ns = entry.mtime_ns;
+    let temp_done = temp.clone();
+    tokio::task::spawn_blocking(move || finish_temp(&temp_done, mode, mtime_ns))
+        .await
+        .map_err(|e| e.to_string())??;
+    Ok(Fetched {
+        temp,
+        manifest,
+        bytes_fetched,
+    })
+}
+
+/// Sets mode and mtime and makes the temp file durable.
+fn finish_temp(temp: &Path, mode: u32, mtime_ns: i64) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = OpenOptions::new()
+        .write(true)
+        .open(temp)
+        .map_err(|e| io_error("opening", temp, e))?;
+    file.sync_all().map_err(|e| io_error("syncing", temp, e))?;
+    let mode = if mode & 0o777 == 0 {
+        0o644
+    } else {
+        mode & 0o7777
+    };
+    fs::set_permissions(temp, fs::Permissions::from_mode(mode))
+        .map_err(|e| io_error("chmod", temp, e))?;
+    let mtime = if mtime_ns >= 0 {
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(mtime_ns as u64)
+    } else {
+        std::time::UNIX_EPOCH
+    };
+    file.set_modified(mtime)
+        .map_err(|e| io_error("setting mtime of", temp, e))?;
+    Ok(())
+}
