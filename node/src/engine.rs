@@ -271,6 +271,20 @@ fn local_mtime(local: &LocalEntry) -> i64 {
     local.mtime_ns
 }
 
+/// The one value the document settles on at a path, if it does: its value, or the
+/// common value of concurrent but identical writes (several devices resolving the same
+/// conflict). `None` for an absent path or a real conflict.
+pub fn settled_value(remote: &Remote) -> Option<&Entry> {
+    match remote {
+        Remote::Absent => None,
+        Remote::Value(entry) => Some(entry),
+        Remote::Conflict(values) => {
+            let first = values.first()?;
+            values.iter().all(|v| v == first).then_some(first)
+        }
+    }
+}
+
 /// Plans one path.
 pub fn plan_path(view: &PathView<'_>, mode: FolderMode, device: &DeviceId) -> Vec<Action> {
     let path = view.path.clone();

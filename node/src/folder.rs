@@ -367,6 +367,7 @@ struct FolderActor {
 impl FolderActor {
     fn run(&mut self) {
         self.scan(Scope::Full);
+        self.plan_all();
         self.after_changes();
         let mut next_full = Instant::now() + self.jittered_interval();
         let mut last_retry = Instant::now();
@@ -425,6 +426,7 @@ impl FolderActor {
             }
             if now >= next_full {
                 self.scan(Scope::Full);
+                self.plan_all();
                 next_full = Instant::now() + self.jittered_interval();
             }
             if !self.failed.is_empty() && last_retry.elapsed() >= RETRY_INTERVAL {
@@ -660,6 +662,22 @@ fn disk_matches(absolute: &std::path::Path, expected: Option<&LocalEntry>) -> bo
     }
 }
 
+/// True if every existing ancestor of `path` inside `root` is a real directory: a
+/// symlink (or file) on the way would let a write or delete land outside the folder.
+fn parents_are_directories(root: &std::path::Path, path: &RelPath) -> bool {
+    let mut parent = path.parent();
+    while let Some(dir) = parent {
+        match std::fs::symlink_metadata(root.join(dir.as_str())) {
+            Ok(metadata) if metadata.file_type().is_dir() => {}
+            Ok(_) => return false,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => return false,
+        }
+        parent = dir.parent();
+    }
+    true
+}
+
 impl FolderActor {
     fn root(&self) -> PathBuf {
         PathBuf::from(&self.record.path)
@@ -737,6 +755,29 @@ impl FolderActor {
         }
     }
 
+    /// Plans every path the document, the local tree or the synced tree knows: after
+    /// start (work left by a crash) and after each full scan (the periodic repair).
+    fn plan_all(&mut self) {
+        let mut paths: BTreeSet<RelPath> = BTreeSet::new();
+        match self.recorder.store.local_tree(&self.record.id) {
+            Ok(tree) => paths.extend(tree.into_keys()),
+            Err(error) => {
+                tracing::error!(folder = %self.record.id, %error, "reading the local tree failed")
+            }
+        }
+        if let Ok(tree) = self.recorder.store.synced_tree(&self.record.id) {
+            paths.extend(tree.into_keys());
+        }
+        paths.extend(
+            self.recorder
+                .document
+                .entries()
+                .filter_map(Result::ok)
+                .map(|entry| entry.path),
+        );
+        self.plan_paths(paths.into_iter().collect());
+    }
+
     /// After any command: offer new local changes to peers, plan what scans left over.
     fn after_changes(&mut self) {
         for _ in 0..MAX_PLAN_ROUNDS {
@@ -769,7 +810,11 @@ impl FolderActor {
 
     /// Plans `paths` and carries the actions out; disk changes are rescanned, which
     /// records them and may plan again (bounded by [`MAX_PLAN_ROUNDS`]).
-    fn plan_paths(&mut self, paths: Vec<RelPath>) {
+    fn plan_paths(&mut self, mut paths: Vec<RelPath>) {
+        // Children before their parents: a directory is removed after its contents
+        // (and files create their parent directories themselves).
+        paths.sort_unstable_by(|a, b| b.cmp(a));
+        paths.dedup();
         let mut queue: VecDeque<RelPath> = paths.into_iter().collect();
         let mut rounds = 0;
         while !queue.is_empty() && rounds < MAX_PLAN_ROUNDS {
@@ -780,12 +825,8 @@ impl FolderActor {
                 if self.in_flight.contains_key(&path) || !seen.insert(path.clone()) {
                     continue;
                 }
-                let local = match self
-                    .recorder
-                    .store
-                    .local_under(&self.record.id, Some(&path))
-                {
-                    Ok(mut rows) => rows.remove(&path),
+                let local = match self.recorder.store.local(&self.record.id, &path) {
+                    Ok(row) => row,
                     Err(error) => {
                         tracing::error!(folder = %self.record.id, %error, "reading the local tree failed");
                         continue;
@@ -805,12 +846,20 @@ impl FolderActor {
                 };
                 let actions = engine::plan_path(&view, self.recorder.mode, &self.recorder.device);
                 for action in actions {
-                    self.execute(action, local.as_ref(), &mut queue, &mut rescan);
+                    self.execute(action, local.as_ref(), &mut rescan);
                 }
             }
             if !rescan.is_empty() {
                 self.scan(Scope::Paths(collapse(rescan)));
-                queue.extend(std::mem::take(&mut self.recorder.needs_plan));
+            }
+            {
+                let mut next: Vec<RelPath> = std::mem::take(&mut self.recorder.needs_plan)
+                    .into_iter()
+                    .collect();
+                next.extend(queue.drain(..));
+                next.sort_unstable_by(|a, b| b.cmp(a));
+                next.dedup();
+                queue.extend(next);
             }
         }
         if !queue.is_empty() {
@@ -823,10 +872,22 @@ impl FolderActor {
         &mut self,
         action: Action,
         local: Option<&LocalEntry>,
-        queue: &mut VecDeque<RelPath>,
         rescan: &mut BTreeSet<RelPath>,
     ) {
         let root = self.root();
+        let touches_disk = match &action {
+            // A conflict copy goes beside its original: one check covers both.
+            Action::Apply { path, .. }
+            | Action::Remove { path, .. }
+            | Action::MoveToConflictCopy { path, .. } => Some(path),
+            _ => None,
+        };
+        if let Some(path) = touches_disk
+            && !parents_are_directories(&root, path)
+        {
+            tracing::warn!(folder = %self.record.id, %path, "refused: a parent of this path is a symlink or file on this device");
+            return;
+        }
         match action {
             Action::MarkSynced { path, entry, local } => {
                 let _ = self
@@ -869,8 +930,11 @@ impl FolderActor {
                 }
                 if ok && self.recorder.commit_decisions(&[]) {
                     tracing::info!(folder = %self.record.id, %path, copies = copies.len(), "conflict resolved");
-                    queue.push_back(path);
-                    queue.extend(copies.into_iter().map(|(copy, _)| copy));
+                    // Planned again in the next round, now that the document agrees.
+                    self.recorder.needs_plan.insert(path);
+                    self.recorder
+                        .needs_plan
+                        .extend(copies.into_iter().map(|(copy, _)| copy));
                 }
             }
             Action::Apply {
@@ -930,21 +994,35 @@ impl FolderActor {
                 match removed {
                     Ok(()) => {}
                     Err(error) if expected.kind == EntryKind::Directory => {
-                        // Something inside is kept (a local edit): the directory stays,
-                        // and an edit wins over a delete, so it is published again.
-                        tracing::info!(folder = %self.record.id, %path, %error, "directory kept: it still holds files");
-                        if self.recorder.mode == FolderMode::SendReceive
-                            && let Some(local) = local
-                        {
-                            let entry = publish_entry(local, None, self.recorder.device);
-                            if self.recorder.document.put(&path, &entry).is_ok() {
-                                let _ = self.recorder.commit_decisions(&[(
-                                    path.clone(),
-                                    Some(SyncedEntry {
-                                        entry,
-                                        local: Some(local.clone()),
-                                    }),
-                                )]);
+                        // Still holds files. If every one of them is going away too, try
+                        // again after them; if any is kept (a local edit, or a file the
+                        // remote still has), the directory stays: an edit wins over a
+                        // delete, so it is published again.
+                        let children = self
+                            .recorder
+                            .store
+                            .local_under(&self.record.id, Some(&path))
+                            .unwrap_or_default();
+                        let kept = children.keys().filter(|child| **child != path).any(|child| {
+                            !matches!(remote_of(&self.recorder.document, child), Remote::Value(ref e) if e.deleted)
+                        });
+                        if !kept {
+                            self.recorder.needs_plan.insert(path.clone());
+                        } else {
+                            tracing::info!(folder = %self.record.id, %path, %error, "directory kept: it still holds files");
+                            if self.recorder.mode == FolderMode::SendReceive
+                                && let Some(local) = local
+                            {
+                                let entry = publish_entry(local, None, self.recorder.device);
+                                if self.recorder.document.put(&path, &entry).is_ok() {
+                                    let _ = self.recorder.commit_decisions(&[(
+                                        path.clone(),
+                                        Some(SyncedEntry {
+                                            entry,
+                                            local: Some(local.clone()),
+                                        }),
+                                    )]);
+                                }
                             }
                         }
                     }
@@ -993,6 +1071,7 @@ impl FolderActor {
             root: self.root(),
             peers,
         };
+        tracing::debug!(folder = %self.record.id, %path, peers = context.peers.len(), "download starts");
         self.in_flight.insert(path.clone(), entry.size);
         let sender = self.sender.clone();
         network.runtime.spawn(async move {
@@ -1023,10 +1102,8 @@ impl FolderActor {
             }
         };
         // The version may have been superseded while it downloaded.
-        let still_wanted = match remote_of(&self.recorder.document, &path) {
-            Remote::Value(current) => current == entry,
-            _ => false,
-        };
+        let still_wanted =
+            engine::settled_value(&remote_of(&self.recorder.document, &path)) == Some(&entry);
         let absolute = self.root().join(path.as_str());
         if !still_wanted || !disk_matches(&absolute, expected.as_ref()) {
             // Changed here or there meanwhile: decide again (the temp file is kept for a
@@ -1036,6 +1113,11 @@ impl FolderActor {
             }
             self.scan(Scope::Paths(vec![path.clone()]));
             self.plan_paths(vec![path]);
+            return;
+        }
+        if !parents_are_directories(&self.root(), &path) {
+            tracing::warn!(folder = %self.record.id, %path, "refused: a parent of this path is a symlink or file on this device");
+            let _ = std::fs::remove_file(&fetched.temp);
             return;
         }
         if let Some(parent) = absolute.parent() {

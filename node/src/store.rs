@@ -397,6 +397,20 @@ impl Store {
         self.put::<PendingInvite>(INVITES, folder.as_str(), None)
     }
 
+    /// The local row of one path.
+    pub fn local(
+        &self,
+        folder: &FolderId,
+        path: &RelPath,
+    ) -> Result<Option<LocalEntry>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(LOCAL)?;
+        match table.get(path_key(folder, path).as_str())? {
+            Some(bytes) => Ok(Some(decode("local entry", bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+
     /// The synced entry of a path.
     pub fn synced(
         &self,

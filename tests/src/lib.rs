@@ -129,7 +129,10 @@ impl TestNode {
                 "--listen",
                 "/ip4/127.0.0.1/tcp/0",
             ])
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("WEFT_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -253,4 +256,141 @@ pub fn write_tree(root: &Path, count: usize, size: usize, seed: u64) {
         )
         .expect("write");
     }
+}
+
+impl TestNode {
+    /// This node's device ID.
+    pub fn id(&self) -> String {
+        self.status().device_id
+    }
+
+    /// The node's QUIC listen address on loopback.
+    pub fn address(&self) -> String {
+        let found = wait_for(Duration::from_secs(10), || {
+            self.status().listen.iter().any(|a| a.contains("/quic-v1"))
+        });
+        assert!(found.is_some(), "node has no listen address");
+        self.status()
+            .listen
+            .into_iter()
+            .find(|a| a.contains("/quic-v1"))
+            .unwrap_or_default()
+    }
+
+    /// Accepts `other` with its address, on this node only.
+    pub fn add_device(&self, other: &TestNode) {
+        let output = weft(
+            &self.home,
+            &["device", "add", &other.id(), "--addr", &other.address()],
+        );
+        assert!(output.status.success(), "device add failed: {output:?}");
+    }
+
+    /// True if `other` is connected to this node.
+    pub fn connected_to(&self, other_id: &str) -> bool {
+        self.status().peers.iter().any(|p| p.device_id == other_id)
+    }
+
+    /// Shares `folder` with `other`, which accepts it into `path`; both must already
+    /// accept each other.
+    pub fn share_with(&self, folder: &str, other: &TestNode, path: &Path) {
+        let output = weft(&self.home, &["folder", "share", folder, &other.id()]);
+        assert!(output.status.success(), "share failed: {output:?}");
+        let invited = wait_for(Duration::from_secs(30), || {
+            let invites: serde_json::Value = other.client().get("/v1/invites").expect("invites");
+            invites
+                .as_array()
+                .is_some_and(|list| list.iter().any(|i| i["invite"]["folder"] == folder))
+        });
+        assert!(invited.is_some(), "invite never arrived:\n{}", other.log());
+        let output = weft(
+            &other.home,
+            &[
+                "invites",
+                "accept",
+                folder,
+                "--path",
+                path.to_str().unwrap(),
+            ],
+        );
+        assert!(output.status.success(), "accept failed: {output:?}");
+    }
+
+    /// Bytes received from connected peers so far (this process's counters).
+    pub fn bytes_in(&self) -> u64 {
+        self.status().peers.iter().map(|p| p.bytes_in).sum()
+    }
+}
+
+/// Connects two nodes both ways (each accepts the other with its address).
+pub fn connect(a: &TestNode, b: &TestNode) {
+    a.add_device(b);
+    b.add_device(a);
+    let b_id = b.id();
+    let up = wait_for(Duration::from_secs(30), || a.connected_to(&b_id));
+    assert!(
+        up.is_some(),
+        "nodes did not connect:\n{}\n{}",
+        a.log(),
+        b.log()
+    );
+}
+
+/// What a folder holds: relative path -> kind and content hash. Weft's own `.weft*`
+/// names are left out; conflict copies are included.
+pub fn tree_digest(root: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut digest = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".weft") {
+                continue;
+            }
+            let relative = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                digest.insert(relative, "dir".into());
+                stack.push(path);
+            } else if kind.is_symlink() {
+                let target = std::fs::read_link(&path).unwrap_or_default();
+                digest.insert(relative, format!("link:{}", target.display()));
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                digest.insert(relative, blake3::hash(&bytes).to_hex().to_string());
+            }
+        }
+    }
+    digest
+}
+
+/// Waits until every folder holds the same tree; returns it, or panics with the
+/// difference and the nodes' logs.
+pub fn wait_converged(
+    roots: &[&Path],
+    nodes: &[&TestNode],
+    limit: Duration,
+) -> std::collections::BTreeMap<String, String> {
+    let mut last = Vec::new();
+    let converged = wait_for(limit, || {
+        last = roots.iter().map(|root| tree_digest(root)).collect();
+        last.windows(2).all(|pair| pair[0] == pair[1])
+    });
+    if converged.is_none() {
+        let logs: Vec<String> = nodes.iter().map(|n| n.log()).collect();
+        panic!(
+            "trees did not converge:\n{last:#?}\n\nlogs:\n{}",
+            logs.join("\n-----\n")
+        );
+    }
+    last.into_iter().next().unwrap_or_default()
 }

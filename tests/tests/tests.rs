@@ -2,4 +2,5 @@
 
 mod cli;
 mod node;
+mod sync;
 mod tidy;

@@ -1,0 +1,194 @@
+//! Devices syncing folders: real `weft` processes on 127.0.0.1.
+
+use std::fs;
+use std::time::Duration;
+
+use weft_tests::{
+    NodeConfig, TestNode, connect, pseudo_random, wait_converged, wait_for, write_tree,
+};
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+#[test]
+fn three_devices_in_a_chain_converge_after_every_kind_of_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| dir.path().join(format!("folder_{n}")))
+        .collect();
+    write_tree(&roots[0], 30, 20_000, 1);
+    fs::write(roots[0].join("big.bin"), pseudo_random(3 * 1024 * 1024, 9)).unwrap();
+    let config = NodeConfig::default();
+    let a = TestNode::start(&dir.path().join("home_a"), &config);
+    let b = TestNode::start(&dir.path().join("home_b"), &config);
+    let c = TestNode::start(&dir.path().join("home_c"), &config);
+    // Only A-B and B-C know each other.
+    connect(&a, &b);
+    connect(&b, &c);
+    a.add_folder(&roots[0], "chain");
+    a.share_with("chain", &b, &roots[1]);
+    b.share_with("chain", &c, &roots[2]);
+    let nodes = [&a, &b, &c];
+    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
+    let first = wait_converged(&paths, &nodes, CONVERGE);
+    assert!(first.contains_key("d000/f5.bin") && first.contains_key("big.bin"));
+
+    // Changes on every device: create, modify, delete, rename, move, mkdir, rmdir.
+    fs::write(roots[0].join("from_a.txt"), b"made on A").unwrap();
+    fs::write(roots[0].join("d000/f1.bin"), pseudo_random(30_000, 77)).unwrap();
+    fs::create_dir_all(roots[1].join("new/deep/dir")).unwrap();
+    fs::write(roots[1].join("new/deep/dir/from_b.txt"), b"made on B").unwrap();
+    fs::remove_file(roots[1].join("d000/f2.bin")).unwrap();
+    fs::rename(roots[2].join("d000/f3.bin"), roots[2].join("renamed.bin")).unwrap();
+    fs::rename(roots[2].join("big.bin"), roots[2].join("new_big.bin")).unwrap();
+    let tree = wait_converged(&paths, &nodes, CONVERGE);
+    assert_eq!(
+        tree["from_a.txt"],
+        blake3::hash(b"made on A").to_hex().to_string()
+    );
+    assert!(tree.contains_key("new/deep/dir/from_b.txt"));
+    assert!(!tree.contains_key("d000/f2.bin"));
+    assert!(tree.contains_key("renamed.bin") && !tree.contains_key("d000/f3.bin"));
+    assert!(tree.contains_key("new_big.bin") && !tree.contains_key("big.bin"));
+
+    // A folder moved and another removed on C reach A through B.
+    fs::rename(roots[2].join("new"), roots[2].join("moved_new")).unwrap();
+    fs::remove_dir_all(roots[2].join("d000")).unwrap();
+    let tree = wait_converged(&paths, &nodes, CONVERGE);
+    assert!(tree.contains_key("moved_new/deep/dir/from_b.txt"));
+    assert!(
+        !tree
+            .keys()
+            .any(|p| p.starts_with("new/") || p.starts_with("d000"))
+    );
+}
+
+#[test]
+fn concurrent_offline_edits_keep_every_version_as_a_conflict_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| dir.path().join(format!("folder_{n}")))
+        .collect();
+    fs::create_dir_all(&roots[0]).unwrap();
+    fs::write(roots[0].join("shared.txt"), b"original").unwrap();
+    fs::write(roots[0].join("other.txt"), b"other").unwrap();
+    let config = NodeConfig::default();
+    let a = TestNode::start(&dir.path().join("home_a"), &config);
+    let b = TestNode::start(&dir.path().join("home_b"), &config);
+    let c = TestNode::start(&dir.path().join("home_c"), &config);
+    connect(&a, &b);
+    connect(&b, &c);
+    a.add_folder(&roots[0], "conf");
+    a.share_with("conf", &b, &roots[1]);
+    b.share_with("conf", &c, &roots[2]);
+    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
+    wait_converged(&paths, &[&a, &b, &c], CONVERGE);
+
+    // B, the only link between A and C, goes offline; A and C edit the same file.
+    let b_home = b.home.clone();
+    b.kill9();
+    fs::write(roots[0].join("shared.txt"), b"edited on A").unwrap();
+    fs::write(roots[0].join("only_a.txt"), b"A's own file").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    fs::write(roots[2].join("shared.txt"), b"edited on C, later").unwrap();
+    fs::write(roots[2].join("only_c.txt"), b"C's own file").unwrap();
+    let scanned = wait_for(Duration::from_secs(10), || {
+        let files = |node: &TestNode| node.files("conf");
+        files(&a).iter().any(|f| f.path == "only_a.txt")
+            && files(&c).iter().any(|f| f.path == "only_c.txt")
+    });
+    assert!(scanned.is_some());
+    let b = TestNode::start(&b_home, &config);
+    let tree = wait_converged(&paths, &[&a, &b, &c], CONVERGE);
+    let copies: Vec<&String> = tree
+        .keys()
+        .filter(|p| p.contains(".sync-conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{tree:#?}");
+    let versions: Vec<&String> = [
+        tree.get("shared.txt").unwrap(),
+        tree.get(copies[0]).unwrap(),
+    ]
+    .into_iter()
+    .collect();
+    let hash = |bytes: &[u8]| blake3::hash(bytes).to_hex().to_string();
+    // The newer edit (C's) wins; A's is kept as the copy. Nothing is lost.
+    assert_eq!(versions[0], &hash(b"edited on C, later"));
+    assert_eq!(versions[1], &hash(b"edited on A"));
+    assert!(
+        tree.contains_key("only_a.txt")
+            && tree.contains_key("only_c.txt")
+            && tree.contains_key("other.txt")
+    );
+}
+
+#[test]
+fn a_download_interrupted_by_kill_9_resumes_without_refetching_verified_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_a = dir.path().join("folder_a");
+    let root_b = dir.path().join("folder_b");
+    fs::create_dir_all(&root_a).unwrap();
+    let content = pseudo_random(200 * 1024 * 1024, 1234);
+    fs::write(root_a.join("huge.bin"), &content).unwrap();
+    let config = NodeConfig::default();
+    let a = TestNode::start(&dir.path().join("home_a"), &config);
+    let b = TestNode::start(&dir.path().join("home_b"), &config);
+    connect(&a, &b);
+    a.add_folder(&root_a, "big");
+    wait_for(Duration::from_secs(60), || {
+        a.files("big").iter().any(|f| f.path == "huge.bin")
+    });
+    a.share_with("big", &b, &root_b);
+    // Kill B once part of the file has arrived.
+    let started = wait_for(Duration::from_secs(60), || b.bytes_in() > 40 * 1024 * 1024);
+    assert!(started.is_some(), "transfer did not start:\n{}", b.log());
+    let b_home = b.home.clone();
+    b.kill9();
+    // What B already holds: the verified blocks of its temp file.
+    let manifest = weft_protocol::chunk::build_manifest(
+        &content[..],
+        &weft_protocol::ChunkParams::DEFAULT,
+        |_| {},
+    )
+    .unwrap();
+    let temp = fs::read_dir(&root_b)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(".weft.tmp."))
+        .expect("a temp file is left behind")
+        .path();
+    let partial = fs::read(&temp).unwrap();
+    let verified: u64 = manifest
+        .blocks_with_offsets()
+        .filter(|(offset, block)| {
+            let range = *offset as usize..*offset as usize + block.len as usize;
+            partial
+                .get(range)
+                .is_some_and(|data| weft_protocol::BlockHash::of(data) == block.hash)
+        })
+        .map(|(_, block)| u64::from(block.len))
+        .sum();
+    assert!(
+        verified > 0 && verified < manifest.size(),
+        "{verified} bytes verified at the kill"
+    );
+    let remaining = manifest.size() - verified;
+
+    let b = TestNode::start(&b_home, &config);
+    let done = wait_for(Duration::from_secs(120), || {
+        fs::metadata(root_b.join("huge.bin")).is_ok_and(|m| m.len() == content.len() as u64)
+    });
+    assert!(done.is_some(), "transfer did not finish:\n{}", b.log());
+    assert!(
+        fs::read(root_b.join("huge.bin")).unwrap() == content,
+        "content differs"
+    );
+    let received = b.bytes_in();
+    let one_batch = (weft_node::fetch::BATCH_BLOCKS as u64)
+        * u64::from(weft_protocol::ChunkParams::DEFAULT.max());
+    assert!(
+        received <= remaining + one_batch,
+        "received {received} bytes after restart; {remaining} were missing"
+    );
+}
