@@ -13,6 +13,8 @@
 //! | GET | `/v1/folders/{id}/files` | the folder's local tree as last scanned |
 //! | GET | `/v1/manifests/{hash}` | a stored manifest |
 //! | POST | `/v1/folders/{id}/share` | share with a device: `{"device", "permission"}` |
+//! | GET | `/v1/folders/{id}/versions?path=P` | versions of a file, oldest first |
+//! | POST | `/v1/folders/{id}/restore` | restore one: `{"path", "version"?, "to"?}` |
 //! | GET, POST | `/v1/devices` | accepted devices; accept one: `{"id", "name"?, "addresses"?}` |
 //! | GET | `/v1/devices/pending` | devices that connected without being accepted |
 //! | DELETE | `/v1/devices/{id}` | forget a device |
@@ -248,6 +250,46 @@ async fn decline_invite(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[derive(Deserialize)]
+struct VersionsQuery {
+    path: String,
+}
+
+async fn versions(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<VersionsQuery>,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    let versions = blocking(move || node.versions(&id, &query.path)).await?;
+    Ok(Json(versions).into_response())
+}
+
+/// A restore request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    /// The path whose history to use.
+    pub path: String,
+    /// Version index (default: the previous content).
+    pub version: Option<usize>,
+    /// Write it here instead.
+    pub to: Option<String>,
+}
+
+async fn restore(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(request): Json<RestoreRequest>,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    let written =
+        blocking(move || node.restore(&id, &request.path, request.version, request.to.as_deref()))
+            .await?;
+    Ok(Json(serde_json::json!({ "path": written })).into_response())
+}
+
 async fn scan(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
@@ -292,6 +334,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/folders/{id}/files", get(files))
         .route("/v1/manifests/{hash}", get(manifest))
         .route("/v1/folders/{id}/share", post(share_folder))
+        .route("/v1/folders/{id}/versions", get(versions))
+        .route("/v1/folders/{id}/restore", post(restore))
         .route("/v1/devices", get(devices).post(add_device))
         .route("/v1/devices/pending", get(pending_devices))
         .route("/v1/devices/{id}", delete(remove_device))

@@ -26,6 +26,8 @@ pub struct Config {
     pub full_rescan_interval_s: u64,
     /// Whether filesystem watching is on (off: changes are found by rescans only).
     pub watch: bool,
+    /// Days that versions replaced or deleted by remote changes are kept.
+    pub version_retention_days: u64,
 }
 
 impl Default for Config {
@@ -37,6 +39,7 @@ impl Default for Config {
             debounce_ms: 200,
             full_rescan_interval_s: 3600,
             watch: true,
+            version_retention_days: 30,
         }
     }
 }

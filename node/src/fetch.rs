@@ -46,6 +46,8 @@ pub struct FetchContext {
     pub root: PathBuf,
     /// Connected devices that share the folder.
     pub peers: Vec<DeviceId>,
+    /// Blocks of kept old versions.
+    pub versions: Option<crate::versions::VersionStore>,
 }
 
 /// A finished download.
@@ -160,7 +162,8 @@ fn prepare_locally(
                     &block.hash,
                 )
             })
-            .next();
+            .next()
+            .or_else(|| context.versions.as_ref().and_then(|v| v.block(&block.hash)));
         match local {
             Some(data) => file
                 .write_all_at(&data, offset)

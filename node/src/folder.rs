@@ -49,6 +49,10 @@ pub struct FolderSettings {
     pub full_rescan_interval: Duration,
     /// Watch the filesystem.
     pub watch: bool,
+    /// Where replaced and deleted versions are kept (`None`: not kept).
+    pub versions: Option<crate::versions::VersionStore>,
+    /// How long kept versions stay.
+    pub version_retention: Duration,
 }
 
 /// What the folder is doing.
@@ -133,6 +137,23 @@ pub struct ScanResult {
     pub problems: Vec<Problem>,
 }
 
+/// One version of a file, as `weft versions` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// Index in the path's history, oldest first.
+    pub index: usize,
+    /// Modification time, ns since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The device that wrote it.
+    pub author: String,
+    /// A deletion.
+    pub deleted: bool,
+    /// Its manifest hash (files).
+    pub manifest: Option<String>,
+}
+
 /// A message to a folder actor.
 #[derive(Debug)]
 pub enum FolderCommand {
@@ -163,9 +184,30 @@ pub enum FolderCommand {
         expected: Option<LocalEntry>,
         /// The temp file, or why the download failed.
         result: Result<crate::fetch::Fetched, String>,
+        /// A restore: the version is wanted even though the document has a newer one.
+        restore: Option<mpsc::Sender<Result<String, String>>>,
     },
     /// The folder's record changed (shared with another device, say).
     UpdateRecord(FolderRecord),
+    /// List the versions of a path.
+    Versions {
+        /// The path.
+        path: RelPath,
+        /// Where to send them.
+        reply: mpsc::Sender<Vec<VersionInfo>>,
+    },
+    /// Restore a version of a path (as a new version).
+    Restore {
+        /// The path whose history to use.
+        path: RelPath,
+        /// Index in the version list (default: the newest version that differs from
+        /// the current content).
+        version: Option<usize>,
+        /// Write it here instead of over the path.
+        to: Option<RelPath>,
+        /// The outcome.
+        reply: mpsc::Sender<Result<String, String>>,
+    },
     /// Stop after the current operation.
     Shutdown,
 }
@@ -402,7 +444,17 @@ impl FolderActor {
                     entry,
                     expected,
                     result,
-                }) => self.fetched(path, entry, expected, result),
+                    restore,
+                }) => self.fetched(path, entry, expected, result, restore),
+                Ok(FolderCommand::Versions { path, reply }) => {
+                    let _ = reply.send(self.versions(&path));
+                }
+                Ok(FolderCommand::Restore {
+                    path,
+                    version,
+                    to,
+                    reply,
+                }) => self.restore(path, version, to, reply),
                 Ok(FolderCommand::UpdateRecord(record)) => {
                     self.recorder.mode = record.mode;
                     self.peers
@@ -427,6 +479,12 @@ impl FolderActor {
             if now >= next_full {
                 self.scan(Scope::Full);
                 self.plan_all();
+                if let Some(versions) = &self.settings.versions {
+                    let pruned = versions.prune(self.settings.version_retention);
+                    if pruned > 0 {
+                        tracing::info!(folder = %self.record.id, pruned, "old versions pruned");
+                    }
+                }
                 next_full = Instant::now() + self.jittered_interval();
             }
             if !self.failed.is_empty() && last_retry.elapsed() >= RETRY_INTERVAL {
@@ -739,6 +797,10 @@ impl FolderActor {
             tracing::error!(folder = %self.record.id, %error, "saving received changes failed");
         }
         let changed = self.recorder.document.changed_paths(&before);
+        if !changed.rejected.is_empty() {
+            tracing::warn!(folder = %self.record.id, device = %device, keys = ?changed.rejected, "ignored entries whose paths are invalid (absolute, '..', reserved); nothing written for them");
+        }
+        let changed = changed.paths;
         // Answer this peer, and pass new changes on to the others (A-B-C chains).
         self.send_sync(device);
         if !changed.is_empty() {
@@ -987,6 +1049,9 @@ impl FolderActor {
                     rescan.insert(path);
                     return;
                 }
+                if expected.kind == EntryKind::File {
+                    self.keep_version(&absolute, &expected);
+                }
                 let removed = match expected.kind {
                     EntryKind::Directory => std::fs::remove_dir(&absolute),
                     _ => std::fs::remove_file(&absolute),
@@ -1055,7 +1120,20 @@ impl FolderActor {
     }
 
     fn start_fetch(&mut self, path: RelPath, entry: Entry, expected: Option<LocalEntry>) {
+        self.start_fetch_for(path, entry, expected, None);
+    }
+
+    fn start_fetch_for(
+        &mut self,
+        path: RelPath,
+        entry: Entry,
+        expected: Option<LocalEntry>,
+        restore: Option<mpsc::Sender<Result<String, String>>>,
+    ) {
         let Some(network) = self.network.clone() else {
+            if let Some(reply) = restore {
+                let _ = reply.send(Err("the node has no network".into()));
+            }
             return;
         };
         let peers: Vec<DeviceId> = self
@@ -1070,6 +1148,7 @@ impl FolderActor {
             folder: self.record.id.clone(),
             root: self.root(),
             peers,
+            versions: self.settings.versions.clone(),
         };
         tracing::debug!(folder = %self.record.id, %path, peers = context.peers.len(), "download starts");
         self.in_flight.insert(path.clone(), entry.size);
@@ -1081,6 +1160,7 @@ impl FolderActor {
                 entry,
                 expected,
                 result,
+                restore,
             });
         });
     }
@@ -1091,10 +1171,17 @@ impl FolderActor {
         entry: Entry,
         expected: Option<LocalEntry>,
         result: Result<crate::fetch::Fetched, String>,
+        restore: Option<mpsc::Sender<Result<String, String>>>,
     ) {
         self.in_flight.remove(&path);
         let fetched = match result {
             Ok(fetched) => fetched,
+            Err(error) if restore.is_some() => {
+                if let Some(reply) = restore {
+                    let _ = reply.send(Err(format!("cannot get that version's content: {error}")));
+                }
+                return;
+            }
             Err(error) => {
                 tracing::warn!(folder = %self.record.id, %path, %error, "download failed; will retry when peers change");
                 self.failed.insert(path);
@@ -1102,14 +1189,18 @@ impl FolderActor {
             }
         };
         // The version may have been superseded while it downloaded.
-        let still_wanted =
-            engine::settled_value(&remote_of(&self.recorder.document, &path)) == Some(&entry);
+        let still_wanted = restore.is_some()
+            || engine::settled_value(&remote_of(&self.recorder.document, &path)) == Some(&entry);
         let absolute = self.root().join(path.as_str());
         if !still_wanted || !disk_matches(&absolute, expected.as_ref()) {
             // Changed here or there meanwhile: decide again (the temp file is kept for a
             // retry of the same version, and removed otherwise).
             if !still_wanted {
                 let _ = std::fs::remove_file(&fetched.temp);
+            }
+            if let Some(reply) = restore {
+                let _ = std::fs::remove_file(&fetched.temp);
+                let _ = reply.send(Err(format!("{path} changed while restoring; try again")));
             }
             self.scan(Scope::Paths(vec![path.clone()]));
             self.plan_paths(vec![path]);
@@ -1123,13 +1214,108 @@ impl FolderActor {
         if let Some(parent) = absolute.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
+        if let Some(old) = &expected {
+            self.keep_version(&absolute, old);
+        }
         if let Err(error) = std::fs::rename(&fetched.temp, &absolute) {
             tracing::warn!(folder = %self.record.id, %path, %error, "cannot move the downloaded file into place");
-            self.failed.insert(path);
+            if let Some(reply) = restore {
+                let _ = reply.send(Err(error.to_string()));
+            } else {
+                self.failed.insert(path);
+            }
             return;
         }
         tracing::debug!(folder = %self.record.id, %path, bytes = fetched.bytes_fetched, "file updated");
-        self.scan(Scope::Paths(vec![path]));
+        self.scan(Scope::Paths(vec![path.clone()]));
+        if let Some(reply) = restore {
+            let _ = reply.send(Ok(path.to_string()));
+        }
+    }
+
+    /// Keeps the blocks of the local file about to be replaced or deleted.
+    fn keep_version(&self, absolute: &std::path::Path, old: &LocalEntry) {
+        let Some(versions) = &self.settings.versions else {
+            return;
+        };
+        if old.kind != EntryKind::File {
+            return;
+        }
+        let manifest = old
+            .manifest
+            .and_then(|hash| self.recorder.store.manifest(&hash).ok().flatten());
+        if let Some(manifest) = manifest
+            && let Err(error) = versions.keep_file(absolute, &manifest)
+        {
+            tracing::warn!(folder = %self.record.id, path = %absolute.display(), %error, "could not keep the old version");
+        }
+    }
+
+    fn versions(&mut self, path: &RelPath) -> Vec<VersionInfo> {
+        let history = self.recorder.document.history();
+        history
+            .get(path.as_str())
+            .map(|versions| {
+                versions
+                    .iter()
+                    .enumerate()
+                    .map(|(index, entry)| VersionInfo {
+                        index,
+                        mtime_ns: entry.mtime_ns,
+                        size: entry.size,
+                        author: entry.author.to_string(),
+                        deleted: entry.deleted,
+                        manifest: entry.content.manifest_hash().map(|h| h.to_hex()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn restore(
+        &mut self,
+        path: RelPath,
+        version: Option<usize>,
+        to: Option<RelPath>,
+        reply: mpsc::Sender<Result<String, String>>,
+    ) {
+        let history = self.recorder.document.history();
+        let Some(versions) = history.get(path.as_str()) else {
+            let _ = reply.send(Err(format!("{path} has no history in this folder")));
+            return;
+        };
+        let current = engine::settled_value(&remote_of(&self.recorder.document, &path)).cloned();
+        let chosen = match version {
+            Some(index) => versions.get(index).cloned(),
+            None => versions
+                .iter()
+                .rev()
+                .find(|v| !v.deleted && !engine::same_content(Some(v), current.as_ref()))
+                .cloned(),
+        };
+        let Some(entry) = chosen else {
+            let _ = reply.send(Err("no such version (`weft versions` lists them)".into()));
+            return;
+        };
+        if entry.deleted || entry.kind != EntryKind::File {
+            let _ = reply.send(Err("that version is a deletion or not a file".into()));
+            return;
+        }
+        let target = to.unwrap_or(path);
+        if !parents_are_directories(&self.root(), &target) {
+            let _ = reply.send(Err(format!("a parent of {target} is not a directory")));
+            return;
+        }
+        let expected = self
+            .recorder
+            .store
+            .local(&self.record.id, &target)
+            .ok()
+            .flatten();
+        // The restored file gets the time of the restore, so it is the newest version.
+        let mut entry = entry;
+        entry.mtime_ns = now_ns();
+        self.start_fetch_for(target, entry, expected, Some(reply));
     }
 }
 

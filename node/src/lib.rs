@@ -20,4 +20,5 @@ pub mod net;
 pub mod node;
 pub mod scan;
 pub mod store;
+pub mod versions;
 pub mod watch;

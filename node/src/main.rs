@@ -73,6 +73,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the versions of a file.
+    Versions {
+        /// The file (a path inside a folder).
+        path: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a version of a file (it becomes the newest version).
+    Restore {
+        /// The file (a path inside a folder).
+        path: PathBuf,
+        /// Version index from `weft versions` (default: the previous content).
+        #[arg(long)]
+        version: Option<usize>,
+        /// Write it to this path instead (inside the same folder).
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// List conflict copies and the files they conflict with.
+    Conflicts {
+        /// Folder ID; all folders if omitted.
+        folder: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rescan a folder (or all) now and wait for the result.
     Scan {
         /// Folder ID; all folders if omitted.
@@ -381,6 +408,86 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Versions { path, json } => {
+            let client = Client::connect(home.root())?;
+            let (folder, relative) = locate(&client, &path)?;
+            let versions: Vec<weft_node::folder::VersionInfo> = client.get(&format!(
+                "/v1/folders/{folder}/versions?path={}",
+                url_encode(&relative)
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&versions)?);
+            } else if versions.is_empty() {
+                println!("no versions of {relative} in folder {folder}");
+            } else {
+                for version in versions {
+                    println!(
+                        "{}\t{}\t{} bytes\t{}\tby {}",
+                        version.index,
+                        format_time(version.mtime_ns),
+                        version.size,
+                        if version.deleted { "deleted" } else { "" },
+                        version.author.get(..7).unwrap_or(&version.author)
+                    );
+                }
+            }
+        }
+        Command::Restore { path, version, to } => {
+            let client = Client::connect(home.root())?;
+            let (folder, relative) = locate(&client, &path)?;
+            let to = match to {
+                Some(to) => {
+                    let (to_folder, to_relative) = locate(&client, &to)?;
+                    anyhow::ensure!(to_folder == folder, "--to must be in the same folder");
+                    Some(to_relative)
+                }
+                None => None,
+            };
+            let written: serde_json::Value = client.post(
+                &format!("/v1/folders/{folder}/restore"),
+                &weft_node::api::RestoreRequest {
+                    path: relative,
+                    version,
+                    to,
+                },
+            )?;
+            println!("restored {}", written["path"].as_str().unwrap_or_default());
+        }
+        Command::Conflicts { folder, json } => {
+            let client = Client::connect(home.root())?;
+            let folders: Vec<FolderRecord> = client.get("/v1/folders")?;
+            let mut found = Vec::new();
+            for record in folders
+                .iter()
+                .filter(|f| folder.as_ref().is_none_or(|id| f.id.as_str() == id))
+            {
+                let files: Vec<weft_node::node::FileInfo> =
+                    client.get(&format!("/v1/folders/{}/files", record.id))?;
+                for file in files {
+                    if let Some(original) = conflict_original(&file.path) {
+                        found.push(serde_json::json!({
+                            "folder": record.id.to_string(),
+                            "copy": file.path,
+                            "original": original,
+                        }));
+                    }
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else if found.is_empty() {
+                println!("no conflicts");
+            } else {
+                for conflict in found {
+                    println!(
+                        "{}\t{}\tconflicts with {}",
+                        conflict["folder"].as_str().unwrap_or_default(),
+                        conflict["copy"].as_str().unwrap_or_default(),
+                        conflict["original"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+        }
         Command::Scan {
             folder,
             paths,
@@ -442,6 +549,65 @@ fn spawn_scan_progress(home: &Home) -> indicatif::ProgressBar {
         }
     });
     bar
+}
+
+/// The folder holding `path` and the path relative to it.
+fn locate(client: &Client, path: &std::path::Path) -> anyhow::Result<(String, String)> {
+    let absolute = std::path::absolute(path)?;
+    // Folder paths are canonical; canonicalise the deepest existing ancestor.
+    let mut existing = absolute.clone();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        let name = existing
+            .file_name()
+            .map(|n| n.to_os_string())
+            .ok_or_else(|| anyhow::anyhow!("{} is not inside a folder", path.display()))?;
+        rest.push(name);
+        existing.pop();
+    }
+    let mut resolved = existing.canonicalize()?;
+    for name in rest.into_iter().rev() {
+        resolved.push(name);
+    }
+    let folders: Vec<FolderRecord> = client.get("/v1/folders")?;
+    for folder in folders {
+        if let Ok(relative) = resolved.strip_prefix(&folder.path)
+            && let Some(relative) = relative.to_str()
+            && !relative.is_empty()
+        {
+            return Ok((folder.id.to_string(), relative.to_owned()));
+        }
+    }
+    anyhow::bail!(
+        "{} is not inside any folder (`weft folder list`)",
+        path.display()
+    )
+}
+
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn format_time(mtime_ns: i64) -> String {
+    let seconds = mtime_ns.div_euclid(1_000_000_000);
+    format!("@{seconds}")
+}
+
+/// `a/b.sync-conflict-20261127-090304-ABCDEFG.txt` -> `a/b.txt`.
+fn conflict_original(path: &str) -> Option<String> {
+    let marker = weft_node::engine::CONFLICT_MARKER;
+    let start = path.rfind(marker)?;
+    // YYYYMMDD-HHMMSS-DEVICE7 after the marker.
+    let suffix_len = 8 + 1 + 6 + 1 + 7;
+    let rest = path.get(start + marker.len() + suffix_len..)?;
+    Some(format!("{}{rest}", &path[..start]))
 }
 
 fn print_status(status: &NodeStatus) {

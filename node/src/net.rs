@@ -22,7 +22,7 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, mdns, noise, tcp, yamux};
+use libp2p::{PeerId, StreamProtocol, Swarm, identify, mdns, noise, tcp, yamux};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use weft_protocol::wire::{
@@ -30,6 +30,8 @@ use weft_protocol::wire::{
     ManifestResponse, Message, PROTOCOL_VERSION,
 };
 use weft_protocol::{BlockHash, DeviceId, DeviceKey, FolderId, Manifest, ManifestHash};
+
+pub use libp2p::{Multiaddr, Stream};
 
 /// The one-way control stream protocol.
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/weft/control/1");
@@ -641,6 +643,23 @@ impl NetHandle {
                 }
             })
             .collect()
+    }
+
+    /// Opens a raw stream to a connected device (tools and protocol tests: frames are
+    /// the caller's business).
+    pub async fn open_raw_stream(
+        &self,
+        device: &DeviceId,
+        protocol: StreamProtocol,
+    ) -> Result<libp2p::Stream, NetError> {
+        let mut control = self.control.clone();
+        control
+            .open_stream(device.to_peer_id(), protocol)
+            .await
+            .map_err(|error| NetError::Stream {
+                device: *device,
+                reason: error.to_string(),
+            })
     }
 
     /// Counts a block from `device` that failed verification.

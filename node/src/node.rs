@@ -144,6 +144,7 @@ pub struct Node {
     /// Devices that connected without being accepted: ID and address.
     pending: Mutex<BTreeMap<DeviceId, String>>,
     default_parent: Option<PathBuf>,
+    versions: Option<crate::versions::VersionStore>,
 }
 
 /// What peers may read: blocks and manifests of folders shared with them.
@@ -251,6 +252,7 @@ impl Node {
             network,
             pending: Mutex::new(BTreeMap::new()),
             default_parent,
+            versions: Some(crate::versions::VersionStore::new(home)),
         };
         for record in node.store.folders()? {
             node.start_folder(record)?;
@@ -654,6 +656,10 @@ impl Node {
             debounce: Duration::from_millis(self.config.debounce_ms),
             full_rescan_interval: Duration::from_secs(self.config.full_rescan_interval_s.max(1)),
             watch: self.config.watch,
+            versions: self.versions.clone(),
+            version_retention: Duration::from_secs(
+                self.config.version_retention_days.saturating_mul(86_400),
+            ),
         }
     }
 
@@ -800,6 +806,57 @@ impl Node {
         self.store
             .manifest(&hash)?
             .ok_or_else(|| NodeError::Invalid(format!("no manifest {hash}")))
+    }
+
+    fn folder_command<T>(
+        &self,
+        id: &str,
+        make: impl FnOnce(std::sync::mpsc::Sender<T>) -> FolderCommand,
+    ) -> Result<T, NodeError> {
+        let id = FolderId::new(id).map_err(|_| NodeError::UnknownFolder(id.to_owned()))?;
+        let (reply, answer) = std::sync::mpsc::channel();
+        {
+            let folders = self.folders();
+            let handle = folders
+                .get(&id)
+                .ok_or_else(|| NodeError::UnknownFolder(id.to_string()))?;
+            handle.send(make(reply));
+        }
+        answer
+            .recv_timeout(Duration::from_secs(600))
+            .map_err(|_| NodeError::Io(format!("folder {id} did not answer")))
+    }
+
+    /// The versions of a path in a folder.
+    pub fn versions(
+        &self,
+        folder: &str,
+        path: &str,
+    ) -> Result<Vec<folder::VersionInfo>, NodeError> {
+        let path = RelPath::new(path).map_err(|error| NodeError::Invalid(error.to_string()))?;
+        self.folder_command(folder, |reply| FolderCommand::Versions { path, reply })
+    }
+
+    /// Restores a version of a path (as a new version); returns the path written.
+    pub fn restore(
+        &self,
+        folder: &str,
+        path: &str,
+        version: Option<usize>,
+        to: Option<&str>,
+    ) -> Result<String, NodeError> {
+        let path = RelPath::new(path).map_err(|error| NodeError::Invalid(error.to_string()))?;
+        let to = to
+            .map(RelPath::new)
+            .transpose()
+            .map_err(|error| NodeError::Invalid(error.to_string()))?;
+        self.folder_command(folder, |reply| FolderCommand::Restore {
+            path,
+            version,
+            to,
+            reply,
+        })?
+        .map_err(NodeError::Invalid)
     }
 
     /// Scans one folder (or all) and waits for the results.

@@ -152,6 +152,15 @@ fn automerge_error(error: automerge::AutomergeError) -> DocumentError {
     DocumentError::Automerge(error.to_string())
 }
 
+/// What changed in the document: valid paths, and keys that are not valid paths.
+#[derive(Debug, Default)]
+pub struct ChangedPaths {
+    /// Changed paths, sorted.
+    pub paths: Vec<RelPath>,
+    /// Entry keys that are not valid paths; never applied.
+    pub rejected: Vec<String>,
+}
+
 /// One path's entry as read from the document.
 #[derive(Debug)]
 pub struct DocumentEntry {
@@ -357,27 +366,31 @@ impl FolderDocument {
         self.doc.get_heads()
     }
 
-    /// Paths whose value changed between `before` (earlier heads) and now.
-    pub fn changed_paths(&mut self, before: &[automerge::ChangeHash]) -> Vec<RelPath> {
+    /// Paths whose value changed between `before` (earlier heads) and now, and the
+    /// entry keys that changed but are not valid paths (a broken or hostile peer).
+    pub fn changed_paths(&mut self, before: &[automerge::ChangeHash]) -> ChangedPaths {
         let after = self.doc.get_heads();
+        let mut changed = ChangedPaths::default();
         if after.as_slice() == before {
-            return Vec::new();
+            return changed;
         }
-        let mut paths: Vec<RelPath> = self
-            .doc
-            .diff(before, &after)
-            .into_iter()
-            .filter_map(|patch| match patch.action {
+        for patch in self.doc.diff(before, &after) {
+            let key = match patch.action {
                 automerge::PatchAction::PutMap { key, .. }
-                | automerge::PatchAction::DeleteMap { key } => key
-                    .strip_prefix(ENTRY_PREFIX)
-                    .and_then(|path| RelPath::new(path).ok()),
-                _ => None,
-            })
-            .collect();
-        paths.sort();
-        paths.dedup();
-        paths
+                | automerge::PatchAction::DeleteMap { key } => key,
+                _ => continue,
+            };
+            let Some(path) = key.strip_prefix(ENTRY_PREFIX) else {
+                continue;
+            };
+            match RelPath::new(path) {
+                Ok(path) => changed.paths.push(path),
+                Err(_) => changed.rejected.push(key),
+            }
+        }
+        changed.paths.sort();
+        changed.paths.dedup();
+        changed
     }
 
     /// The next sync message for a peer, if it lacks anything (automerge's sync
@@ -524,12 +537,10 @@ mod tests {
             }
         }
         assert_eq!(doc_b.get(&path("y/z")).unwrap(), Some(file(a, b"z")));
-        let changed: Vec<String> = doc_b
-            .changed_paths(&before)
-            .iter()
-            .map(|p| p.to_string())
-            .collect();
-        assert_eq!(changed, vec!["x", "y/z"]);
+        let changed = doc_b.changed_paths(&before);
+        let paths: Vec<String> = changed.paths.iter().map(|p| p.to_string()).collect();
+        assert_eq!(paths, vec!["x", "y/z"]);
+        assert!(changed.rejected.is_empty());
         assert!(
             doc_b
                 .receive_sync_message(&mut state_b, b"garbage")

@@ -192,3 +192,65 @@ fn a_download_interrupted_by_kill_9_resumes_without_refetching_verified_blocks()
         "received {received} bytes after restart; {remaining} were missing"
     );
 }
+
+#[test]
+fn old_versions_are_listed_and_restored_and_the_restore_syncs_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_a = dir.path().join("folder_a");
+    let root_b = dir.path().join("folder_b");
+    fs::create_dir_all(&root_a).unwrap();
+    let first = pseudo_random(300_000, 1);
+    fs::write(root_a.join("notes.bin"), &first).unwrap();
+    let config = NodeConfig::default();
+    let a = TestNode::start(&dir.path().join("home_a"), &config);
+    let b = TestNode::start(&dir.path().join("home_b"), &config);
+    connect(&a, &b);
+    a.add_folder(&root_a, "v");
+    a.share_with("v", &b, &root_b);
+    wait_converged(&[&root_a, &root_b], &[&a, &b], CONVERGE);
+    let second = pseudo_random(200_000, 2);
+    fs::write(root_a.join("notes.bin"), &second).unwrap();
+    let arrived = wait_for(CONVERGE, || {
+        fs::read(root_b.join("notes.bin")).is_ok_and(|d| d == second)
+    });
+    assert!(arrived.is_some(), "edit never reached B:\n{}", b.log());
+
+    let path = root_b.join("notes.bin");
+    let output = weft_tests::weft(&b.home, &["versions", path.to_str().unwrap(), "--json"]);
+    assert!(output.status.success(), "{output:?}");
+    let versions: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let sizes: Vec<u64> = versions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["size"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, vec![300_000, 200_000]);
+
+    let output = weft_tests::weft(&b.home, &["restore", path.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}\n{}", b.log());
+    assert_eq!(
+        fs::read(root_b.join("notes.bin")).unwrap(),
+        first,
+        "restore did not bring back the old bytes"
+    );
+    let synced_back = wait_for(CONVERGE, || {
+        fs::read(root_a.join("notes.bin")).is_ok_and(|d| d == first)
+    });
+    assert!(
+        synced_back.is_some(),
+        "the restore did not reach A:\n{}",
+        a.log()
+    );
+    // The restore is a new version, not a rewrite of history.
+    let output = weft_tests::weft(
+        &a.home,
+        &[
+            "versions",
+            root_a.join("notes.bin").to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let versions: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(versions.as_array().unwrap().len(), 3);
+}

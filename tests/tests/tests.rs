@@ -1,6 +1,7 @@
 //! Black-box tests of the real binaries (one test binary for the whole suite).
 
 mod cli;
+mod hostile;
 mod node;
 mod sync;
 mod tidy;
