@@ -35,6 +35,29 @@ pub const MAX_DEBOUNCE_FACTOR: u32 = 5;
 pub const BATCH_CHANGES: usize = 2_000;
 /// Longest wait before a pending batch is committed.
 pub const BATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Files downloading at once per folder: enough to hide round trips with many small
+/// files, few enough to bound memory, streams and open temp files.
+pub const MAX_DOWNLOADS: usize = 32;
+/// Finished downloads put into place together, in one store transaction.
+pub const FINALIZE_BATCH: usize = 256;
+
+/// A download waiting for a slot.
+struct QueuedDownload {
+    path: RelPath,
+    entry: Entry,
+    expected: Option<LocalEntry>,
+    restore: Option<mpsc::Sender<Result<String, String>>>,
+}
+
+/// A finished (or failed) download.
+struct FetchedItem {
+    path: RelPath,
+    entry: Entry,
+    expected: Option<LocalEntry>,
+    result: Result<crate::fetch::Fetched, String>,
+    restore: Option<mpsc::Sender<Result<String, String>>>,
+}
+
 /// How often failed downloads are tried again (also whenever a peer connects).
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// Problems kept in the status (the most recent scan's first ones).
@@ -354,6 +377,9 @@ pub fn start(
         sender: sender.clone(),
         peers: HashMap::new(),
         in_flight: HashMap::new(),
+        download_queue: VecDeque::new(),
+        downloads_running: 0,
+        deferred: VecDeque::new(),
         failed: BTreeSet::new(),
         settings,
         receiver,
@@ -393,8 +419,14 @@ struct FolderActor {
     sender: mpsc::Sender<FolderCommand>,
     /// Automerge sync state per connected device sharing this folder.
     peers: HashMap<DeviceId, weft_protocol::document::SyncState>,
-    /// Downloads in progress: path and bytes.
+    /// Downloads queued or running: path and bytes.
     in_flight: HashMap<RelPath, u64>,
+    /// Downloads waiting for a slot (at most [`MAX_DOWNLOADS`] run at once).
+    download_queue: VecDeque<QueuedDownload>,
+    /// Downloads running now.
+    downloads_running: usize,
+    /// Commands received while a batch of finished downloads was collected.
+    deferred: VecDeque<FolderCommand>,
     /// Paths whose download failed; planned again when peers change.
     failed: BTreeSet<RelPath>,
     settings: FolderSettings,
@@ -421,7 +453,52 @@ impl FolderActor {
                 deadline = deadline.min(last_retry + RETRY_INTERVAL);
             }
             let timeout = deadline.saturating_duration_since(Instant::now());
-            match self.receiver.recv_timeout(timeout) {
+            let next = match self.deferred.pop_front() {
+                Some(command) => Ok(command),
+                None => self.receiver.recv_timeout(timeout),
+            };
+            let next = match next {
+                Ok(FolderCommand::Fetched {
+                    path,
+                    entry,
+                    expected,
+                    result,
+                    restore,
+                }) => {
+                    // Finish every download that is already done in one go: one store
+                    // transaction for the batch instead of one per file.
+                    let mut batch = vec![FetchedItem {
+                        path,
+                        entry,
+                        expected,
+                        result,
+                        restore,
+                    }];
+                    while batch.len() < FINALIZE_BATCH {
+                        match self.receiver.try_recv() {
+                            Ok(FolderCommand::Fetched {
+                                path,
+                                entry,
+                                expected,
+                                result,
+                                restore,
+                            }) => batch.push(FetchedItem {
+                                path,
+                                entry,
+                                expected,
+                                result,
+                                restore,
+                            }),
+                            Ok(other) => self.deferred.push_back(other),
+                            Err(_) => break,
+                        }
+                    }
+                    self.finish_downloads(batch);
+                    Err(mpsc::RecvTimeoutError::Timeout)
+                }
+                other => other,
+            };
+            match next {
                 Ok(FolderCommand::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Ok(FolderCommand::Scan { scope, reply }) => {
                     let result = self.scan(scope);
@@ -439,13 +516,7 @@ impl FolderActor {
                     self.peers.remove(&device);
                 }
                 Ok(FolderCommand::SyncMessage(device, bytes)) => self.sync_message(device, &bytes),
-                Ok(FolderCommand::Fetched {
-                    path,
-                    entry,
-                    expected,
-                    result,
-                    restore,
-                }) => self.fetched(path, entry, expected, result, restore),
+                Ok(FolderCommand::Fetched { .. }) => {}
                 Ok(FolderCommand::Versions { path, reply }) => {
                     let _ = reply.send(self.versions(&path));
                 }
@@ -1050,7 +1121,7 @@ impl FolderActor {
                     return;
                 }
                 if expected.kind == EntryKind::File {
-                    self.keep_version(&absolute, &expected);
+                    self.keep_version(&absolute, &expected, None);
                 }
                 let removed = match expected.kind {
                     EntryKind::Directory => std::fs::remove_dir(&absolute),
@@ -1130,111 +1201,179 @@ impl FolderActor {
         expected: Option<LocalEntry>,
         restore: Option<mpsc::Sender<Result<String, String>>>,
     ) {
-        let Some(network) = self.network.clone() else {
+        if self.network.is_none() {
             if let Some(reply) = restore {
                 let _ = reply.send(Err("the node has no network".into()));
             }
             return;
-        };
-        let peers: Vec<DeviceId> = self
-            .peers
-            .keys()
-            .copied()
-            .filter(|device| network.net.is_connected(device))
-            .collect();
-        let context = crate::fetch::FetchContext {
-            net: network.net.clone(),
-            store: self.recorder.store.clone(),
-            folder: self.record.id.clone(),
-            root: self.root(),
-            peers,
-            versions: self.settings.versions.clone(),
-        };
-        tracing::debug!(folder = %self.record.id, %path, peers = context.peers.len(), "download starts");
+        }
         self.in_flight.insert(path.clone(), entry.size);
-        let sender = self.sender.clone();
-        network.runtime.spawn(async move {
-            let result = crate::fetch::fetch_file(context, path.clone(), entry.clone()).await;
-            let _ = sender.send(FolderCommand::Fetched {
+        self.download_queue.push_back(QueuedDownload {
+            path,
+            entry,
+            expected,
+            restore,
+        });
+        self.pump_downloads();
+    }
+
+    /// Starts queued downloads while there are free slots.
+    fn pump_downloads(&mut self) {
+        let Some(network) = self.network.clone() else {
+            return;
+        };
+        while self.downloads_running < MAX_DOWNLOADS {
+            let Some(download) = self.download_queue.pop_front() else {
+                break;
+            };
+            let peers: Vec<DeviceId> = self
+                .peers
+                .keys()
+                .copied()
+                .filter(|device| network.net.is_connected(device))
+                .collect();
+            let context = crate::fetch::FetchContext {
+                net: network.net.clone(),
+                store: self.recorder.store.clone(),
+                folder: self.record.id.clone(),
+                root: self.root(),
+                peers,
+                versions: self.settings.versions.clone(),
+            };
+            tracing::debug!(folder = %self.record.id, path = %download.path, peers = context.peers.len(), "download starts");
+            self.downloads_running += 1;
+            let sender = self.sender.clone();
+            network.runtime.spawn(async move {
+                let QueuedDownload {
+                    path,
+                    entry,
+                    expected,
+                    restore,
+                } = download;
+                let result = crate::fetch::fetch_file(context, path.clone(), entry.clone()).await;
+                let _ = sender.send(FolderCommand::Fetched {
+                    path,
+                    entry,
+                    expected,
+                    result,
+                    restore,
+                });
+            });
+        }
+    }
+
+    /// Puts finished downloads into place: each is checked against the disk, renamed
+    /// over its path, and recorded (with the manifest it was verified against, so it is
+    /// not hashed again); the whole batch is one store transaction.
+    fn finish_downloads(&mut self, batch: Vec<FetchedItem>) {
+        let root = self.root();
+        let mut changes = Vec::new();
+        let mut previous = std::collections::BTreeMap::new();
+        let mut replies = Vec::new();
+        let mut replan = Vec::new();
+        for item in batch {
+            let FetchedItem {
                 path,
                 entry,
                 expected,
                 result,
                 restore,
-            });
-        });
-    }
-
-    fn fetched(
-        &mut self,
-        path: RelPath,
-        entry: Entry,
-        expected: Option<LocalEntry>,
-        result: Result<crate::fetch::Fetched, String>,
-        restore: Option<mpsc::Sender<Result<String, String>>>,
-    ) {
-        self.in_flight.remove(&path);
-        let fetched = match result {
-            Ok(fetched) => fetched,
-            Err(error) if restore.is_some() => {
-                if let Some(reply) = restore {
-                    let _ = reply.send(Err(format!("cannot get that version's content: {error}")));
+            } = item;
+            self.downloads_running = self.downloads_running.saturating_sub(1);
+            self.in_flight.remove(&path);
+            let fetched = match result {
+                Ok(fetched) => fetched,
+                Err(error) => {
+                    match restore {
+                        Some(reply) => {
+                            let _ = reply
+                                .send(Err(format!("cannot get that version's content: {error}")));
+                        }
+                        None => {
+                            tracing::warn!(folder = %self.record.id, %path, %error, "download failed; will retry");
+                            self.failed.insert(path);
+                        }
+                    }
+                    continue;
                 }
-                return;
+            };
+            // The version may have been superseded while it downloaded.
+            let still_wanted = restore.is_some()
+                || engine::settled_value(&remote_of(&self.recorder.document, &path))
+                    == Some(&entry);
+            let absolute = root.join(path.as_str());
+            if !still_wanted
+                || !disk_matches(&absolute, expected.as_ref())
+                || !parents_are_directories(&root, &path)
+            {
+                // Changed here or there meanwhile: decide again. The temp file is kept
+                // for a retry of the same version, and removed otherwise.
+                if !still_wanted || restore.is_some() {
+                    let _ = std::fs::remove_file(&fetched.temp);
+                }
+                if let Some(reply) = restore {
+                    let _ = reply.send(Err(format!("{path} changed while restoring; try again")));
+                }
+                replan.push(path);
+                continue;
             }
-            Err(error) => {
-                tracing::warn!(folder = %self.record.id, %path, %error, "download failed; will retry when peers change");
-                self.failed.insert(path);
-                return;
+            if let Some(parent) = absolute.parent() {
+                let _ = std::fs::create_dir_all(parent);
             }
-        };
-        // The version may have been superseded while it downloaded.
-        let still_wanted = restore.is_some()
-            || engine::settled_value(&remote_of(&self.recorder.document, &path)) == Some(&entry);
-        let absolute = self.root().join(path.as_str());
-        if !still_wanted || !disk_matches(&absolute, expected.as_ref()) {
-            // Changed here or there meanwhile: decide again (the temp file is kept for a
-            // retry of the same version, and removed otherwise).
-            if !still_wanted {
-                let _ = std::fs::remove_file(&fetched.temp);
+            if let Some(old) = &expected {
+                self.keep_version(&absolute, old, Some(&fetched.manifest));
             }
-            if let Some(reply) = restore {
-                let _ = std::fs::remove_file(&fetched.temp);
-                let _ = reply.send(Err(format!("{path} changed while restoring; try again")));
+            if let Err(error) = std::fs::rename(&fetched.temp, &absolute) {
+                tracing::warn!(folder = %self.record.id, %path, %error, "cannot move the downloaded file into place");
+                match restore {
+                    Some(reply) => {
+                        let _ = reply.send(Err(error.to_string()));
+                    }
+                    None => {
+                        self.failed.insert(path);
+                    }
+                }
+                continue;
             }
-            self.scan(Scope::Paths(vec![path.clone()]));
-            self.plan_paths(vec![path]);
-            return;
-        }
-        if !parents_are_directories(&self.root(), &path) {
-            tracing::warn!(folder = %self.record.id, %path, "refused: a parent of this path is a symlink or file on this device");
-            let _ = std::fs::remove_file(&fetched.temp);
-            return;
-        }
-        if let Some(parent) = absolute.parent() {
-            let _ = std::fs::create_dir_all(parent);
-        }
-        if let Some(old) = &expected {
-            self.keep_version(&absolute, old);
-        }
-        if let Err(error) = std::fs::rename(&fetched.temp, &absolute) {
-            tracing::warn!(folder = %self.record.id, %path, %error, "cannot move the downloaded file into place");
-            if let Some(reply) = restore {
-                let _ = reply.send(Err(error.to_string()));
-            } else {
-                self.failed.insert(path);
+            match std::fs::symlink_metadata(&absolute) {
+                Ok(metadata) => {
+                    let mut local = crate::scan::entry_from_metadata(&metadata, None);
+                    local.manifest = Some(fetched.manifest.hash());
+                    if let Some(old) = expected {
+                        previous.insert(path.clone(), old);
+                    }
+                    changes.push(LocalChange::Upsert {
+                        path: path.clone(),
+                        entry: local,
+                        manifest: Some(fetched.manifest),
+                    });
+                    if let Some(reply) = restore {
+                        replies.push((reply, path.to_string()));
+                    }
+                }
+                Err(_) => replan.push(path),
             }
-            return;
         }
-        tracing::debug!(folder = %self.record.id, %path, bytes = fetched.bytes_fetched, "file updated");
-        self.scan(Scope::Paths(vec![path.clone()]));
-        if let Some(reply) = restore {
-            let _ = reply.send(Ok(path.to_string()));
+        if !changes.is_empty() {
+            self.recorder.commit(changes, &previous);
         }
+        for (reply, path) in replies {
+            let _ = reply.send(Ok(path));
+        }
+        if !replan.is_empty() {
+            self.scan(Scope::Paths(collapse(replan.iter().cloned().collect())));
+            self.plan_paths(replan);
+        }
+        self.pump_downloads();
     }
 
-    /// Keeps the blocks of the local file about to be replaced or deleted.
-    fn keep_version(&self, absolute: &std::path::Path, old: &LocalEntry) {
+    /// Keeps the blocks of the local file about to be replaced (by `new`) or deleted.
+    fn keep_version(
+        &self,
+        absolute: &std::path::Path,
+        old: &LocalEntry,
+        new: Option<&weft_protocol::Manifest>,
+    ) {
         let Some(versions) = &self.settings.versions else {
             return;
         };
@@ -1245,7 +1384,12 @@ impl FolderActor {
             .manifest
             .and_then(|hash| self.recorder.store.manifest(&hash).ok().flatten());
         if let Some(manifest) = manifest
-            && let Err(error) = versions.keep_file(absolute, &manifest)
+            && let Err(error) = versions.keep_file(
+                absolute,
+                &manifest,
+                &new.map(|m| m.blocks().iter().map(|b| b.hash).collect())
+                    .unwrap_or_default(),
+            )
         {
             tracing::warn!(folder = %self.record.id, path = %absolute.display(), %error, "could not keep the old version");
         }

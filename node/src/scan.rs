@@ -592,7 +592,10 @@ impl Scanner {
 }
 
 /// Builds a [`LocalEntry`] (without manifest) from `lstat` metadata.
-fn entry_from_metadata(metadata: &fs::Metadata, symlink_target: Option<String>) -> LocalEntry {
+pub(crate) fn entry_from_metadata(
+    metadata: &fs::Metadata,
+    symlink_target: Option<String>,
+) -> LocalEntry {
     let (mode, inode) = mode_and_inode(metadata);
     let file_type = metadata.file_type();
     let kind = if file_type.is_symlink() {

@@ -41,14 +41,24 @@ impl VersionStore {
         self.dir.join(&hex[..2]).join(hex)
     }
 
-    /// Keeps the blocks of `file` (whose content is `manifest`) that verify; returns
-    /// the bytes newly stored. A block that no longer matches (the file changed) is
-    /// skipped: only content that was really there is kept.
-    pub fn keep_file(&self, file: &Path, manifest: &Manifest) -> std::io::Result<u64> {
+    /// Keeps the blocks of `file` (whose content is `manifest`) that verify, except
+    /// those in `still_present` (the new version has them); returns the bytes newly
+    /// stored. A block that no longer matches (the file changed) is skipped: only
+    /// content that was really there is kept. Blocks are not fsynced one by one: a
+    /// crash may lose a kept version, never a current file.
+    pub fn keep_file(
+        &self,
+        file: &Path,
+        manifest: &Manifest,
+        still_present: &std::collections::HashSet<BlockHash>,
+    ) -> std::io::Result<u64> {
         let source = fs::File::open(file)?;
         let mut stored = 0;
         let mut buffer = Vec::new();
         for (offset, block) in manifest.blocks_with_offsets() {
+            if still_present.contains(&block.hash) {
+                continue;
+            }
             let target = self.block_path(&block.hash);
             if target.exists() {
                 // Refresh its age: it was just kept again.
@@ -70,7 +80,6 @@ impl VersionStore {
             let temp = target.with_extension("tmp");
             let mut out = fs::File::create(&temp)?;
             out.write_all(&buffer)?;
-            out.sync_data()?;
             fs::rename(&temp, &target)?;
             stored += u64::from(block.len);
         }
@@ -132,9 +141,17 @@ mod tests {
             },
         ])
         .unwrap();
-        assert_eq!(store.keep_file(&file, &manifest).unwrap(), 11);
+        let none = std::collections::HashSet::new();
+        let present: std::collections::HashSet<_> =
+            [BlockHash::of(b"hello ")].into_iter().collect();
         assert_eq!(
-            store.keep_file(&file, &manifest).unwrap(),
+            store.keep_file(&file, &manifest, &present).unwrap(),
+            5,
+            "blocks the new version still has are not kept"
+        );
+        assert_eq!(store.keep_file(&file, &manifest, &none).unwrap(), 6);
+        assert_eq!(
+            store.keep_file(&file, &manifest, &none).unwrap(),
             0,
             "deduplicated"
         );
@@ -145,7 +162,7 @@ mod tests {
             len: 5,
         }])
         .unwrap();
-        assert_eq!(store.keep_file(&file, &stale).unwrap(), 0);
+        assert_eq!(store.keep_file(&file, &stale, &none).unwrap(), 0);
         assert!(store.block(&BlockHash::of(b"other")).is_none());
         assert_eq!(store.prune(Duration::from_secs(3600)), 0);
         assert_eq!(store.prune(Duration::ZERO), 2);
