@@ -84,7 +84,9 @@ pub fn run(home: &Home, options: RunOptions) -> Result<(), DaemonError> {
     if first_start && let Some(path) = &options.default_folder {
         let request = AddFolder {
             path: path.display().to_string(),
-            id: Some("default".into()),
+            // A random ID: two devices' default folders are different folders, and
+            // one can be shared with the other.
+            id: None,
             label: Some("Weft".into()),
         };
         match node.add_folder(request) {

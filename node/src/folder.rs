@@ -40,6 +40,9 @@ pub const BATCH_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_DOWNLOADS: usize = 32;
 /// Finished downloads put into place together, in one store transaction.
 pub const FINALIZE_BATCH: usize = 256;
+/// Longest a finished download waits for others to be put into place with it: a store
+/// commit (an fsync) per file would make the actor the bottleneck of many small files.
+pub const FINALIZE_DELAY: Duration = Duration::from_millis(50);
 
 /// A download waiting for a slot.
 struct QueuedDownload {
@@ -377,9 +380,11 @@ pub fn start(
         sender: sender.clone(),
         peers: HashMap::new(),
         in_flight: HashMap::new(),
-        download_queue: VecDeque::new(),
+        download_queue: Vec::new(),
         downloads_running: 0,
         deferred: VecDeque::new(),
+        finished: Vec::new(),
+        finished_since: None,
         failed: BTreeSet::new(),
         settings,
         receiver,
@@ -421,12 +426,16 @@ struct FolderActor {
     peers: HashMap<DeviceId, weft_protocol::document::SyncState>,
     /// Downloads queued or running: path and bytes.
     in_flight: HashMap<RelPath, u64>,
-    /// Downloads waiting for a slot (at most [`MAX_DOWNLOADS`] run at once).
-    download_queue: VecDeque<QueuedDownload>,
+    /// Downloads waiting for a slot (at most [`MAX_DOWNLOADS`] run at once); the
+    /// largest starts first, so big files overlap with the many small ones.
+    download_queue: Vec<QueuedDownload>,
     /// Downloads running now.
     downloads_running: usize,
     /// Commands received while a batch of finished downloads was collected.
     deferred: VecDeque<FolderCommand>,
+    /// Finished downloads waiting to be put into place, and since when.
+    finished: Vec<FetchedItem>,
+    finished_since: Option<Instant>,
     /// Paths whose download failed; planned again when peers change.
     failed: BTreeSet<RelPath>,
     settings: FolderSettings,
@@ -452,6 +461,9 @@ impl FolderActor {
             if !self.failed.is_empty() {
                 deadline = deadline.min(last_retry + RETRY_INTERVAL);
             }
+            if let Some(since) = self.finished_since {
+                deadline = deadline.min(since + FINALIZE_DELAY);
+            }
             let timeout = deadline.saturating_duration_since(Instant::now());
             let next = match self.deferred.pop_front() {
                 Some(command) => Ok(command),
@@ -465,35 +477,17 @@ impl FolderActor {
                     result,
                     restore,
                 }) => {
-                    // Finish every download that is already done in one go: one store
-                    // transaction for the batch instead of one per file.
-                    let mut batch = vec![FetchedItem {
+                    // The slot is free at once; putting files into place is batched.
+                    self.downloads_running = self.downloads_running.saturating_sub(1);
+                    self.finished.push(FetchedItem {
                         path,
                         entry,
                         expected,
                         result,
                         restore,
-                    }];
-                    while batch.len() < FINALIZE_BATCH {
-                        match self.receiver.try_recv() {
-                            Ok(FolderCommand::Fetched {
-                                path,
-                                entry,
-                                expected,
-                                result,
-                                restore,
-                            }) => batch.push(FetchedItem {
-                                path,
-                                entry,
-                                expected,
-                                result,
-                                restore,
-                            }),
-                            Ok(other) => self.deferred.push_back(other),
-                            Err(_) => break,
-                        }
-                    }
-                    self.finish_downloads(batch);
+                    });
+                    self.finished_since.get_or_insert_with(Instant::now);
+                    self.pump_downloads();
                     Err(mpsc::RecvTimeoutError::Timeout)
                 }
                 other => other,
@@ -557,6 +551,16 @@ impl FolderActor {
                     }
                 }
                 next_full = Instant::now() + self.jittered_interval();
+            }
+            let finalize = self.finished.len() >= FINALIZE_BATCH
+                || (!self.finished.is_empty() && self.downloads_running == 0)
+                || self
+                    .finished_since
+                    .is_some_and(|since| since.elapsed() >= FINALIZE_DELAY);
+            if finalize {
+                self.finished_since = None;
+                let batch = std::mem::take(&mut self.finished);
+                self.finish_downloads(batch);
             }
             if !self.failed.is_empty() && last_retry.elapsed() >= RETRY_INTERVAL {
                 last_retry = Instant::now();
@@ -1208,7 +1212,7 @@ impl FolderActor {
             return;
         }
         self.in_flight.insert(path.clone(), entry.size);
-        self.download_queue.push_back(QueuedDownload {
+        self.download_queue.push(QueuedDownload {
             path,
             entry,
             expected,
@@ -1223,9 +1227,16 @@ impl FolderActor {
             return;
         };
         while self.downloads_running < MAX_DOWNLOADS {
-            let Some(download) = self.download_queue.pop_front() else {
+            let Some(largest) = self
+                .download_queue
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, d)| d.entry.size)
+                .map(|(index, _)| index)
+            else {
                 break;
             };
+            let download = self.download_queue.swap_remove(largest);
             let peers: Vec<DeviceId> = self
                 .peers
                 .keys()
@@ -1279,7 +1290,6 @@ impl FolderActor {
                 result,
                 restore,
             } = item;
-            self.downloads_running = self.downloads_running.saturating_sub(1);
             self.in_flight.remove(&path);
             let fetched = match result {
                 Ok(fetched) => fetched,

@@ -510,25 +510,25 @@ async fn serve_request(
             request_id,
             hashes,
         }) => {
-            let allowed = {
+            // One trip to the blocking pool for the whole batch: the authorisation
+            // and every read, then the frames in request order.
+            let blocks = {
                 let source = source.clone();
-                let folder = folder.clone();
-                tokio::task::spawn_blocking(move || source.authorised(&device, &folder))
-                    .await
-                    .unwrap_or(false)
+                let hashes = hashes.clone();
+                tokio::task::spawn_blocking(move || {
+                    if !source.authorised(&device, &folder) {
+                        return vec![None; hashes.len()];
+                    }
+                    hashes
+                        .iter()
+                        .map(|hash| source.block(&folder, hash))
+                        .collect()
+                })
+                .await
+                .unwrap_or_default()
             };
-            for hash in hashes {
-                let data = if allowed {
-                    let source = source.clone();
-                    let folder = folder.clone();
-                    tokio::task::spawn_blocking(move || source.block(&folder, &hash))
-                        .await
-                        .ok()
-                        .flatten()
-                } else {
-                    None
-                };
-                let message = match data {
+            for (index, hash) in hashes.into_iter().enumerate() {
+                let message = match blocks.get(index).cloned().flatten() {
                     Some(data) => Message::Block(Block {
                         request_id,
                         hash,

@@ -584,6 +584,16 @@ impl Node {
                 } else {
                     label
                 };
+                // `~/Weft/<label>`, unless `~/Weft` is itself a folder (the default
+                // folder): folders cannot nest, so then `~/<label>` beside it.
+                let nested = self
+                    .folders()
+                    .values()
+                    .any(|f| parent.starts_with(&f.record.path));
+                let parent = match parent.parent() {
+                    Some(home) if nested => home.to_path_buf(),
+                    _ => parent,
+                };
                 parent.join(name).display().to_string()
             }
         };
