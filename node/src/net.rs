@@ -39,6 +39,8 @@ pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/weft/control/
 pub const BLOCKS_PROTOCOL: StreamProtocol = StreamProtocol::new("/weft/blocks/1");
 /// Messages queued for one peer's control stream before senders wait.
 pub const CONTROL_QUEUE: usize = 256;
+/// Blocks a responder reads per trip to the blocking pool (and holds at once).
+pub const READ_GROUP: usize = 8;
 /// How long a block or manifest request may take before the peer is given up on.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -510,33 +512,45 @@ async fn serve_request(
             request_id,
             hashes,
         }) => {
-            // One trip to the blocking pool for the whole batch: the authorisation
-            // and every read, then the frames in request order.
-            let blocks = {
+            // A few blocks per trip to the blocking pool: fewer trips than one per
+            // block, and at most READ_GROUP blocks in memory per request.
+            let allowed = {
                 let source = source.clone();
-                let hashes = hashes.clone();
-                tokio::task::spawn_blocking(move || {
-                    if !source.authorised(&device, &folder) {
-                        return vec![None; hashes.len()];
-                    }
-                    hashes
-                        .iter()
-                        .map(|hash| source.block(&folder, hash))
-                        .collect()
-                })
-                .await
-                .unwrap_or_default()
+                let folder = folder.clone();
+                tokio::task::spawn_blocking(move || source.authorised(&device, &folder))
+                    .await
+                    .unwrap_or(false)
             };
-            for (index, hash) in hashes.into_iter().enumerate() {
-                let message = match blocks.get(index).cloned().flatten() {
-                    Some(data) => Message::Block(Block {
-                        request_id,
-                        hash,
-                        data,
-                    }),
-                    None => Message::BlockMissing(BlockMissing { request_id, hash }),
+            for group in hashes.chunks(READ_GROUP) {
+                let blocks: Vec<Option<Vec<u8>>> = if allowed {
+                    let source = source.clone();
+                    let folder = folder.clone();
+                    let group = group.to_vec();
+                    tokio::task::spawn_blocking(move || {
+                        group
+                            .iter()
+                            .map(|hash| source.block(&folder, hash))
+                            .collect()
+                    })
+                    .await
+                    .unwrap_or_default()
+                } else {
+                    Vec::new()
                 };
-                write_frame(&mut stream, &message, counters).await?;
+                for (index, hash) in group.iter().enumerate() {
+                    let message = match blocks.get(index).cloned().flatten() {
+                        Some(data) => Message::Block(Block {
+                            request_id,
+                            hash: *hash,
+                            data,
+                        }),
+                        None => Message::BlockMissing(BlockMissing {
+                            request_id,
+                            hash: *hash,
+                        }),
+                    };
+                    write_frame(&mut stream, &message, counters).await?;
+                }
             }
         }
         Message::ManifestRequest(ManifestRequest {
