@@ -397,18 +397,28 @@ impl Store {
         self.put::<PendingInvite>(INVITES, folder.as_str(), None)
     }
 
+    /// One per-path row of `table`.
+    fn path_row<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        folder: &FolderId,
+        path: &RelPath,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(table)?;
+        match table.get(path_key(folder, path).as_str())? {
+            Some(bytes) => Ok(Some(decode(&format!("row of {path}"), bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+
     /// The local row of one path.
     pub fn local(
         &self,
         folder: &FolderId,
         path: &RelPath,
     ) -> Result<Option<LocalEntry>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(LOCAL)?;
-        match table.get(path_key(folder, path).as_str())? {
-            Some(bytes) => Ok(Some(decode("local entry", bytes.value())?)),
-            None => Ok(None),
-        }
+        self.path_row(LOCAL, folder, path)
     }
 
     /// The synced entry of a path.
@@ -417,12 +427,7 @@ impl Store {
         folder: &FolderId,
         path: &RelPath,
     ) -> Result<Option<SyncedEntry>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(SYNCED)?;
-        match table.get(path_key(folder, path).as_str())? {
-            Some(bytes) => Ok(Some(decode("synced entry", bytes.value())?)),
-            None => Ok(None),
-        }
+        self.path_row(SYNCED, folder, path)
     }
 
     /// The whole synced tree of a folder.
