@@ -254,3 +254,53 @@ fn old_versions_are_listed_and_restored_and_the_restore_syncs_back() {
     let versions: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(versions.as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn a_view_only_device_receives_but_keeps_its_edits_local() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_a = dir.path().join("folder_a");
+    let root_b = dir.path().join("folder_b");
+    fs::create_dir_all(&root_a).unwrap();
+    fs::write(root_a.join("shared.txt"), b"from A").unwrap();
+    let config = NodeConfig::default();
+    let a = TestNode::start(&dir.path().join("home_a"), &config);
+    let b = TestNode::start(&dir.path().join("home_b"), &config);
+    connect(&a, &b);
+    a.add_folder(&root_a, "view");
+    let output = weft_tests::weft(
+        &a.home,
+        &["folder", "share", "view", &b.id(), "--perm", "view"],
+    );
+    assert!(output.status.success());
+    let invited = wait_for(CONVERGE, || {
+        let invites: serde_json::Value = b.client().get("/v1/invites").unwrap();
+        invites
+            .as_array()
+            .is_some_and(|l| l.iter().any(|i| i["invite"]["permission"] == "View"))
+    });
+    assert!(invited.is_some());
+    let output = weft_tests::weft(
+        &b.home,
+        &[
+            "invites",
+            "accept",
+            "view",
+            "--path",
+            root_b.to_str().unwrap(),
+        ],
+    );
+    assert!(output.status.success());
+    wait_converged(&[&root_a, &root_b], &[&a, &b], CONVERGE);
+    // B edits and adds: nothing reaches A. A's edits still reach B's other files.
+    fs::write(root_b.join("local_only.txt"), b"B's own").unwrap();
+    fs::write(root_a.join("second.txt"), b"more from A").unwrap();
+    let arrived = wait_for(CONVERGE, || {
+        fs::read(root_b.join("second.txt")).is_ok_and(|d| d == b"more from A")
+    });
+    assert!(arrived.is_some(), "{}", b.log());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !root_a.join("local_only.txt").exists(),
+        "a view-only device's file reached A"
+    );
+}
