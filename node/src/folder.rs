@@ -126,6 +126,10 @@ pub struct FolderStatus {
     pub problems: Vec<Problem>,
     /// Scan progress while scanning.
     pub progress: Option<ScanProgressView>,
+    /// Local changes not published because this device may only view the folder
+    /// (at most [`MAX_PROBLEMS_SHOWN`] listed).
+    #[serde(default)]
+    pub local_only: Vec<String>,
 }
 
 /// A snapshot of scan progress.
@@ -353,6 +357,7 @@ pub fn start(
             last_scan_ms: 0,
             problems: ignore_problems,
             progress: None,
+            local_only: Vec::new(),
         }),
         progress: ScanProgress::default(),
     });
@@ -1027,6 +1032,9 @@ impl FolderActor {
         }
         match action {
             Action::MarkSynced { path, entry, local } => {
+                self.recorder
+                    .shared
+                    .update(|status| status.local_only.retain(|p| p != path.as_str()));
                 let _ = self
                     .recorder
                     .commit_decisions(&[(path, Some(SyncedEntry { entry, local }))]);
@@ -1190,7 +1198,15 @@ impl FolderActor {
                 rescan.insert(path);
                 rescan.insert(to);
             }
-            Action::KeepLocal { .. } => {}
+            Action::KeepLocal { path } => {
+                self.recorder.shared.update(|status| {
+                    if status.local_only.len() < MAX_PROBLEMS_SHOWN
+                        && !status.local_only.iter().any(|p| p == path.as_str())
+                    {
+                        status.local_only.push(path.to_string());
+                    }
+                });
+            }
         }
     }
 

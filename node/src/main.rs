@@ -640,6 +640,9 @@ fn print_status(status: &NodeStatus) {
         for problem in &folder.problems {
             println!("  problem: {}: {}", problem.path, problem.error);
         }
+        for path in &folder.local_only {
+            println!("  local only (view-only folder, not sent): {path}");
+        }
     }
     println!("listening on: {}", status.listen.join(" "));
     for peer in &status.peers {
