@@ -149,20 +149,15 @@ fn prepare_locally(
             .block_locations(&block.hash)
             .unwrap_or_default()
             .into_iter()
-            .filter_map(|location| {
-                let root = if location.folder == context.folder {
-                    context.root.clone()
-                } else {
-                    return None;
-                };
+            .filter(|location| location.folder == context.folder)
+            .find_map(|location| {
                 read_verified(
-                    &root.join(location.path.as_str()),
+                    &context.root.join(location.path.as_str()),
                     location.offset,
                     block.len,
                     &block.hash,
                 )
             })
-            .next()
             .or_else(|| context.versions.as_ref().and_then(|v| v.block(&block.hash)));
         match local {
             Some(data) => file

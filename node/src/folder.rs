@@ -1039,31 +1039,7 @@ impl FolderActor {
                     .recorder
                     .commit_decisions(&[(path, Some(SyncedEntry { entry, local }))]);
             }
-            Action::Publish { path } => {
-                let entry = match local {
-                    Some(local) => {
-                        let manifest = local
-                            .manifest
-                            .and_then(|hash| self.recorder.store.manifest(&hash).ok().flatten());
-                        publish_entry(local, manifest.as_ref(), self.recorder.device)
-                    }
-                    None => match self.recorder.document.get(&path).ok().flatten() {
-                        Some(current) if !current.deleted => {
-                            tombstone(&current, now_ns(), self.recorder.device)
-                        }
-                        _ => return,
-                    },
-                };
-                if self.recorder.document.put(&path, &entry).is_ok() {
-                    let _ = self.recorder.commit_decisions(&[(
-                        path,
-                        Some(SyncedEntry {
-                            entry,
-                            local: local.cloned(),
-                        }),
-                    )]);
-                }
-            }
+            Action::Publish { path } => self.publish(&path, local),
             Action::Resolve {
                 path,
                 winner,
@@ -1158,19 +1134,8 @@ impl FolderActor {
                             self.recorder.needs_plan.insert(path.clone());
                         } else {
                             tracing::info!(folder = %self.record.id, %path, %error, "directory kept: it still holds files");
-                            if self.recorder.mode == FolderMode::SendReceive
-                                && let Some(local) = local
-                            {
-                                let entry = publish_entry(local, None, self.recorder.device);
-                                if self.recorder.document.put(&path, &entry).is_ok() {
-                                    let _ = self.recorder.commit_decisions(&[(
-                                        path.clone(),
-                                        Some(SyncedEntry {
-                                            entry,
-                                            local: Some(local.clone()),
-                                        }),
-                                    )]);
-                                }
+                            if self.recorder.mode == FolderMode::SendReceive && local.is_some() {
+                                self.publish(&path, local);
                             }
                         }
                     }
@@ -1207,6 +1172,34 @@ impl FolderActor {
                     }
                 });
             }
+        }
+    }
+
+    /// Publishes what is on disk at `path` (a tombstone when nothing is) and records
+    /// it as synced, in one transaction.
+    fn publish(&mut self, path: &RelPath, local: Option<&LocalEntry>) {
+        let entry = match local {
+            Some(local) => {
+                let manifest = local
+                    .manifest
+                    .and_then(|hash| self.recorder.store.manifest(&hash).ok().flatten());
+                publish_entry(local, manifest.as_ref(), self.recorder.device)
+            }
+            None => match self.recorder.document.get(path).ok().flatten() {
+                Some(current) if !current.deleted => {
+                    tombstone(&current, now_ns(), self.recorder.device)
+                }
+                _ => return,
+            },
+        };
+        if self.recorder.document.put(path, &entry).is_ok() {
+            let _ = self.recorder.commit_decisions(&[(
+                path.clone(),
+                Some(SyncedEntry {
+                    entry,
+                    local: local.cloned(),
+                }),
+            )]);
         }
     }
 

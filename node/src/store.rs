@@ -435,34 +435,7 @@ impl Store {
         &self,
         folder: &FolderId,
     ) -> Result<std::collections::BTreeMap<RelPath, SyncedEntry>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(SYNCED)?;
-        let (start, end) = folder_range(folder);
-        let mut tree = std::collections::BTreeMap::new();
-        for row in table.range(start.as_str()..end.as_str())? {
-            let (key, value) = row?;
-            let key = key.value();
-            let Some((_, path)) = key.split_once('\0') else {
-                continue;
-            };
-            let Ok(path) = RelPath::new(path) else {
-                continue;
-            };
-            tree.insert(path, decode("synced entry", value.value())?);
-        }
-        Ok(tree)
-    }
-
-    /// Sets (or clears) synced entries, with the document increment of the same
-    /// decision, in one transaction.
-    pub fn commit_synced(
-        &self,
-        folder: &FolderId,
-        updates: &[(RelPath, Option<SyncedEntry>)],
-        document_increment: &[u8],
-    ) -> Result<(), StoreError> {
-        self.commit_scan_batch_with(folder, &[], updates, document_increment)
-            .map(|_| ())
+        self.path_rows(SYNCED, folder, None)
     }
 
     /// The local tree of a folder.
@@ -470,7 +443,7 @@ impl Store {
         &self,
         folder: &FolderId,
     ) -> Result<std::collections::BTreeMap<RelPath, LocalEntry>, StoreError> {
-        self.local_under(folder, None)
+        self.path_rows(LOCAL, folder, None)
     }
 
     /// The local rows at `under` and inside it (or the whole folder for `None`).
@@ -479,12 +452,22 @@ impl Store {
         folder: &FolderId,
         under: Option<&RelPath>,
     ) -> Result<std::collections::BTreeMap<RelPath, LocalEntry>, StoreError> {
+        self.path_rows(LOCAL, folder, under)
+    }
+
+    /// The per-path rows of `table` for a folder, at `under` and inside it (or all).
+    fn path_rows<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        folder: &FolderId,
+        under: Option<&RelPath>,
+    ) -> Result<std::collections::BTreeMap<RelPath, T>, StoreError> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(LOCAL)?;
+        let table = txn.open_table(table)?;
         let (start, end) = match under {
             None => folder_range(folder),
-            // Everything from "under" up to "under" + 0x7f ("/" < 0x7f < any non-ASCII
-            // lead byte is false, so filter below).
+            // Keys from "under" up to "under" + U+10FFFF: a superset of the subtree
+            // (siblings such as "under b" sort in between), filtered below.
             Some(path) => (
                 path_key(folder, path),
                 format!("{}\u{10FFFF}", path_key(folder, path)),
@@ -498,7 +481,7 @@ impl Store {
                 continue;
             };
             let path = RelPath::new(path).map_err(|error| StoreError::Record {
-                what: format!("local path {path:?}"),
+                what: format!("path {path:?}"),
                 detail: error.to_string(),
             })?;
             if let Some(under) = under
@@ -506,7 +489,8 @@ impl Store {
             {
                 continue;
             }
-            tree.insert(path, decode("local entry", value.value())?);
+            let row = decode(&format!("row of {path}"), value.value())?;
+            tree.insert(path, row);
         }
         Ok(tree)
     }
