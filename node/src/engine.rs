@@ -25,8 +25,8 @@
 //! file touched without a new content is not a conflict.
 
 use serde::{Deserialize, Serialize};
-use weft_protocol::document::{Content, Entry, EntryKind};
-use weft_protocol::{DeviceId, ManifestHash, RelPath};
+use weft_protocol::document::{Content, Entry, EntryKind, FolderDocument};
+use weft_protocol::{DeviceId, Manifest, ManifestHash, RelPath};
 
 /// Marker in conflict copy names: `name.sync-conflict-YYYYMMDD-HHMMSS-<device>.ext`.
 pub const CONFLICT_MARKER: &str = ".sync-conflict-";
@@ -285,6 +285,90 @@ pub fn settled_value(remote: &Remote) -> Option<&Entry> {
     }
 }
 
+/// A tombstone for `current`, written by `author` at `now`.
+pub fn tombstone(current: &Entry, now: i64, author: DeviceId) -> Entry {
+    Entry {
+        kind: current.kind,
+        deleted: true,
+        size: 0,
+        mtime_ns: now,
+        mode: 0,
+        content: Content::None,
+        author,
+    }
+}
+
+/// The document's view of a path, for the engine. Undecodable values are left out.
+pub fn remote_of(document: &FolderDocument, path: &RelPath) -> Remote {
+    let mut values: Vec<Entry> = document
+        .get_all(path)
+        .map(|values| values.into_iter().filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    if values.len() > 1 {
+        return Remote::Conflict(values);
+    }
+    values.pop().map_or(Remote::Absent, Remote::Value)
+}
+
+/// The document entry that publishes a local row.
+pub fn publish_entry(local: &LocalEntry, manifest: Option<&Manifest>, author: DeviceId) -> Entry {
+    let content = match (local.kind, manifest, &local.symlink_target) {
+        (EntryKind::File, Some(manifest), _) => Content::for_manifest(manifest),
+        (EntryKind::Symlink, _, Some(target)) => Content::Symlink(target.clone()),
+        _ => Content::None,
+    };
+    Entry {
+        kind: local.kind,
+        deleted: false,
+        size: local.size,
+        mtime_ns: local.mtime_ns,
+        mode: local.mode,
+        content,
+        author,
+    }
+}
+
+/// Same file content as far as metadata can tell (the scanner's test for skipping a
+/// re-hash): size, mtime, inode and mode for files; mode for directories; the target
+/// for symlinks.
+pub fn metadata_unchanged(old: &LocalEntry, new: &LocalEntry) -> bool {
+    match (old.kind, new.kind) {
+        (EntryKind::File, EntryKind::File) => {
+            old.size == new.size
+                && old.mtime_ns == new.mtime_ns
+                && old.inode == new.inode
+                && old.mode == new.mode
+                && old.manifest.is_some()
+        }
+        // A directory's mtime changes with its contents; only its mode is its own.
+        (EntryKind::Directory, EntryKind::Directory) => old.mode == new.mode,
+        (EntryKind::Symlink, EntryKind::Symlink) => old.symlink_target == new.symlink_target,
+        _ => false,
+    }
+}
+
+/// The pre-replace check: true if what is on disk now (`actual`, from `lstat`, no
+/// manifest) is still what an action `expected` (nothing, for `None`). Files compare
+/// size, mtime and inode: a user's write since the scan changes at least one of them.
+pub fn disk_unchanged(actual: Option<&LocalEntry>, expected: Option<&LocalEntry>) -> bool {
+    match (actual, expected) {
+        (None, None) => true,
+        (None, Some(_)) | (Some(_), None) => false,
+        (Some(actual), Some(expected)) => {
+            actual.kind == expected.kind
+                && match actual.kind {
+                    EntryKind::File => {
+                        actual.size == expected.size
+                            && actual.mtime_ns == expected.mtime_ns
+                            && actual.inode == expected.inode
+                    }
+                    EntryKind::Directory => true,
+                    EntryKind::Symlink => actual.symlink_target == expected.symlink_target,
+                }
+        }
+    }
+}
+
 /// Plans one path.
 pub fn plan_path(view: &PathView<'_>, mode: FolderMode, device: &DeviceId) -> Vec<Action> {
     let path = view.path.clone();
@@ -425,7 +509,7 @@ fn plan_resolution(view: &PathView<'_>, values: &[Entry], winner: Entry) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_protocol::{BlockHash, BlockRef, DeviceKey, Manifest};
+    use weft_protocol::{BlockHash, BlockRef, DeviceKey};
 
     fn device(seed: u8) -> DeviceId {
         DeviceKey::from_secret_bytes([seed; 32]).device_id()

@@ -21,7 +21,10 @@ use serde::{Deserialize, Serialize};
 use weft_protocol::document::{self, Content, Entry, EntryKind, FolderDocument};
 use weft_protocol::{DeviceId, FolderId, RelPath};
 
-use crate::engine::{self, Action, FolderMode, LocalEntry, PathView, Remote, SyncedEntry};
+use crate::engine::{
+    self, Action, FolderMode, LocalEntry, PathView, Remote, SyncedEntry, publish_entry, remote_of,
+    tombstone,
+};
 use crate::events::{Event, EventBus};
 use crate::net::NetHandle;
 use crate::scan::{Problem, ScanProgress, Scanner, Scope};
@@ -379,6 +382,8 @@ pub fn start(
             mode: record.mode,
             needs_plan: BTreeSet::new(),
             published: false,
+            unsaved: Vec::new(),
+            reloaded: false,
         },
         record: record.clone(),
         network,
@@ -761,41 +766,37 @@ pub const MAX_PLAN_ROUNDS: usize = 8;
 
 /// True if the disk at `absolute` holds what `expected` says (nothing, for `None`).
 fn disk_matches(absolute: &std::path::Path, expected: Option<&LocalEntry>) -> bool {
-    let metadata = std::fs::symlink_metadata(absolute);
-    match (expected, metadata) {
-        (None, Err(error)) => error.kind() == std::io::ErrorKind::NotFound,
-        (None, Ok(_)) | (Some(_), Err(_)) => false,
-        (Some(expected), Ok(metadata)) => {
-            let kind = if metadata.file_type().is_symlink() {
-                EntryKind::Symlink
-            } else if metadata.is_dir() {
-                EntryKind::Directory
-            } else {
-                EntryKind::File
-            };
-            if kind != expected.kind {
-                return false;
-            }
-            match kind {
-                EntryKind::File => {
-                    use std::os::unix::fs::MetadataExt;
-                    let mtime = metadata
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-                    metadata.len() == expected.size
-                        && mtime == expected.mtime_ns
-                        && metadata.ino() == expected.inode
-                }
-                EntryKind::Directory => true,
-                EntryKind::Symlink => {
-                    std::fs::read_link(absolute)
-                        .ok()
-                        .and_then(|t| t.into_os_string().into_string().ok())
-                        == expected.symlink_target
-                }
-            }
+    let actual = match std::fs::symlink_metadata(absolute) {
+        Ok(metadata) => {
+            let target = metadata
+                .file_type()
+                .is_symlink()
+                .then(|| std::fs::read_link(absolute).ok())
+                .flatten()
+                .and_then(|t| t.into_os_string().into_string().ok());
+            Some(crate::scan::entry_from_metadata(&metadata, target))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        // Unreadable: never act on what we cannot see.
+        Err(_) => return false,
+    };
+    engine::disk_unchanged(actual.as_ref(), expected)
+}
+
+/// Removes the node's temp files directly inside `dir`: downloads abandoned there
+/// (their version was superseded or deleted) would keep a deleted directory alive.
+fn remove_temp_files(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name
+            .to_str()
+            .is_some_and(|n| n.starts_with(weft_protocol::path::TEMP_PREFIX))
+            && entry.file_type().is_ok_and(|t| t.is_file())
+        {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
@@ -867,23 +868,17 @@ impl FolderActor {
             tracing::warn!(folder = %self.record.id, device = %device, %error, "bad sync message; ignored");
             return;
         }
-        let increment = self.recorder.document.save_incremental();
-        if !increment.is_empty()
-            && let Err(error) =
-                self.recorder
-                    .store
-                    .commit_scan_batch_with(&self.record.id, &[], &[], &increment)
-        {
-            tracing::error!(folder = %self.record.id, %error, "saving received changes failed");
-        }
+        self.recorder.save_received();
         let changed = self.recorder.document.changed_paths(&before);
         if !changed.rejected.is_empty() {
             tracing::warn!(folder = %self.record.id, device = %device, keys = ?changed.rejected, "ignored entries whose paths are invalid (absolute, '..', reserved); nothing written for them");
         }
         let changed = changed.paths;
-        // Answer this peer, and pass new changes on to the others (A-B-C chains).
+        // Answer this peer, and pass new changes on to the others (A-B-C chains): any
+        // new change, even one that changes no visible value (a conflict resolved to a
+        // value already shown), or the others never learn it.
         self.send_sync(device);
-        if !changed.is_empty() {
+        if self.recorder.document.heads() != before {
             let others: Vec<DeviceId> = self
                 .peers
                 .keys()
@@ -893,6 +888,8 @@ impl FolderActor {
             for other in others {
                 self.send_sync(other);
             }
+        }
+        if !changed.is_empty() {
             self.plan_paths(changed);
         }
     }
@@ -930,6 +927,14 @@ impl FolderActor {
                 .into_iter()
                 .collect();
             self.plan_paths(paths);
+        }
+        if self.recorder.reloaded {
+            // The document lost changes peers were told about: start their syncs over.
+            self.recorder.reloaded = false;
+            for state in self.peers.values_mut() {
+                *state = weft_protocol::document::SyncState::new();
+            }
+            self.recorder.published = true;
         }
         if self.recorder.published {
             self.recorder.published = false;
@@ -1073,6 +1078,8 @@ impl FolderActor {
                         if let Some(expected) = &expected
                             && expected.kind != EntryKind::Directory
                         {
+                            // A file replaced by a directory: keep its content.
+                            self.keep_version(&absolute, expected, None);
                             let _ = std::fs::remove_file(&absolute);
                         }
                         if let Err(error) = std::fs::create_dir_all(&absolute) {
@@ -1111,6 +1118,9 @@ impl FolderActor {
                 if expected.kind == EntryKind::File {
                     self.keep_version(&absolute, &expected, None);
                 }
+                if expected.kind == EntryKind::Directory {
+                    remove_temp_files(&absolute);
+                }
                 let removed = match expected.kind {
                     EntryKind::Directory => std::fs::remove_dir(&absolute),
                     _ => std::fs::remove_file(&absolute),
@@ -1118,19 +1128,23 @@ impl FolderActor {
                 match removed {
                     Ok(()) => {}
                     Err(error) if expected.kind == EntryKind::Directory => {
-                        // Still holds files. If every one of them is going away too, try
-                        // again after them; if any is kept (a local edit, or a file the
-                        // remote still has), the directory stays: an edit wins over a
-                        // delete, so it is published again.
+                        // Still holds files. If they are all tracked and going away too,
+                        // try again after them; otherwise (a kept child: a local edit or
+                        // a file the remote still has; or files that are not synced at
+                        // all, like ignored ones) the directory stays and is published
+                        // again: an edit wins over a delete, and a directory planned for
+                        // removal forever would never settle.
                         let children = self
                             .recorder
                             .store
                             .local_under(&self.record.id, Some(&path))
                             .unwrap_or_default();
-                        let kept = children.keys().filter(|child| **child != path).any(|child| {
-                            !matches!(remote_of(&self.recorder.document, child), Remote::Value(ref e) if e.deleted)
+                        let children: Vec<&RelPath> =
+                            children.keys().filter(|child| **child != path).collect();
+                        let all_going = children.iter().all(|child| {
+                            matches!(remote_of(&self.recorder.document, child), Remote::Value(ref e) if e.deleted)
                         });
-                        if !kept {
+                        if all_going && !children.is_empty() {
                             self.recorder.needs_plan.insert(path.clone());
                         } else {
                             tracing::info!(folder = %self.record.id, %path, %error, "directory kept: it still holds files");
@@ -1482,19 +1496,6 @@ impl FolderActor {
     }
 }
 
-/// A tombstone for `current`, written by `author` at `now`.
-fn tombstone(current: &Entry, now: i64, author: DeviceId) -> Entry {
-    Entry {
-        kind: current.kind,
-        deleted: true,
-        size: 0,
-        mtime_ns: now,
-        mode: 0,
-        content: Content::None,
-        author,
-    }
-}
-
 /// Keeps the outermost of nested dirty paths (`a` covers `a/b`).
 fn collapse(paths: BTreeSet<RelPath>) -> Vec<RelPath> {
     let covered = |path: &RelPath| {
@@ -1527,40 +1528,12 @@ struct Recorder {
     needs_plan: BTreeSet<RelPath>,
     /// The document gained local changes not yet offered to peers.
     published: bool,
-}
-
-/// The document's view of a path, for the engine. Undecodable values are left out.
-fn remote_of(document: &FolderDocument, path: &RelPath) -> Remote {
-    let mut values: Vec<Entry> = document
-        .get_all(path)
-        .map(|values| values.into_iter().filter_map(Result::ok).collect())
-        .unwrap_or_default();
-    if values.len() > 1 {
-        return Remote::Conflict(values);
-    }
-    values.pop().map_or(Remote::Absent, Remote::Value)
-}
-
-/// The document entry that publishes a local row.
-fn publish_entry(
-    local: &LocalEntry,
-    manifest: Option<&weft_protocol::Manifest>,
-    author: DeviceId,
-) -> Entry {
-    let content = match (local.kind, manifest, &local.symlink_target) {
-        (EntryKind::File, Some(manifest), _) => Content::for_manifest(manifest),
-        (EntryKind::Symlink, _, Some(target)) => Content::Symlink(target.clone()),
-        _ => Content::None,
-    };
-    Entry {
-        kind: local.kind,
-        deleted: false,
-        size: local.size,
-        mtime_ns: local.mtime_ns,
-        mode: local.mode,
-        content,
-        author,
-    }
+    /// Received changes whose store commit failed: kept in memory and saved with the
+    /// next commit (automerge's `save_incremental` hands each change out only once).
+    unsaved: Vec<u8>,
+    /// The document was reloaded from the store (dropping changes a failed commit did
+    /// not store): peers' sync states no longer describe it and must start over.
+    reloaded: bool,
 }
 
 impl Recorder {
@@ -1660,12 +1633,13 @@ impl Recorder {
             }
         }
         self.document.commit(now / 1_000_000, "local changes");
-        let increment = self.document.save_incremental();
+        let increment = self.increment();
         match self
             .store
             .commit_scan_batch_with(&self.folder, &batch, &synced_updates, &increment)
         {
             Ok(increments) => {
+                self.unsaved.clear();
                 self.maybe_compact(increments);
             }
             Err(error) => {
@@ -1737,7 +1711,7 @@ impl Recorder {
     /// Commits document operations already made (publish, resolve) with synced updates.
     fn commit_decisions(&mut self, synced_updates: &[(RelPath, Option<SyncedEntry>)]) -> bool {
         self.document.commit(now_ns() / 1_000_000, "sync");
-        let increment = self.document.save_incremental();
+        let increment = self.increment();
         if !increment.is_empty() {
             self.published = true;
         }
@@ -1746,6 +1720,7 @@ impl Recorder {
             .commit_scan_batch_with(&self.folder, &[], synced_updates, &increment)
         {
             Ok(increments) => {
+                self.unsaved.clear();
                 self.maybe_compact(increments);
                 true
             }
@@ -1757,11 +1732,48 @@ impl Recorder {
         }
     }
 
+    /// The bytes the next commit stores: received changes a failed commit left
+    /// unsaved, then everything new since the last call.
+    fn increment(&mut self) -> Vec<u8> {
+        let mut bytes = self.unsaved.clone();
+        bytes.extend(self.document.save_incremental());
+        bytes
+    }
+
+    /// Stores changes received from a peer; on failure they stay in memory and go
+    /// with the next commit.
+    fn save_received(&mut self) {
+        let increment = self.increment();
+        if increment.is_empty() {
+            return;
+        }
+        match self
+            .store
+            .commit_scan_batch_with(&self.folder, &[], &[], &increment)
+        {
+            Ok(increments) => {
+                self.unsaved.clear();
+                self.maybe_compact(increments);
+            }
+            Err(error) => {
+                tracing::error!(folder = %self.folder, %error, "saving received changes failed; kept in memory for the next commit");
+                self.unsaved = increment;
+            }
+        }
+    }
+
+    /// Drops changes that a failed commit did not store: the document becomes the
+    /// store's (plus received changes not yet saved).
     fn reload_document(&mut self) {
         let actor = document::actor_id(&self.device, self.store.actor_suffix());
+        self.reloaded = true;
         match self.store.document(&self.folder) {
             Ok((snapshot, increments)) => {
-                match FolderDocument::load(&snapshot, increments.iter().map(Vec::as_slice), actor) {
+                let chunks = increments
+                    .iter()
+                    .map(Vec::as_slice)
+                    .chain((!self.unsaved.is_empty()).then_some(self.unsaved.as_slice()));
+                match FolderDocument::load(&snapshot, chunks, actor) {
                     Ok(document) => self.document = document,
                     Err(error) => {
                         tracing::error!(folder = %self.folder, %error, "reloading the document failed")

@@ -605,10 +605,24 @@ impl NetHandle {
                 .map(|p| p.sender.clone())
                 .ok_or(NetError::NotConnected(*device))?
         };
-        sender.try_send(message).map_err(|error| NetError::Stream {
-            device: *device,
-            reason: error.to_string(),
-        })
+        match sender.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // A dropped message would leave automerge's sync state believing the
+                // peer got it, and the sync would never settle. Close the connection
+                // instead: reconnecting starts every sync over on both sides.
+                tracing::warn!(device = %device, "control queue full; disconnecting to resync");
+                let _ = self.commands.send(Command::Disconnect(device.to_peer_id()));
+                Err(NetError::Stream {
+                    device: *device,
+                    reason: "control queue full; disconnected to resync".into(),
+                })
+            }
+            Err(error) => Err(NetError::Stream {
+                device: *device,
+                reason: error.to_string(),
+            }),
+        }
     }
 
     /// Is this device connected?

@@ -191,23 +191,6 @@ fn mode_and_inode(metadata: &fs::Metadata) -> (u32, u64) {
     )
 }
 
-/// Same file content as far as metadata can tell.
-fn unchanged(old: &LocalEntry, new: &LocalEntry) -> bool {
-    match (old.kind, new.kind) {
-        (EntryKind::File, EntryKind::File) => {
-            old.size == new.size
-                && old.mtime_ns == new.mtime_ns
-                && old.inode == new.inode
-                && old.mode == new.mode
-                && old.manifest.is_some()
-        }
-        // A directory's mtime changes with its contents; only its mode is its own.
-        (EntryKind::Directory, EntryKind::Directory) => old.mode == new.mode,
-        (EntryKind::Symlink, EntryKind::Symlink) => old.symlink_target == new.symlink_target,
-        _ => false,
-    }
-}
-
 impl Scanner {
     /// A scanner for the folder at `root`. Reads `.weftignore` now; a broken rule is
     /// returned as a problem and the other rules still apply.
@@ -324,7 +307,7 @@ impl Scanner {
         for item in observed {
             if previous
                 .get(&item.path)
-                .is_some_and(|old| unchanged(old, &item.entry))
+                .is_some_and(|old| crate::engine::metadata_unchanged(old, &item.entry))
             {
                 continue;
             }

@@ -1,6 +1,28 @@
-//! `weft-simulations`: deterministic, seeded simulations of many Weft devices.
+//! Deterministic simulations of Weft's sync: many devices running the node's real
+//! engine and folder document against a virtual disk and network, with faults, on
+//! virtual time, all from one seed.
 //!
-//! Many sync engines on a virtual filesystem and network with faults, driven from one
-//! seeded RNG, with invariants checked after every step (see the simulation issue).
-//! This crate arrives with the pure engine; until then it only fixes its place in the
-//! dependency graph.
+//! - [`world`]: the scheduler, the users, the network and the faults;
+//! - [`device`]: one device: the node's folder shell modelled over [`disk`];
+//! - [`check`]: the invariants;
+//! - [`planner`]: a CanopyCheck-style property check of the planner alone;
+//! - [`rng`]: the one source of randomness.
+//!
+//! `cargo run --release -p weft-simulations -- run --seeds N` runs many seeds;
+//! `-- replay SEED` prints one run's whole trace.
+#![deny(missing_docs)]
+
+pub mod check;
+pub mod device;
+pub mod disk;
+pub mod planner;
+pub mod rng;
+pub mod world;
+
+pub use check::Violation;
+pub use world::{Config, Outcome, World};
+
+/// Runs one seed.
+pub fn simulate(seed: u64, config: Config) -> Outcome {
+    World::new(seed, config).run(seed)
+}

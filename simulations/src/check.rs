@@ -1,0 +1,199 @@
+//! The invariants, checked against the world.
+//!
+//! 1. **Convergence** ([`converged`]): after healing and quiet, every device's tree
+//!    (names, kinds, contents, file modes, conflict copies included) and document are
+//!    identical.
+//! 2. **Nothing lost** ([`nothing_lost`]): every version a user wrote, that a device's
+//!    store recorded and that no user deleted or overwrote, is at the end a file on
+//!    some device (at any path: a conflict copy counts) or in some version store.
+//! 3. **No corruption** ([`every_step`]): every visible file, at every step, holds a
+//!    complete version some user wrote; temp files never enter a store's local tree.
+//! 4. **Termination**: checked by the world's settle phase.
+//! 5. **Safety** ([`every_step`]): no operation ever ran through a symlink (outside the
+//!    folder), and nothing from the unaccepted intruder reaches any device.
+
+use std::collections::BTreeMap;
+
+use weft_protocol::ManifestHash;
+
+use crate::device::manifest_of;
+use crate::disk::{Node, is_temp};
+use crate::world::World;
+
+/// An invariant that failed, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// Which invariant.
+    pub invariant: &'static str,
+    /// What was seen.
+    pub detail: String,
+}
+
+impl Violation {
+    /// A violation of `invariant`.
+    pub fn new(invariant: &'static str, detail: String) -> Self {
+        Self { invariant, detail }
+    }
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.invariant, self.detail)
+    }
+}
+
+/// What a device's folder looks like to its user, for comparison.
+fn tree(world: &World, index: usize) -> BTreeMap<String, String> {
+    world.devices[index]
+        .disk
+        .nodes()
+        .filter(|(path, _)| !is_temp(path))
+        .map(|(path, node)| {
+            let what = match node {
+                Node::File { data, mode, .. } => {
+                    format!(
+                        "file {} {:o}",
+                        manifest_of(data).hash().to_hex(),
+                        mode & 0o777
+                    )
+                }
+                Node::Dir => "dir".to_owned(),
+                Node::Symlink { target, .. } => format!("symlink {target}"),
+            };
+            (path.clone(), what)
+        })
+        .collect()
+}
+
+/// Invariants 3 and 5, after every event.
+pub fn every_step(world: &World) -> Result<(), Violation> {
+    let intruder = world.intruder_content();
+    for device in &world.devices {
+        if let Some(path) = device.disk.escapes.first() {
+            return Err(Violation::new(
+                "safety",
+                format!(
+                    "dev{} wrote through a symlink at {path} (outside the folder)",
+                    device.index
+                ),
+            ));
+        }
+        for (path, node) in device.disk.nodes() {
+            if is_temp(path) {
+                continue;
+            }
+            if let Node::File { data, .. } = node {
+                let hash = manifest_of(data).hash();
+                if hash == intruder {
+                    return Err(Violation::new(
+                        "safety",
+                        format!(
+                            "dev{} holds the unaccepted intruder's file at {path}",
+                            device.index
+                        ),
+                    ));
+                }
+                if !world.versions.contains_key(&hash) {
+                    return Err(Violation::new(
+                        "no corruption",
+                        format!(
+                            "dev{} shows {path} with {} bytes that are no version any user wrote",
+                            device.index,
+                            data.len()
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(path) = device.store.local.keys().find(|p| is_temp(p.as_str())) {
+            return Err(Violation::new(
+                "no corruption",
+                format!(
+                    "dev{} recorded the temp file {path} as a user file",
+                    device.index
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Invariant 1, once quiet.
+pub fn converged(world: &mut World) -> Result<(), Violation> {
+    let first = tree(world, 0);
+    for index in 1..world.devices.len() {
+        let other = tree(world, index);
+        if other != first {
+            let differences: Vec<String> = first
+                .keys()
+                .chain(other.keys())
+                .filter(|path| first.get(*path) != other.get(*path))
+                .take(6)
+                .map(|path| {
+                    format!(
+                        "{path}: dev0 {:?} / dev{index} {:?}",
+                        first.get(path),
+                        other.get(path)
+                    )
+                })
+                .collect();
+            return Err(Violation::new(
+                "convergence",
+                format!("trees differ: {}", differences.join("; ")),
+            ));
+        }
+    }
+    let mut heads = Vec::new();
+    for device in &mut world.devices {
+        let mut h = device.document().heads();
+        h.sort();
+        heads.push(h);
+    }
+    if heads.iter().any(|h| *h != heads[0]) {
+        let shown: Vec<String> = heads
+            .iter()
+            .enumerate()
+            .map(|(index, h)| {
+                let short: Vec<String> = h.iter().map(|c| c.to_string()[..8].to_owned()).collect();
+                format!("dev{index} {short:?}")
+            })
+            .collect();
+        return Err(Violation::new(
+            "convergence",
+            format!(
+                "the trees agree but the documents do not: heads {}",
+                shown.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Invariant 2, at the end.
+pub fn nothing_lost(world: &World) -> Result<(), Violation> {
+    let mut present: std::collections::BTreeSet<ManifestHash> = Default::default();
+    for device in &world.devices {
+        for (path, node) in device.disk.nodes() {
+            if let Node::File { data, .. } = node
+                && !is_temp(path)
+            {
+                present.insert(manifest_of(data).hash());
+            }
+        }
+        present.extend(device.store.versions.keys().copied());
+    }
+    for (hash, version) in &world.versions {
+        if version.observed && !version.discarded && !present.contains(hash) {
+            return Err(Violation::new(
+                "nothing lost",
+                format!(
+                    "the version of {} written on dev{} ({}) is on no device and in no version store",
+                    version.origin.1,
+                    version.origin.0,
+                    &hash.to_hex()[..12]
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

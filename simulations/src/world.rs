@@ -1,0 +1,1147 @@
+//! The world: devices, users, a network and faults on virtual time, from one seed.
+//!
+//! Every random choice comes from one [`Rng`] seeded with the run's seed, events are
+//! processed in (time, sequence) order, and nothing reads a clock or iterates a hash
+//! map: a seed replays the same history exactly. A run has three phases:
+//! 1. **active** (`steps` events): users edit, the network delays, reorders,
+//!    duplicates, loses and partitions, devices crash and restart, disks fail writes
+//!    or fill up;
+//! 2. **heal**: faults stop, crashed devices restart, partitions heal, disks free up;
+//! 3. **settle**: events run until every device is idle and the network is empty,
+//!    then every device rescans once more; the run must go quiet within a bound.
+//!
+//! The invariants (see [`crate::check`]) are checked after every event where they
+//! apply, and convergence and "nothing lost" at the end.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use weft_protocol::document::{Content, Entry, EntryKind, FolderDocument, SyncState};
+use weft_protocol::{DeviceId, DeviceKey, ManifestHash, RelPath};
+
+use crate::check::{self, Violation};
+use crate::device::{Device, Msg, manifest_of};
+use crate::disk::Node;
+use crate::rng::Rng;
+
+/// 2026-11-27 09:03:04 UTC: the simulated clock's start.
+const EPOCH_NS: i64 = 1_795_770_184 * 1_000_000_000;
+const MS: i64 = 1_000_000;
+/// Watcher debounce (the node's default).
+const DEBOUNCE: i64 = 200 * MS;
+/// Full rescan interval (the node's is an hour; shorter here to exercise it).
+const FULL_SCAN: i64 = 30_000 * MS;
+/// Failed downloads are retried this often (the node's RETRY_INTERVAL).
+const RETRY: i64 = 5_000 * MS;
+/// A request without an answer fails after this long.
+const REQUEST_TIMEOUT: i64 = 2_000 * MS;
+/// How long the settle phase may take before the run counts as not terminating.
+const SETTLE_LIMIT: i64 = 600_000 * MS;
+
+/// Names users pick from: few, so that devices collide on the same paths.
+const NAMES: [&str; 6] = ["a.txt", "b.txt", "c.md", "d", "e.bin", "notes"];
+const DIRS: [&str; 3] = ["x", "y", "z"];
+
+/// What a run does.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Number of devices sharing the folder.
+    pub devices: usize,
+    /// Events in the active phase.
+    pub steps: u64,
+    /// Inject faults (network, crashes, disks).
+    pub faults: bool,
+    /// Keep the whole trace (replay), not just its tail.
+    pub keep_trace: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            devices: 4,
+            steps: 1500,
+            faults: true,
+            keep_trace: false,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The seed.
+    pub seed: u64,
+    /// Devices in the run.
+    pub devices: usize,
+    /// Events processed in all phases.
+    pub events: u64,
+    /// BLAKE3 of the whole trace: equal for equal histories.
+    pub trace_hash: [u8; 32],
+    /// The trace (all of it with `keep_trace`, else its last lines).
+    pub trace: Vec<String>,
+    /// The first invariant that failed.
+    pub violation: Option<Violation>,
+    /// Counts of what happened, for the summary.
+    pub stats: Stats,
+}
+
+/// Counts of what happened in a run.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// User operations carried out.
+    pub user_ops: u64,
+    /// Messages delivered.
+    pub delivered: u64,
+    /// Messages lost or dropped by a cut link.
+    pub lost: u64,
+    /// Crashes (including crash points).
+    pub crashes: u64,
+    /// Conflict copies at the end (on device 0).
+    pub conflict_copies: u64,
+    /// Files at the end (on device 0).
+    pub files: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    User(usize),
+    ScanDirty(usize),
+    FullScan(usize),
+    Retry(usize),
+    Deliver {
+        from: usize,
+        to: usize,
+        epoch: u64,
+        msg: Msg,
+    },
+    Timeout {
+        device: usize,
+        id: u64,
+    },
+    Crash(usize),
+    Restart(usize),
+    Partition,
+    Heal,
+    DiskFull(usize),
+    DiskFreed(usize),
+    Intruder,
+    Reconnect,
+}
+
+/// A user-written version of some file (by manifest hash).
+#[derive(Clone, Debug)]
+pub struct Version {
+    /// A user deleted or overwrote a copy of it: losing it is the user's choice.
+    pub discarded: bool,
+    /// Some device's store recorded it.
+    pub observed: bool,
+    /// The device whose user wrote it, and the path.
+    pub origin: (usize, String),
+}
+
+/// The simulation.
+pub struct World {
+    config: Config,
+    rng: Rng,
+    now: i64,
+    seq: u64,
+    queue: BTreeMap<(i64, u64), Event>,
+    /// The honest devices.
+    pub devices: Vec<Device>,
+    /// Pairs that may connect (a < b): some pairs never meet directly.
+    allowed: BTreeSet<(usize, usize)>,
+    cut: BTreeSet<(usize, usize)>,
+    live: BTreeSet<(usize, usize)>,
+    epoch: BTreeMap<(usize, usize), u64>,
+    last_control: BTreeMap<(usize, usize), i64>,
+    scan_pending: Vec<bool>,
+    /// Every version users wrote.
+    pub versions: BTreeMap<ManifestHash, Version>,
+    intruder: DeviceId,
+    intruder_content: ManifestHash,
+    active: bool,
+    events: u64,
+    trace_hasher: blake3::Hasher,
+    trace: VecDeque<String>,
+    stats: Stats,
+}
+
+fn pair(a: usize, b: usize) -> (usize, usize) {
+    (a.min(b), a.max(b))
+}
+
+impl World {
+    /// A world for `seed`.
+    pub fn new(seed: u64, config: Config) -> Self {
+        let mut rng = Rng::new(seed);
+        let n = config.devices.max(2);
+        let mut devices: Vec<Device> = (0..n)
+            .map(|index| {
+                let mut secret = [0u8; 32];
+                secret.copy_from_slice(&rng.bytes(32));
+                let id = DeviceKey::from_secret_bytes(secret).device_id();
+                Device::new(index, id, &mut rng)
+            })
+            .collect();
+        let ids: Vec<DeviceId> = devices.iter().map(|d| d.id).collect();
+        for device in &mut devices {
+            device.members = ids.iter().copied().filter(|id| *id != device.id).collect();
+        }
+        // Topology: a random spanning tree (so everything can reach everything), plus
+        // some extra links; a chain about a third of the time.
+        let mut allowed = BTreeSet::new();
+        let chain = rng.chance(33);
+        for b in 1..n {
+            let a = if chain { b - 1 } else { rng.index(b) };
+            allowed.insert(pair(a, b));
+        }
+        if !chain {
+            for _ in 0..rng.index(n) {
+                let (a, b) = (rng.index(n), rng.index(n));
+                if a != b {
+                    allowed.insert(pair(a, b));
+                }
+            }
+        }
+        let mut secret = [0u8; 32];
+        secret.copy_from_slice(&rng.bytes(32));
+        let intruder = DeviceKey::from_secret_bytes(secret).device_id();
+        let intruder_content = manifest_of(b"intruder's file, never to be synced").hash();
+        let mut world = Self {
+            config,
+            rng,
+            now: EPOCH_NS,
+            seq: 0,
+            queue: BTreeMap::new(),
+            devices,
+            allowed,
+            cut: BTreeSet::new(),
+            live: BTreeSet::new(),
+            epoch: BTreeMap::new(),
+            last_control: BTreeMap::new(),
+            scan_pending: vec![false; n],
+            versions: BTreeMap::new(),
+            intruder,
+            intruder_content,
+            active: true,
+            events: 0,
+            trace_hasher: blake3::Hasher::new(),
+            trace: VecDeque::new(),
+            stats: Stats::default(),
+        };
+        world.trace(format!(
+            "world: {n} devices, links {:?}{}",
+            world.allowed,
+            if chain { " (chain)" } else { "" }
+        ));
+        world
+    }
+
+    fn schedule(&mut self, delay: i64, event: Event) {
+        self.seq += 1;
+        self.queue
+            .insert((self.now + delay.max(0), self.seq), event);
+    }
+
+    fn trace(&mut self, line: String) {
+        let line = format!(
+            "{:>6} {:>9.3} {line}",
+            self.events,
+            (self.now - EPOCH_NS) as f64 / 1e9
+        );
+        self.trace_hasher.update(line.as_bytes());
+        self.trace_hasher.update(b"\n");
+        self.trace.push_back(line);
+        if !self.config.keep_trace && self.trace.len() > 40 {
+            self.trace.pop_front();
+        }
+    }
+
+    /// Runs the three phases and checks the invariants.
+    pub fn run(mut self, seed: u64) -> Outcome {
+        let violation = self.run_phases().err();
+        if let Some(v) = &violation {
+            self.trace(format!("VIOLATION {}: {}", v.invariant, v.detail));
+        }
+        let first = &self.devices[0];
+        self.stats.files = first.disk.files().len() as u64;
+        self.stats.conflict_copies = first
+            .disk
+            .files()
+            .iter()
+            .filter(|p| p.contains(weft_node::engine::CONFLICT_MARKER))
+            .count() as u64;
+        Outcome {
+            seed,
+            devices: self.devices.len(),
+            events: self.events,
+            trace_hash: *self.trace_hasher.finalize().as_bytes(),
+            trace: self.trace.into_iter().collect(),
+            violation,
+            stats: self.stats,
+        }
+    }
+
+    fn run_phases(&mut self) -> Result<(), Violation> {
+        let n = self.devices.len();
+        for index in 0..n {
+            self.devices[index].start(self.now);
+            let jitter = self.rng.below(FULL_SCAN as u64) as i64;
+            self.schedule(FULL_SCAN / 2 + jitter, Event::FullScan(index));
+            self.schedule(RETRY + index as i64 * MS, Event::Retry(index));
+            let first = self.rng.below(300) as i64 * MS;
+            self.schedule(first, Event::User(index));
+        }
+        self.refresh_links();
+        if self.config.faults {
+            let delay = self.rng.range(1_000, 8_000) as i64 * MS;
+            self.schedule(delay, Event::Partition);
+            let victim = self.rng.index(n);
+            let delay = self.rng.range(500, 6_000) as i64 * MS;
+            self.schedule(delay, Event::Crash(victim));
+            let full = self.rng.index(n);
+            let delay = self.rng.range(2_000, 20_000) as i64 * MS;
+            self.schedule(delay, Event::DiskFull(full));
+            for device in &mut self.devices {
+                device.disk.fail_percent = 2;
+            }
+        }
+        let delay = self.rng.range(100, 3_000) as i64 * MS;
+        self.schedule(delay, Event::Intruder);
+        self.drain_all()?;
+        // 1. Active.
+        while self.events < self.config.steps {
+            if !self.step()? {
+                break;
+            }
+        }
+        // 2. Heal.
+        self.active = false;
+        self.trace("heal: faults stop, devices restart, partitions heal".into());
+        for device in &mut self.devices {
+            device.disk.fail_percent = 0;
+            device.disk.full = false;
+        }
+        self.cut.clear();
+        for index in 0..n {
+            if !self.devices[index].up {
+                self.devices[index].start(self.now);
+                self.drain(index)?;
+            }
+        }
+        self.refresh_links();
+        self.drain_all()?;
+        // 3. Settle: run until quiet; then a full scan everywhere must change nothing.
+        let deadline = self.now + SETTLE_LIMIT;
+        loop {
+            self.run_until_quiet(deadline)?;
+            let before: Vec<usize> = self
+                .devices
+                .iter()
+                .map(|d| d.store.increments.len())
+                .collect();
+            for index in 0..n {
+                self.devices[index].full_scan(self.now);
+                self.drain(index)?;
+            }
+            self.run_until_quiet(deadline)?;
+            let after: Vec<usize> = self
+                .devices
+                .iter()
+                .map(|d| d.store.increments.len())
+                .collect();
+            if before == after {
+                break;
+            }
+        }
+        self.trace("quiet".into());
+        check::converged(self)?;
+        check::nothing_lost(self)?;
+        Ok(())
+    }
+
+    fn run_until_quiet(&mut self, deadline: i64) -> Result<(), Violation> {
+        while !self.quiet() {
+            if self.now > deadline {
+                return Err(Violation::new(
+                    "termination",
+                    format!(
+                        "not quiet {} s after healing: {}",
+                        SETTLE_LIMIT / 1_000_000_000,
+                        self.busy_summary()
+                    ),
+                ));
+            }
+            if !self.step()? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// No messages in flight and no scans due; every device idle, or waiting only to
+    /// retry downloads of content that no device holds any more (a version its
+    /// author's user overwrote before anyone fetched it: nothing can bring it back,
+    /// and the node retries at a slow, fixed pace, which is not a sync loop).
+    fn quiet(&mut self) -> bool {
+        let events_quiet = self.queue.values().all(|e| {
+            matches!(
+                e,
+                Event::FullScan(_)
+                    | Event::Retry(_)
+                    | Event::User(_)
+                    | Event::Intruder
+                    | Event::Timeout { .. }
+            )
+        });
+        if !events_quiet {
+            return false;
+        }
+        if self.devices.iter().all(Device::is_idle) {
+            return true;
+        }
+        let obtainable = |world: &World, entry: &Entry| -> bool {
+            let manifest = match &entry.content {
+                Content::Inline(manifest) => Some(manifest.clone()),
+                Content::Manifest(hash) => world
+                    .devices
+                    .iter()
+                    .find_map(|d| d.store.manifests.get(hash).cloned()),
+                _ => return true,
+            };
+            manifest.is_some_and(|m| {
+                m.blocks().iter().all(|b| {
+                    world
+                        .devices
+                        .iter()
+                        .any(|d| d.find_block(&b.hash).is_some())
+                })
+            })
+        };
+        let mut wants = Vec::new();
+        for device in &mut self.devices {
+            if !device.is_idle_but_failed() {
+                return false;
+            }
+            wants.extend(device.failed_wants());
+        }
+        wants.iter().all(|want| {
+            want.as_ref()
+                .is_some_and(|entry| !entry.deleted && !obtainable(self, entry))
+        })
+    }
+
+    fn busy_summary(&self) -> String {
+        let pending: Vec<String> = self
+            .queue
+            .values()
+            .filter(|e| !matches!(e, Event::FullScan(_) | Event::Retry(_) | Event::User(_)))
+            .take(5)
+            .map(|e| format!("{e:?}").chars().take(80).collect())
+            .collect();
+        let busy: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|d| !d.is_idle())
+            .map(|d| format!("dev{} downloading {:?}", d.index, d.downloading()))
+            .collect();
+        format!("events {pending:?}; devices {busy:?}")
+    }
+
+    /// Processes one event. `false` when nothing is left.
+    fn step(&mut self) -> Result<bool, Violation> {
+        let Some((&(time, seq), _)) = self.queue.iter().next() else {
+            return Ok(false);
+        };
+        let Some(event) = self.queue.remove(&(time, seq)) else {
+            return Ok(false);
+        };
+        self.now = self.now.max(time);
+        self.events += 1;
+        self.handle(event)?;
+        check::every_step(self)?;
+        Ok(true)
+    }
+
+    fn handle(&mut self, event: Event) -> Result<(), Violation> {
+        match event {
+            Event::User(index) => {
+                if self.active {
+                    self.user_op(index);
+                    let delay = self.rng.range(20, 600) as i64 * MS;
+                    self.schedule(delay, Event::User(index));
+                }
+                self.drain(index)?;
+            }
+            Event::ScanDirty(index) => {
+                self.scan_pending[index] = false;
+                if self.devices[index].up {
+                    self.trace(format!("dev{index} scans dirty paths"));
+                    self.devices[index].scan_dirty(self.now);
+                    self.drain(index)?;
+                }
+            }
+            Event::FullScan(index) => {
+                if self.devices[index].up {
+                    self.trace(format!("dev{index} full scan"));
+                    self.devices[index].full_scan(self.now);
+                    self.drain(index)?;
+                }
+                let jitter = self.rng.below(FULL_SCAN as u64 / 5) as i64;
+                self.schedule(FULL_SCAN + jitter, Event::FullScan(index));
+            }
+            Event::Retry(index) => {
+                if self.devices[index].up {
+                    self.devices[index].retry(self.now);
+                    self.drain(index)?;
+                }
+                self.schedule(RETRY, Event::Retry(index));
+            }
+            Event::Deliver {
+                from,
+                to,
+                epoch,
+                msg,
+            } => {
+                let link = pair(from, to);
+                let intruder = from == usize::MAX;
+                if !intruder && self.epoch.get(&link).copied().unwrap_or(0) != epoch
+                    || !self.devices[to].up
+                {
+                    self.stats.lost += 1;
+                    return Ok(());
+                }
+                self.stats.delivered += 1;
+                let sender = if intruder {
+                    self.intruder
+                } else {
+                    self.devices[from].id
+                };
+                self.trace(format!(
+                    "dev{to} <- {} {}",
+                    short_index(from),
+                    describe(&msg)
+                ));
+                self.devices[to].receive(sender, msg, self.now);
+                self.drain(to)?;
+            }
+            Event::Timeout { device, id } => {
+                if self.devices[device].up {
+                    self.devices[device].timeout(id, self.now);
+                    self.drain(device)?;
+                }
+            }
+            Event::Crash(index) => {
+                if self.active && self.devices[index].up {
+                    self.crash(index);
+                    let down = self.rng.range(200, 5_000) as i64 * MS;
+                    self.schedule(down, Event::Restart(index));
+                }
+                if self.active {
+                    let next = self.rng.index(self.devices.len());
+                    // Half of the crashes hit the moment after a download is renamed
+                    // into place and before the store records it.
+                    if self.rng.chance(50) {
+                        self.devices[next].crash_after_rename = true;
+                    }
+                    let delay = self.rng.range(1_000, 8_000) as i64 * MS;
+                    self.schedule(delay, Event::Crash(next));
+                }
+            }
+            Event::Restart(index) => {
+                if !self.devices[index].up {
+                    self.trace(format!("dev{index} restarts"));
+                    self.devices[index].start(self.now);
+                    self.drain(index)?;
+                    self.refresh_links();
+                }
+            }
+            Event::Partition => {
+                if self.active {
+                    let links: Vec<(usize, usize)> = self.allowed.iter().copied().collect();
+                    self.cut.clear();
+                    for link in links {
+                        if self.rng.chance(40) {
+                            self.cut.insert(link);
+                        }
+                    }
+                    self.trace(format!("partition: cut {:?}", self.cut));
+                    self.refresh_links();
+                    let heal = self.rng.range(500, 6_000) as i64 * MS;
+                    self.schedule(heal, Event::Heal);
+                }
+            }
+            Event::Heal => {
+                if self.active {
+                    self.cut.clear();
+                    self.trace("partition healed".into());
+                    self.refresh_links();
+                    let next = self.rng.range(1_000, 8_000) as i64 * MS;
+                    self.schedule(next, Event::Partition);
+                }
+            }
+            Event::DiskFull(index) => {
+                if self.active {
+                    self.trace(format!("dev{index} disk full"));
+                    self.devices[index].disk.full = true;
+                    let free = self.rng.range(300, 4_000) as i64 * MS;
+                    self.schedule(free, Event::DiskFreed(index));
+                }
+            }
+            Event::DiskFreed(index) => {
+                self.devices[index].disk.full = false;
+                self.trace(format!("dev{index} disk has space again"));
+                if self.active {
+                    let next = self.rng.index(self.devices.len());
+                    let delay = self.rng.range(3_000, 20_000) as i64 * MS;
+                    self.schedule(delay, Event::DiskFull(next));
+                }
+            }
+            Event::Intruder => self.intrude(),
+            Event::Reconnect => self.refresh_links(),
+        }
+        Ok(())
+    }
+
+    fn crash(&mut self, index: usize) {
+        self.stats.crashes += 1;
+        self.trace(format!("dev{index} crashes"));
+        self.devices[index].crash();
+        self.refresh_links();
+    }
+
+    /// Connects and disconnects links to match `allowed`, `cut` and devices being up.
+    fn refresh_links(&mut self) {
+        let links: Vec<(usize, usize)> = self.allowed.iter().copied().collect();
+        for (a, b) in links {
+            let should = !self.cut.contains(&(a, b)) && self.devices[a].up && self.devices[b].up;
+            let is = self.live.contains(&(a, b));
+            if should == is {
+                continue;
+            }
+            *self.epoch.entry((a, b)).or_default() += 1;
+            self.last_control.remove(&(a, b));
+            self.last_control.remove(&(b, a));
+            let (id_a, id_b) = (self.devices[a].id, self.devices[b].id);
+            if should {
+                self.live.insert((a, b));
+                self.trace(format!("link dev{a}-dev{b} up"));
+                self.devices[a].peer_connected(id_b, self.now);
+                self.devices[b].peer_connected(id_a, self.now);
+            } else {
+                self.live.remove(&(a, b));
+                self.trace(format!("link dev{a}-dev{b} down"));
+                if self.devices[a].up {
+                    self.devices[a].peer_disconnected(id_b, self.now);
+                }
+                if self.devices[b].up {
+                    self.devices[b].peer_disconnected(id_a, self.now);
+                }
+            }
+        }
+        // Connecting may have produced messages and crash points.
+        for index in 0..self.devices.len() {
+            let _ = self.drain(index);
+        }
+    }
+
+    fn drain_all(&mut self) -> Result<(), Violation> {
+        for index in 0..self.devices.len() {
+            self.drain(index)?;
+        }
+        Ok(())
+    }
+
+    /// Takes a device's output: log lines to the trace, messages to the network, the
+    /// versions its store observed, and a crash point it hit.
+    fn drain(&mut self, index: usize) -> Result<(), Violation> {
+        let log = std::mem::take(&mut self.devices[index].log);
+        for line in log {
+            self.trace(format!("dev{index}: {line}"));
+        }
+        for hash in std::mem::take(&mut self.devices[index].observed) {
+            if let Some(version) = self.versions.get_mut(&hash) {
+                version.observed = true;
+            }
+        }
+        if self.devices[index].crashed {
+            self.crash(index);
+            let down = self.rng.range(200, 3_000) as i64 * MS;
+            self.schedule(down, Event::Restart(index));
+            return Ok(());
+        }
+        let outbox = std::mem::take(&mut self.devices[index].outbox);
+        for (to_id, msg) in outbox {
+            let Some(to) = self.devices.iter().position(|d| d.id == to_id) else {
+                continue;
+            };
+            self.send(index, to, msg);
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, from: usize, to: usize, msg: Msg) {
+        let link = pair(from, to);
+        if !self.live.contains(&link) {
+            self.stats.lost += 1;
+            return;
+        }
+        let epoch = self.epoch.get(&link).copied().unwrap_or(0);
+        let faults = self.config.faults && self.active;
+        if let Some(id) = msg.request_id() {
+            self.schedule(REQUEST_TIMEOUT, Event::Timeout { device: from, id });
+        }
+        let latency = self.rng.range(1, 40) as i64 * MS;
+        if msg.is_control() {
+            // One ordered stream per direction. A full queue makes the node close the
+            // connection (net.rs), which comes back a moment later.
+            if faults && self.rng.chance(2) {
+                self.stats.lost += 1;
+                self.trace(format!(
+                    "dev{from} -> dev{to} control queue full: disconnect"
+                ));
+                self.cut.insert(link);
+                self.refresh_links();
+                self.cut.remove(&link);
+                let delay = self.rng.range(10, 500) as i64 * MS;
+                self.schedule(delay, Event::Reconnect);
+                return;
+            }
+            let at = (self.now + latency)
+                .max(self.last_control.get(&(from, to)).copied().unwrap_or(0) + 1);
+            self.last_control.insert((from, to), at);
+            self.seq += 1;
+            self.queue.insert(
+                (at, self.seq),
+                Event::Deliver {
+                    from,
+                    to,
+                    epoch,
+                    msg,
+                },
+            );
+            return;
+        }
+        // Block streams: independent, so they reorder; they may fail or repeat.
+        let mut msg = msg;
+        if faults {
+            if self.rng.chance(3) {
+                self.stats.lost += 1;
+                return;
+            }
+            if let Msg::Blocks { blocks, .. } = &mut msg
+                && self.rng.chance(3)
+                && let Some((_, Some(data))) = blocks.first_mut()
+                && !data.is_empty()
+            {
+                data[0] ^= 0x55;
+            }
+            if self.rng.chance(3) {
+                let again = self.rng.range(1, 60) as i64 * MS;
+                self.schedule(
+                    again,
+                    Event::Deliver {
+                        from,
+                        to,
+                        epoch,
+                        msg: msg.clone(),
+                    },
+                );
+            }
+        }
+        self.schedule(
+            latency,
+            Event::Deliver {
+                from,
+                to,
+                epoch,
+                msg,
+            },
+        );
+    }
+
+    /// An unaccepted device connects to device 0 and pushes its own version of the
+    /// folder: a sync message with an entry, and a block request.
+    fn intrude(&mut self) {
+        let mut secret = [0u8; 8];
+        secret.copy_from_slice(&self.rng.bytes(8));
+        let mut document =
+            FolderDocument::new(weft_protocol::document::actor_id(&self.intruder, secret));
+        let manifest = manifest_of(b"intruder's file, never to be synced");
+        let entry = Entry {
+            kind: EntryKind::File,
+            deleted: false,
+            size: manifest.size(),
+            mtime_ns: self.now,
+            mode: 0o644,
+            content: Content::Inline(manifest),
+            author: self.intruder,
+        };
+        let Ok(path) = RelPath::new(NAMES[0]) else {
+            return;
+        };
+        let _ = document.put(&path, &entry);
+        document.commit(self.now / MS, "intrusion");
+        let mut state = SyncState::new();
+        if let Some(bytes) = document.generate_sync_message(&mut state) {
+            self.trace("intruder -> dev0 sync message".into());
+            self.seq += 1;
+            self.queue.insert(
+                (self.now + MS, self.seq),
+                Event::Deliver {
+                    from: usize::MAX,
+                    to: 0,
+                    epoch: 0,
+                    msg: Msg::DocSync(bytes),
+                },
+            );
+        }
+        if self.active {
+            let next = self.rng.range(2_000, 10_000) as i64 * MS;
+            self.schedule(next, Event::Intruder);
+        }
+    }
+
+    /// The intruder's content hash (must never appear on an honest device).
+    pub fn intruder_content(&self) -> ManifestHash {
+        self.intruder_content
+    }
+
+    // ---- users --------------------------------------------------------------------
+
+    fn content(&mut self, large: bool) -> Vec<u8> {
+        let len = if large {
+            self.rng.range(300, 1_200)
+        } else {
+            self.rng.range(0, 90)
+        } as usize;
+        self.rng.bytes(len)
+    }
+
+    fn record_write(&mut self, index: usize, path: &str, data: &[u8]) {
+        self.versions
+            .entry(manifest_of(data).hash())
+            .or_insert_with(|| Version {
+                discarded: false,
+                observed: false,
+                origin: (index, path.to_owned()),
+            });
+    }
+
+    fn discard(&mut self, data: &[u8]) {
+        if let Some(version) = self.versions.get_mut(&manifest_of(data).hash()) {
+            version.discarded = true;
+        }
+    }
+
+    fn random_dir(&mut self, index: usize) -> Option<String> {
+        let mut dirs = vec![String::new()];
+        dirs.extend(self.devices[index].disk.directories());
+        let dir = self.rng.pick(&dirs)?.clone();
+        Some(dir)
+    }
+
+    fn join(dir: &str, name: &str) -> String {
+        if dir.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{dir}/{name}")
+        }
+    }
+
+    fn touched(&mut self, index: usize, paths: &[&str]) {
+        let device = &mut self.devices[index];
+        if !device.up {
+            return;
+        }
+        for path in paths {
+            if let Ok(path) = RelPath::new(path) {
+                device.dirty.insert(path);
+            }
+        }
+        if !self.scan_pending[index] {
+            self.scan_pending[index] = true;
+            self.schedule(DEBOUNCE, Event::ScanDirty(index));
+        }
+    }
+
+    /// One user action on device `index` (its node may be down: users edit offline).
+    fn user_op(&mut self, index: usize) {
+        self.stats.user_ops += 1;
+        let files = self.devices[index].disk.files();
+        let roll = self.rng.below(100);
+        let now = self.now;
+        match roll {
+            // Create a file.
+            0..=19 => {
+                let Some(dir) = self.random_dir(index) else {
+                    return;
+                };
+                let name = NAMES[self.rng.index(NAMES.len())];
+                let path = Self::join(&dir, name);
+                let large = self.rng.chance(25);
+                let data = self.content(large);
+                self.write(index, &path, data, "creates");
+            }
+            // Overwrite, edit in place, or append.
+            20..=39 => {
+                let Some(path) = self.rng.pick(&files).cloned() else {
+                    return;
+                };
+                let Some(old) = self.devices[index].disk.read(&path).map(<[u8]>::to_vec) else {
+                    return;
+                };
+                let data = match self.rng.below(3) {
+                    0 => {
+                        let large = self.rng.chance(25);
+                        self.content(large)
+                    }
+                    1 if !old.is_empty() => {
+                        let mut data = old.clone();
+                        let at = self.rng.index(data.len());
+                        data[at] = data[at].wrapping_add(1);
+                        data
+                    }
+                    _ => {
+                        let mut data = old.clone();
+                        let more = self.rng.range(1, 40) as usize;
+                        data.extend(self.rng.bytes(more));
+                        data
+                    }
+                };
+                self.write(index, &path, data, "modifies");
+            }
+            // Truncate.
+            40..=44 => {
+                let Some(path) = self.rng.pick(&files).cloned() else {
+                    return;
+                };
+                let Some(old) = self.devices[index].disk.read(&path).map(<[u8]>::to_vec) else {
+                    return;
+                };
+                let keep = self.rng.index(old.len() + 1);
+                self.write(index, &path, old[..keep].to_vec(), "truncates");
+            }
+            // Delete a file.
+            45..=54 => {
+                let Some(path) = self.rng.pick(&files).cloned() else {
+                    return;
+                };
+                let data = self.devices[index].disk.read(&path).map(<[u8]>::to_vec);
+                if self.devices[index]
+                    .disk
+                    .remove_file(&path, 100, false)
+                    .is_ok()
+                {
+                    if let Some(data) = data {
+                        self.discard(&data);
+                    }
+                    self.trace(format!("dev{index} user deletes {path}"));
+                    self.touched(index, &[&path]);
+                }
+            }
+            // Rename or move a file (possibly over another file).
+            55..=69 => {
+                let Some(from) = self.rng.pick(&files).cloned() else {
+                    return;
+                };
+                let Some(dir) = self.random_dir(index) else {
+                    return;
+                };
+                let name = NAMES[self.rng.index(NAMES.len())];
+                let to = Self::join(&dir, name);
+                let replaced = self.devices[index].disk.read(&to).map(<[u8]>::to_vec);
+                if self.devices[index]
+                    .disk
+                    .rename(&from, &to, 100, false)
+                    .is_ok()
+                {
+                    if let Some(data) = replaced
+                        && from != to
+                    {
+                        self.discard(&data);
+                    }
+                    self.trace(format!("dev{index} user moves {from} -> {to}"));
+                    self.touched(index, &[&from, &to]);
+                }
+            }
+            // Make a directory.
+            70..=77 => {
+                let Some(dir) = self.random_dir(index) else {
+                    return;
+                };
+                if dir.matches('/').count() >= 2 {
+                    return;
+                }
+                let name = DIRS[self.rng.index(DIRS.len())];
+                let path = Self::join(&dir, name);
+                if self.devices[index]
+                    .disk
+                    .create_dir_all(&path, 100, false)
+                    .is_ok()
+                {
+                    self.trace(format!("dev{index} user mkdir {path}"));
+                    self.touched(index, &[&path]);
+                }
+            }
+            // rm -rf a directory.
+            78..=80 => {
+                let dirs = self.devices[index].disk.directories();
+                let Some(dir) = self.rng.pick(&dirs).cloned() else {
+                    return;
+                };
+                let removed = self.devices[index].disk.remove_tree(&dir);
+                for data in &removed {
+                    self.discard(data);
+                }
+                self.trace(format!(
+                    "dev{index} user rm -rf {dir} ({} files)",
+                    removed.len()
+                ));
+                self.touched(index, &[&dir]);
+            }
+            // Move a directory.
+            81..=83 => {
+                let dirs = self.devices[index].disk.directories();
+                let Some(from) = self.rng.pick(&dirs).cloned() else {
+                    return;
+                };
+                let Some(dir) = self.random_dir(index) else {
+                    return;
+                };
+                let to = Self::join(&dir, DIRS[self.rng.index(DIRS.len())]);
+                if self.devices[index]
+                    .disk
+                    .rename(&from, &to, 100, false)
+                    .is_ok()
+                {
+                    self.trace(format!("dev{index} user moves dir {from} -> {to}"));
+                    self.touched(index, &[&from, &to]);
+                }
+            }
+            // chmod.
+            84..=87 => {
+                let Some(path) = self.rng.pick(&files).cloned() else {
+                    return;
+                };
+                if let Some(Node::File { data, mode, .. }) =
+                    self.devices[index].disk.get(&path).cloned()
+                {
+                    let new_mode = if mode & 0o111 == 0 { 0o755 } else { 0o644 };
+                    let _ = self.devices[index]
+                        .disk
+                        .write_file(&path, data, new_mode, now, 100, false);
+                    self.devices[index].disk.set_times(&path, new_mode, now);
+                    self.trace(format!("dev{index} user chmod {path} {new_mode:o}"));
+                    self.touched(index, &[&path]);
+                }
+            }
+            // A symlink (recorded, never followed).
+            88..=89 => {
+                let Some(dir) = self.random_dir(index) else {
+                    return;
+                };
+                let name = if self.rng.chance(50) {
+                    DIRS[self.rng.index(DIRS.len())]
+                } else {
+                    NAMES[self.rng.index(NAMES.len())]
+                };
+                let path = Self::join(&dir, name);
+                if self.devices[index]
+                    .disk
+                    .symlink("/etc", &path, 100, false)
+                    .is_ok()
+                {
+                    self.trace(format!("dev{index} user symlink {path} -> /etc"));
+                    self.touched(index, &[&path]);
+                }
+            }
+            // Edit a file this device is downloading right now.
+            90..=94 => {
+                let downloading = self.devices[index].downloading();
+                let Some(path) = self.rng.pick(&downloading).cloned() else {
+                    return;
+                };
+                let data = self.content(false);
+                if let Some(old) = self.devices[index]
+                    .disk
+                    .read(path.as_str())
+                    .map(<[u8]>::to_vec)
+                {
+                    self.discard(&old);
+                }
+                self.write(index, path.as_str(), data, "edits while it syncs in");
+            }
+            // The same file edited on two devices at once.
+            _ => {
+                let Some(path) = self.rng.pick(&files).cloned() else {
+                    return;
+                };
+                let other =
+                    (index + 1 + self.rng.index(self.devices.len() - 1)) % self.devices.len();
+                let mine = self.content(false);
+                self.write(index, &path, mine, "edits (concurrently)");
+                if self.devices[other].disk.read(&path).is_some() {
+                    let theirs = self.content(false);
+                    self.write(other, &path, theirs, "edits (concurrently)");
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, index: usize, path: &str, data: Vec<u8>, what: &str) {
+        let old = self.devices[index].disk.read(path).map(<[u8]>::to_vec);
+        let mode = match self.devices[index].disk.get(path) {
+            Some(Node::File { mode, .. }) => *mode,
+            _ => 0o644,
+        };
+        let len = data.len();
+        self.record_write(index, path, &data);
+        let now = self.now;
+        match self.devices[index]
+            .disk
+            .write_file(path, data, mode, now, 100, false)
+        {
+            Ok(()) => {
+                if let Some(old) = old {
+                    self.discard(&old);
+                }
+                self.trace(format!("dev{index} user {what} {path} ({len} B)"));
+                self.touched(index, &[path]);
+            }
+            Err(error) => self.trace(format!("dev{index} user cannot write {path}: {error:?}")),
+        }
+    }
+}
+
+fn short_index(index: usize) -> String {
+    if index == usize::MAX {
+        "intruder".into()
+    } else {
+        format!("dev{index}")
+    }
+}
+
+fn describe(msg: &Msg) -> String {
+    match msg {
+        Msg::DocSync(bytes) => format!("sync message ({} B)", bytes.len()),
+        Msg::ManifestRequest { id, .. } => format!("manifest request #{id}"),
+        Msg::ManifestResponse { id, manifest } => {
+            format!(
+                "manifest #{id} ({})",
+                if manifest.is_some() {
+                    "found"
+                } else {
+                    "missing"
+                }
+            )
+        }
+        Msg::BlockRequest { id, hashes } => {
+            format!("block request #{id} ({} blocks)", hashes.len())
+        }
+        Msg::Blocks { id, blocks } => format!(
+            "blocks #{id} ({} of {})",
+            blocks.iter().filter(|(_, b)| b.is_some()).count(),
+            blocks.len()
+        ),
+    }
+}
