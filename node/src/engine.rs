@@ -205,13 +205,27 @@ pub fn same_content(a: Option<&Entry>, b: Option<&Entry>) -> bool {
     }
 }
 
+/// True if `edit` was deleted by its own author afterwards: one of `values` is a
+/// tombstone by the same device, written at or after the edit's mtime. A device is
+/// sequential, so that delete came after the edit there; the edit is then not a
+/// concurrent edit but an old value (written again by a device resolving an earlier
+/// conflict), and it must not come back to life by "an edit beats a delete".
+pub fn deleted_by_author(edit: &Entry, values: &[Entry]) -> bool {
+    !edit.deleted
+        && values
+            .iter()
+            .any(|t| t.deleted && t.author == edit.author && t.mtime_ns >= edit.mtime_ns)
+}
+
 /// The winner among concurrent values, the same on every device: an edit beats a
-/// delete, then the newest mtime, then the larger device ID, then the larger encoding
-/// (so that even identical keys order totally).
+/// delete (unless its own author deleted it later, [`deleted_by_author`]), then the
+/// newest mtime, then the larger device ID, then the larger encoding (so that even
+/// identical keys order totally).
 pub fn pick_winner(values: &[Entry]) -> Option<&Entry> {
+    let live = |e: &Entry| !e.deleted && !deleted_by_author(e, values);
     values.iter().max_by(|a, b| {
-        (!a.deleted, a.mtime_ns, a.author)
-            .cmp(&(!b.deleted, b.mtime_ns, b.author))
+        (live(a), a.mtime_ns, a.author)
+            .cmp(&(live(b), b.mtime_ns, b.author))
             .then_with(|| a.encode().cmp(&b.encode()))
     })
 }
@@ -264,6 +278,25 @@ pub fn conflict_copy_path(path: &RelPath, mtime_ns: i64, author: &DeviceId) -> R
             .or_else(|| RelPath::new(&short).ok())
             .unwrap_or_else(|| path.clone())
     })
+}
+
+/// The `n`th alternative to a conflict-copy name (`n >= 2`), for when a device moves
+/// its own version aside and the name is taken (two losing versions written in the
+/// same second): `report.sync-conflict-20261127-090304-ABCDEFG-2.txt`.
+pub fn numbered_copy_path(copy: &RelPath, n: u32) -> Option<RelPath> {
+    let name = copy.file_name();
+    let marker = name.find(CONFLICT_MARKER)?;
+    // The extension (if any) follows the stamp and device: after the marker's tail.
+    let tail_start = marker + CONFLICT_MARKER.len();
+    let (stem, extension) = match name[tail_start..].find('.') {
+        Some(dot) => name.split_at(tail_start + dot),
+        None => (name, ""),
+    };
+    let numbered = format!("{stem}-{n}{extension}");
+    match copy.parent() {
+        Some(parent) => parent.join(&numbered).ok(),
+        None => RelPath::new(&numbered).ok(),
+    }
 }
 
 /// The entry a local row would publish, for conflict-copy naming and comparisons.
@@ -474,7 +507,10 @@ fn publish_or_keep(path: RelPath, mode: FolderMode, local_exists: bool) -> Vec<A
 fn plan_resolution(view: &PathView<'_>, values: &[Entry], winner: Entry) -> Vec<Action> {
     let mut copies: Vec<(RelPath, Entry)> = Vec::new();
     for loser in values {
-        if loser.deleted || same_content(Some(loser), Some(&winner)) {
+        if loser.deleted
+            || deleted_by_author(loser, values)
+            || same_content(Some(loser), Some(&winner))
+        {
             continue;
         }
         let copy_path = conflict_copy_path(view.path, loser.mtime_ns, &loser.author);
@@ -733,6 +769,45 @@ mod tests {
     }
 
     #[test]
+    fn an_edit_its_author_deleted_later_does_not_come_back() {
+        let (a, b) = (device(1), device(2));
+        // B wrote a version at t=1 and deleted it at t=5; a device resolving an older
+        // conflict wrote B's version again, concurrently with the delete.
+        let rewritten = remote_file(2, b, 1_000_000_000);
+        let deleted = tombstone(b, 5_000_000_000);
+        assert_eq!(
+            pick_winner(&[rewritten.clone(), deleted.clone()]),
+            Some(&deleted)
+        );
+        // A concurrent edit by another device still beats the delete, and B's old
+        // version gets no conflict copy: its author deleted it.
+        let other = remote_file(3, a, 900_000_000);
+        let values = vec![rewritten, deleted, other.clone()];
+        assert_eq!(pick_winner(&values), Some(&other));
+        let path = path();
+        let actions = plan_path(
+            &PathView {
+                path: &path,
+                local: None,
+                synced: None,
+                remote: Remote::Conflict(values),
+            },
+            FolderMode::SendReceive,
+            &device(9),
+        );
+        let Action::Resolve { copies, .. } = &actions[0] else {
+            panic!("{actions:?}")
+        };
+        assert!(copies.is_empty(), "{copies:?}");
+        // A delete by the author *before* its edit does not count.
+        let later = remote_file(4, b, 9_000_000_000);
+        assert_eq!(
+            pick_winner(&[later.clone(), tombstone(b, 5_000_000_000)]),
+            Some(&later)
+        );
+    }
+
+    #[test]
     fn conflict_copy_names() {
         let id = device(1);
         let at = |text: &str, mtime: i64| {
@@ -757,6 +832,17 @@ mod tests {
             at("x.tar.gz", 0),
             format!("x.tar.sync-conflict-19700101-000000-{short}.gz")
         );
+        let copy = RelPath::new(&at("a/b/report.txt", mtime)).unwrap();
+        assert_eq!(
+            numbered_copy_path(&copy, 2).unwrap().to_string(),
+            format!("a/b/report.sync-conflict-20261127-090304-{short}-2.txt")
+        );
+        let copy = RelPath::new(&at("Makefile", mtime)).unwrap();
+        assert_eq!(
+            numbered_copy_path(&copy, 3).unwrap().to_string(),
+            format!("Makefile.sync-conflict-20261127-090304-{short}-3")
+        );
+        assert_eq!(numbered_copy_path(&path(), 2), None);
         let long = format!("{}.txt", "n".repeat(250));
         assert!(at(&long, mtime).starts_with("conflict.sync-conflict-"));
     }

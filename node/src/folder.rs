@@ -1073,13 +1073,36 @@ impl FolderActor {
                     rescan.insert(path);
                     return;
                 }
+                let mut expected = expected;
+                if expected
+                    .as_ref()
+                    .is_some_and(|e| e.kind == EntryKind::Directory)
+                    && entry.kind != EntryKind::Directory
+                {
+                    // A directory replaced by a file or symlink: only an empty one can
+                    // go. One still holding files stays and is published again (an
+                    // edit inside wins over the replacement).
+                    remove_temp_files(&absolute);
+                    if let Err(error) = std::fs::remove_dir(&absolute) {
+                        tracing::info!(folder = %self.record.id, %path, %error, "directory kept: it still holds files");
+                        if self.recorder.mode == FolderMode::SendReceive && local.is_some() {
+                            self.publish(&path, local);
+                        }
+                        rescan.insert(path);
+                        return;
+                    }
+                    expected = None;
+                }
                 match entry.kind {
                     EntryKind::Directory => {
                         if let Some(expected) = &expected
                             && expected.kind != EntryKind::Directory
                         {
-                            // A file replaced by a directory: keep its content.
-                            self.keep_version(&absolute, expected, None);
+                            // A file replaced by a directory: keep its content first.
+                            if !self.keep_version(&absolute, expected, None) {
+                                self.failed.insert(path);
+                                return;
+                            }
                             let _ = std::fs::remove_file(&absolute);
                         }
                         if let Err(error) = std::fs::create_dir_all(&absolute) {
@@ -1115,8 +1138,12 @@ impl FolderActor {
                     rescan.insert(path);
                     return;
                 }
-                if expected.kind == EntryKind::File {
-                    self.keep_version(&absolute, &expected, None);
+                if expected.kind == EntryKind::File
+                    && !self.keep_version(&absolute, &expected, None)
+                {
+                    // Never destroy what could not be kept; try again later.
+                    self.failed.insert(path);
+                    return;
                 }
                 if expected.kind == EntryKind::Directory {
                     remove_temp_files(&absolute);
@@ -1161,11 +1188,25 @@ impl FolderActor {
             }
             Action::MoveToConflictCopy { path, to, expected } => {
                 let from = root.join(path.as_str());
-                let target = root.join(to.as_str());
-                if !disk_matches(&from, Some(&expected)) || target.exists() {
+                if !disk_matches(&from, Some(&expected)) {
                     rescan.insert(path);
                     return;
                 }
+                // The name is taken (an earlier version moved aside in the same
+                // second): number this one.
+                let mut to = to;
+                let mut n = 2;
+                while std::fs::symlink_metadata(root.join(to.as_str())).is_ok() {
+                    match engine::numbered_copy_path(&to, n) {
+                        Some(next) if n < 1000 => to = next,
+                        _ => {
+                            tracing::warn!(folder = %self.record.id, %path, "no free conflict-copy name");
+                            return;
+                        }
+                    }
+                    n += 1;
+                }
+                let target = root.join(to.as_str());
                 match std::fs::rename(&from, &target) {
                     Ok(()) => {
                         tracing::info!(folder = %self.record.id, %path, copy = %to, "conflict: local version kept as a conflict copy");
@@ -1353,8 +1394,19 @@ impl FolderActor {
             if let Some(parent) = absolute.parent() {
                 let _ = std::fs::create_dir_all(parent);
             }
-            if let Some(old) = &expected {
-                self.keep_version(&absolute, old, Some(&fetched.manifest));
+            if let Some(old) = &expected
+                && !self.keep_version(&absolute, old, Some(&fetched.manifest))
+            {
+                // The old version could not be kept (disk full?): leave it in place
+                // and retry; the verified temp file is resumed.
+                if let Some(reply) = restore {
+                    let _ = reply.send(Err(format!(
+                        "{path}: the current version could not be kept in the version store; nothing replaced"
+                    )));
+                } else {
+                    self.failed.insert(path);
+                }
+                continue;
             }
             if let Err(error) = std::fs::rename(&fetched.temp, &absolute) {
                 tracing::warn!(folder = %self.record.id, %path, %error, "cannot move the downloaded file into place");
@@ -1401,17 +1453,20 @@ impl FolderActor {
     }
 
     /// Keeps the blocks of the local file about to be replaced (by `new`) or deleted.
+    /// Returns false if the version should have been kept and could not be (the
+    /// caller must then leave the file alone): no version history configured, or no
+    /// manifest to keep by, counts as kept.
     fn keep_version(
         &self,
         absolute: &std::path::Path,
         old: &LocalEntry,
         new: Option<&weft_protocol::Manifest>,
-    ) {
+    ) -> bool {
         let Some(versions) = &self.settings.versions else {
-            return;
+            return true;
         };
         if old.kind != EntryKind::File {
-            return;
+            return true;
         }
         let manifest = old
             .manifest
@@ -1424,8 +1479,10 @@ impl FolderActor {
                     .unwrap_or_default(),
             )
         {
-            tracing::warn!(folder = %self.record.id, path = %absolute.display(), %error, "could not keep the old version");
+            tracing::warn!(folder = %self.record.id, path = %absolute.display(), %error, "could not keep the old version; the file is left in place and retried");
+            return false;
         }
+        true
     }
 
     fn versions(&mut self, path: &RelPath) -> Vec<VersionInfo> {

@@ -287,6 +287,49 @@ impl Device {
             .collect()
     }
 
+    /// Each known path's local, synced and document state, for traces.
+    pub fn describe_rows(&mut self) -> Vec<String> {
+        let short = |hash: Option<ManifestHash>| {
+            hash.map_or("-".to_owned(), |h| h.to_hex()[..8].to_owned())
+        };
+        let describe = |entry: &Entry| {
+            if entry.deleted {
+                "deleted".to_owned()
+            } else {
+                format!("{:?} {}", entry.kind, short(entry.content.manifest_hash()))
+            }
+        };
+        let mut paths: BTreeSet<RelPath> = self.store.local.keys().cloned().collect();
+        paths.extend(self.store.synced.keys().cloned());
+        paths.extend(self.doc.entries().filter_map(Result::ok).map(|e| e.path));
+        paths
+            .iter()
+            .map(|path| {
+                let local = self.store.local.get(path).map_or("-".to_owned(), |l| {
+                    format!("{:?} {}", l.kind, short(l.manifest))
+                });
+                let synced = self.store.synced.get(path).map_or("-".to_owned(), |s| {
+                    format!(
+                        "{} / {:?}",
+                        describe(&s.entry),
+                        s.local.as_ref().map(|l| short(l.manifest))
+                    )
+                });
+                let remote = match remote_of(&self.doc, path) {
+                    Remote::Absent => "-".to_owned(),
+                    Remote::Value(entry) => describe(&entry),
+                    Remote::Conflict(values) => {
+                        format!(
+                            "conflict {:?}",
+                            values.iter().map(describe).collect::<Vec<_>>()
+                        )
+                    }
+                };
+                format!("{path}: local {local}; synced {synced}; document {remote}")
+            })
+            .collect()
+    }
+
     /// Paths being downloaded now.
     pub fn downloading(&self) -> Vec<RelPath> {
         self.downloads.keys().cloned().collect()
@@ -793,13 +836,34 @@ impl Device {
                     rescan.insert(path);
                     return;
                 }
+                let mut expected = expected;
+                if expected
+                    .as_ref()
+                    .is_some_and(|e| e.kind == EntryKind::Directory)
+                    && entry.kind != EntryKind::Directory
+                {
+                    self.disk.remove_temp_files(disk_path(&path));
+                    let roll = self.roll();
+                    if let Err(error) = self.disk.remove_dir(disk_path(&path), roll, true) {
+                        self.note(format!("directory {path} kept: {error:?}"));
+                        if local.is_some() {
+                            self.publish(&path, local);
+                        }
+                        rescan.insert(path);
+                        return;
+                    }
+                    expected = None;
+                }
                 let roll = self.roll();
                 match entry.kind {
                     EntryKind::Directory => {
                         if let Some(expected) = &expected
                             && expected.kind != EntryKind::Directory
                         {
-                            self.keep_version(&path, expected);
+                            if !self.keep_version(&path, expected) {
+                                self.failed.insert(path);
+                                return;
+                            }
                             let roll = self.roll();
                             let _ = self.disk.remove_file(disk_path(&path), roll, true);
                         }
@@ -834,8 +898,9 @@ impl Device {
                     rescan.insert(path);
                     return;
                 }
-                if expected.kind == EntryKind::File {
-                    self.keep_version(&path, &expected);
+                if expected.kind == EntryKind::File && !self.keep_version(&path, &expected) {
+                    self.failed.insert(path);
+                    return;
                 }
                 if expected.kind == EntryKind::Directory {
                     self.disk.remove_temp_files(disk_path(&path));
@@ -846,7 +911,7 @@ impl Device {
                     _ => self.disk.remove_file(disk_path(&path), roll, true),
                 };
                 match removed {
-                    Ok(()) => {}
+                    Ok(()) => self.note(format!("removed {path}")),
                     Err(error) if expected.kind == EntryKind::Directory => {
                         let children: Vec<RelPath> = self
                             .store
@@ -872,11 +937,18 @@ impl Device {
                 rescan.insert(path);
             }
             Action::MoveToConflictCopy { path, to, expected } => {
-                if !self.disk_matches(&path, Some(&expected))
-                    || self.disk.get(disk_path(&to)).is_some()
-                {
+                if !self.disk_matches(&path, Some(&expected)) {
                     rescan.insert(path);
                     return;
+                }
+                let mut to = to;
+                let mut n = 2;
+                while self.disk.get(disk_path(&to)).is_some() {
+                    match engine::numbered_copy_path(&to, n) {
+                        Some(next) if n < 1000 => to = next,
+                        _ => return,
+                    }
+                    n += 1;
                 }
                 let roll = self.roll();
                 match self
@@ -921,13 +993,23 @@ impl Device {
 
     /// Keeps the content of the local file at `path` (about to be replaced or deleted)
     /// in the version store, if it still is what `old` says.
-    fn keep_version(&mut self, path: &RelPath, old: &LocalEntry) {
+    /// False if the version could not be kept (disk full): the caller leaves the
+    /// file alone and retries.
+    fn keep_version(&mut self, path: &RelPath, old: &LocalEntry) -> bool {
         let (Some(hash), Some(data)) = (old.manifest, self.disk.read(disk_path(path))) else {
-            return;
+            return true;
         };
-        if manifest_of(data).hash() == hash && !self.disk.full {
-            self.store.versions.insert(hash, data.to_vec());
+        if manifest_of(data).hash() != hash {
+            return true;
         }
+        if self.disk.full {
+            self.note(format!(
+                "could not keep the old version of {path}: disk full; left in place"
+            ));
+            return false;
+        }
+        self.store.versions.insert(hash, data.to_vec());
+        true
     }
 
     // ---- fetching (fetch.rs) ------------------------------------------------------
@@ -1266,8 +1348,11 @@ impl Device {
             let roll = self.roll();
             let _ = self.disk.create_dir_all(dir, roll, true);
         }
-        if let Some(old) = &download.expected {
-            self.keep_version(path, old);
+        if let Some(old) = &download.expected
+            && !self.keep_version(path, old)
+        {
+            self.failed.insert(path.clone());
+            return;
         }
         let mode = if entry.mode & 0o777 == 0 {
             0o644
@@ -1281,6 +1366,7 @@ impl Device {
             return;
         }
         self.store.progress.remove(&temp);
+        self.note(format!("wrote {path} ({})", &manifest.hash().to_hex()[..8]));
         if self.crash_after_rename {
             self.crashed = true;
             self.note(format!(

@@ -262,6 +262,40 @@ impl World {
         if let Some(v) = &violation {
             self.trace(format!("VIOLATION {}: {}", v.invariant, v.detail));
         }
+        if self.config.keep_trace {
+            for index in 0..self.devices.len() {
+                let lines: Vec<String> = self.devices[index]
+                    .disk
+                    .nodes()
+                    .map(|(path, node)| match node {
+                        Node::File { data, .. } => {
+                            format!(
+                                "dev{index} has {path} {}",
+                                &manifest_of(data).hash().to_hex()[..8]
+                            )
+                        }
+                        Node::Dir => format!("dev{index} has {path}/"),
+                        Node::Symlink { target, .. } => {
+                            format!("dev{index} has {path} -> {target}")
+                        }
+                    })
+                    .collect();
+                for line in lines {
+                    self.trace(line);
+                }
+                let rows = self.devices[index].describe_rows();
+                for line in rows {
+                    self.trace(format!("dev{index} row {line}"));
+                }
+                let versions: Vec<String> = self.devices[index]
+                    .store
+                    .versions
+                    .keys()
+                    .map(|h| h.to_hex()[..8].to_owned())
+                    .collect();
+                self.trace(format!("dev{index} version store {versions:?}"));
+            }
+        }
         let first = &self.devices[0];
         self.stats.files = first.disk.files().len() as u64;
         self.stats.conflict_copies = first
@@ -1095,6 +1129,7 @@ impl World {
             _ => 0o644,
         };
         let len = data.len();
+        let hash = manifest_of(&data).hash();
         self.record_write(index, path, &data);
         let now = self.now;
         match self.devices[index]
@@ -1105,7 +1140,10 @@ impl World {
                 if let Some(old) = old {
                     self.discard(&old);
                 }
-                self.trace(format!("dev{index} user {what} {path} ({len} B)"));
+                self.trace(format!(
+                    "dev{index} user {what} {path} ({len} B, {})",
+                    &hash.to_hex()[..8]
+                ));
                 self.touched(index, &[path]);
             }
             Err(error) => self.trace(format!("dev{index} user cannot write {path}: {error:?}")),
