@@ -47,6 +47,18 @@ pub fn manifest_of(data: &[u8]) -> Manifest {
     Manifest::from_blocks(blocks).unwrap_or_else(|_| Manifest::empty())
 }
 
+/// A deliberately broken shell, to show that the invariants catch real bugs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Sabotage {
+    /// The shell as the node has it.
+    #[default]
+    None,
+    /// Skip the pre-replace check (act on a disk that changed since the scan).
+    NoPreReplaceCheck,
+    /// Never keep replaced versions.
+    NoVersionStore,
+}
+
 /// What the node's redb store holds for the folder (survives crashes).
 #[derive(Clone, Debug, Default)]
 pub struct Store {
@@ -60,6 +72,8 @@ pub struct Store {
     pub manifests: BTreeMap<ManifestHash, Manifest>,
     /// The version store: old contents by manifest hash.
     pub versions: BTreeMap<ManifestHash, Vec<u8>>,
+    /// Document increments committed, ever (compaction does not reset it).
+    pub commits: u64,
     /// Download progress: verified block indexes per temp file.
     pub progress: BTreeMap<String, BTreeSet<usize>>,
 }
@@ -146,6 +160,8 @@ pub struct Device {
     pub crash_after_rename: bool,
     /// The armed crash point was hit.
     pub crashed: bool,
+    /// A bug planted on purpose (tests of the checker).
+    pub sabotage: Sabotage,
     /// Bad blocks received per peer.
     pub bad_blocks: BTreeMap<DeviceId, u64>,
     /// Messages to send.
@@ -189,6 +205,7 @@ impl Device {
             up: false,
             crash_after_rename: false,
             crashed: false,
+            sabotage: Sabotage::None,
             bad_blocks: BTreeMap::new(),
             outbox: Vec::new(),
             observed: Vec::new(),
@@ -489,7 +506,7 @@ impl Device {
                 self.unsaved = increment;
             } else {
                 self.unsaved.clear();
-                self.store.increments.push(increment);
+                self.push_increment(increment);
             }
         }
         let changed = self.doc.changed_paths(&before);
@@ -629,7 +646,7 @@ impl Device {
         }
         self.unsaved.clear();
         if !increment.is_empty() {
-            self.store.increments.push(increment);
+            self.push_increment(increment);
         }
         for change in batch {
             match change {
@@ -676,7 +693,7 @@ impl Device {
         self.unsaved.clear();
         if !increment.is_empty() {
             self.published = true;
-            self.store.increments.push(increment);
+            self.push_increment(increment);
         }
         for (path, synced) in synced_updates {
             self.store.synced.insert(path, synced);
@@ -691,6 +708,17 @@ impl Device {
         paths.extend(self.store.synced.keys().cloned());
         paths.extend(self.doc.entries().filter_map(Result::ok).map(|e| e.path));
         self.plan_paths(paths.into_iter().collect());
+    }
+
+    /// Appends a committed increment; compacts like the node's store does.
+    fn push_increment(&mut self, increment: Vec<u8>) {
+        self.store.increments.push(increment);
+        self.store.commits += 1;
+        // The node compacts after DOC_INCREMENTS_BEFORE_COMPACTION; sooner here keeps
+        // reloads after crashes cheap (the result is the same document).
+        if self.store.increments.len() >= 32 {
+            self.store.increments = vec![self.doc.save()];
+        }
     }
 
     fn increment(&mut self) -> Vec<u8> {
@@ -785,6 +813,9 @@ impl Device {
     }
 
     fn disk_matches(&self, path: &RelPath, expected: Option<&LocalEntry>) -> bool {
+        if self.sabotage == Sabotage::NoPreReplaceCheck {
+            return true;
+        }
         engine::disk_unchanged(self.disk.lstat(disk_path(path)).as_ref(), expected)
     }
 
@@ -999,7 +1030,7 @@ impl Device {
         let (Some(hash), Some(data)) = (old.manifest, self.disk.read(disk_path(path))) else {
             return true;
         };
-        if manifest_of(data).hash() != hash {
+        if manifest_of(data).hash() != hash || self.sabotage == Sabotage::NoVersionStore {
             return true;
         }
         if self.disk.full {

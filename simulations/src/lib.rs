@@ -20,6 +20,7 @@ pub mod rng;
 pub mod world;
 
 pub use check::Violation;
+pub use device::Sabotage;
 pub use world::{Config, Outcome, World};
 
 /// Runs one seed.

@@ -26,6 +26,12 @@ enum Command {
         #[command(flatten)]
         shape: Shape,
     },
+    /// Runs the planner property check (CanopyCheck-style) on CASES random cases.
+    Planner {
+        /// How many cases.
+        #[arg(long, default_value_t = 100_000)]
+        cases: u64,
+    },
     /// Reruns one seed and prints its whole trace.
     Replay {
         /// The seed.
@@ -65,6 +71,7 @@ impl Shape {
             steps: self.steps,
             faults: !self.no_faults,
             keep_trace,
+            ..Config::default()
         })
     }
 }
@@ -76,6 +83,21 @@ fn main() -> anyhow::Result<()> {
             first,
             shape,
         } => run(seeds, first, &shape),
+        Command::Planner { cases } => {
+            let started = Instant::now();
+            let mut most_rounds = 0;
+            for case in 0..cases {
+                match weft_simulations::planner::check_case(case) {
+                    Ok(rounds) => most_rounds = most_rounds.max(rounds),
+                    Err(error) => bail!("planner case {case}: {error}"),
+                }
+            }
+            println!(
+                "{cases} planner cases converged and kept every edit (at most {most_rounds} rounds); {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         Command::Replay { seed, shape } => {
             let outcome = simulate(seed, shape.config(seed, true).context("bad --devices")?);
             for line in &outcome.trace {

@@ -211,42 +211,113 @@ fn generate(rng: &mut Rng) -> Trees {
         };
         trees.local.insert(path(text), entry);
     }
-    let apply_remote =
-        |trees: &mut Trees, shape: &Shape, author: DeviceId, mtime: i64, concurrent: bool| {
-            for text in PATHS {
-                let before = base.get(text);
-                let after = shape.get(text);
-                if before == after {
-                    continue;
-                }
-                let value = match after {
-                    Some(version) => trees.remote_entry(*version, mtime, author, *version == 0),
-                    None => {
-                        let Some(current) = trees
-                            .remote
-                            .get(&path(text))
-                            .and_then(|v| v.first())
-                            .cloned()
-                        else {
-                            continue;
-                        };
-                        engine::tombstone(&current, mtime, author)
-                    }
-                };
-                let values = trees.remote.entry(path(text)).or_default();
-                if concurrent && !values.is_empty() {
-                    values.push(value);
-                } else {
-                    *values = vec![value];
-                }
+    let apply_remote = |trees: &mut Trees,
+                        shape: &Shape,
+                        author: DeviceId,
+                        mtime: i64,
+                        against: Option<&Shape>| {
+        for text in PATHS {
+            let before = base.get(text);
+            let after = shape.get(text);
+            if before == after {
+                continue;
             }
-        };
-    apply_remote(&mut trees, &remote, other, 3_000, false);
+            let value = match after {
+                Some(version) => trees.remote_entry(*version, mtime, author, *version == 0),
+                None => {
+                    let Some(current) = trees
+                        .remote
+                        .get(&path(text))
+                        .and_then(|v| v.first())
+                        .cloned()
+                    else {
+                        continue;
+                    };
+                    engine::tombstone(&current, mtime, author)
+                }
+            };
+            let values = trees.remote.entry(path(text)).or_default();
+            // Concurrent only where the other writer changed the path too; where it
+            // did not, this writer saw the base value and supersedes it.
+            let both_changed = against.is_some_and(|other| other.get(text) != before);
+            if both_changed && !values.is_empty() {
+                values.push(value);
+            } else {
+                *values = vec![value];
+            }
+        }
+    };
+    apply_remote(&mut trees, &remote, other, 3_000, None);
     if let Some(shape) = concurrent {
         // Concurrent with `remote`: values on paths both changed stand side by side.
-        apply_remote(&mut trees, &shape, third, 4_000, true);
+        apply_remote(&mut trees, &shape, third, 4_000, Some(&remote));
     }
     trees
+}
+
+fn short(hash: Option<ManifestHash>) -> String {
+    hash.map_or("-".into(), |h| h.to_hex()[..6].to_owned())
+}
+
+fn show_entry(entry: &Entry) -> String {
+    if entry.deleted {
+        format!("deleted@{}", entry.mtime_ns)
+    } else if entry.kind == EntryKind::Directory {
+        "dir".into()
+    } else {
+        format!(
+            "{}@{}",
+            short(entry.content.manifest_hash()),
+            entry.mtime_ns
+        )
+    }
+}
+
+/// A compact picture of the trees, one line per path.
+fn show(trees: &Trees) -> String {
+    all_paths(trees)
+        .iter()
+        .map(|path| {
+            let local = trees.local.get(path).map_or("-".into(), |l| match l.kind {
+                EntryKind::Directory => "dir".into(),
+                _ => short(l.manifest),
+            });
+            let synced = trees
+                .synced
+                .get(path)
+                .map_or("-".into(), |s| show_entry(&s.entry));
+            let remote: Vec<String> = trees
+                .remote
+                .get(path)
+                .map(|v| v.iter().map(show_entry).collect())
+                .unwrap_or_default();
+            format!("  {path}: local {local}, synced {synced}, remote {remote:?}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn show_action(action: &Action) -> String {
+    match action {
+        Action::MarkSynced { path, .. } => format!("mark_synced {path}"),
+        Action::Publish { path } => format!("publish {path}"),
+        Action::Apply { path, entry, .. } => format!("apply {path} {}", show_entry(entry)),
+        Action::Remove { path, .. } => format!("remove {path}"),
+        Action::MoveToConflictCopy { path, to, .. } => format!("conflict_copy {path} -> {to}"),
+        Action::Resolve {
+            path,
+            winner,
+            copies,
+        } => format!(
+            "resolve {path} winner {} copies {:?}",
+            show_entry(winner),
+            copies
+                .iter()
+                .map(|(p, e)| format!("{p}={}", show_entry(e)))
+                .collect::<Vec<_>>()
+        ),
+        Action::KeepLocal { path } => format!("keep_local {path}"),
+    }
 }
 
 fn remote_of(trees: &Trees, path: &RelPath) -> Remote {
@@ -276,9 +347,11 @@ fn edits(trees: &Trees) -> BTreeSet<ManifestHash> {
             edits.insert(hash);
         }
     }
-    for values in trees.remote.values() {
+    for (path, values) in &trees.remote {
+        let synced = trees.synced.get(path).map(|s| &s.entry);
         for value in values {
             if !value.deleted
+                && !engine::same_content(Some(value), synced)
                 && let Some(hash) = value.content.manifest_hash()
             {
                 edits.insert(hash);
@@ -294,7 +367,8 @@ pub fn check_case(seed: u64) -> Result<usize, String> {
     let mut trees = generate(&mut rng);
     let me = device(1);
     let must_keep = edits(&trees);
-    let start = format!("{trees:#?}");
+    let start = show(&trees);
+    let mut log = Vec::new();
     for round in 0..40 {
         let mut planned: Vec<(Action, Option<LocalEntry>)> = Vec::new();
         for path in all_paths(&trees) {
@@ -311,17 +385,23 @@ pub fn check_case(seed: u64) -> Result<usize, String> {
             }
         }
         if planned.is_empty() {
-            return verify(&trees, &must_keep)
-                .map(|()| round)
-                .map_err(|e| format!("{e}\nstart: {start}"));
+            return verify(&trees, &must_keep).map(|()| round).map_err(|e| {
+                format!(
+                    "{e}\nstart:\n{start}\nactions:\n  {}\nend:\n{}",
+                    log.join("\n  "),
+                    show(&trees)
+                )
+            });
         }
         rng.shuffle(&mut planned);
         for (action, local) in planned {
+            log.push(format!("round {round}: {}", show_action(&action)));
             apply(&mut trees, action, local.as_ref(), me);
         }
     }
     Err(format!(
-        "still planning after 40 rounds\nstart: {start}\nnow: {trees:#?}"
+        "still planning after 40 rounds\nstart:\n{start}\nnow:\n{}",
+        show(&trees)
     ))
 }
 
@@ -467,11 +547,18 @@ fn apply(trees: &mut Trees, action: Action, planned_local: Option<&LocalEntry>, 
             trees.local.remove(&path);
         }
         Action::MoveToConflictCopy { path, to, expected } => {
-            if !parents_ok(trees, &path)
-                || !unchanged(trees, &path, Some(&expected))
-                || trees.local.contains_key(&to)
-            {
+            if !parents_ok(trees, &path) || !unchanged(trees, &path, Some(&expected)) {
                 return;
+            }
+            // As the shell does: a taken name gets a number.
+            let mut to = to;
+            let mut n = 2;
+            while trees.local.contains_key(&to) {
+                match engine::numbered_copy_path(&to, n) {
+                    Some(next) => to = next,
+                    None => return,
+                }
+                n += 1;
             }
             let moved: Vec<RelPath> = trees
                 .local

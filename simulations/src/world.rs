@@ -19,7 +19,7 @@ use weft_protocol::document::{Content, Entry, EntryKind, FolderDocument, SyncSta
 use weft_protocol::{DeviceId, DeviceKey, ManifestHash, RelPath};
 
 use crate::check::{self, Violation};
-use crate::device::{Device, Msg, manifest_of};
+use crate::device::{Device, Msg, Sabotage, manifest_of};
 use crate::disk::Node;
 use crate::rng::Rng;
 
@@ -52,6 +52,8 @@ pub struct Config {
     pub faults: bool,
     /// Keep the whole trace (replay), not just its tail.
     pub keep_trace: bool,
+    /// A bug planted in every device's shell (tests of the checker).
+    pub sabotage: Sabotage,
 }
 
 impl Default for Config {
@@ -61,6 +63,7 @@ impl Default for Config {
             steps: 1500,
             faults: true,
             keep_trace: false,
+            sabotage: Sabotage::None,
         }
     }
 }
@@ -184,6 +187,7 @@ impl World {
             .collect();
         let ids: Vec<DeviceId> = devices.iter().map(|d| d.id).collect();
         for device in &mut devices {
+            device.sabotage = config.sabotage;
             device.members = ids.iter().copied().filter(|id| *id != device.id).collect();
         }
         // Topology: a random spanning tree (so everything can reach everything), plus
@@ -368,21 +372,13 @@ impl World {
         let deadline = self.now + SETTLE_LIMIT;
         loop {
             self.run_until_quiet(deadline)?;
-            let before: Vec<usize> = self
-                .devices
-                .iter()
-                .map(|d| d.store.increments.len())
-                .collect();
+            let before: Vec<u64> = self.devices.iter().map(|d| d.store.commits).collect();
             for index in 0..n {
                 self.devices[index].full_scan(self.now);
                 self.drain(index)?;
             }
             self.run_until_quiet(deadline)?;
-            let after: Vec<usize> = self
-                .devices
-                .iter()
-                .map(|d| d.store.increments.len())
-                .collect();
+            let after: Vec<u64> = self.devices.iter().map(|d| d.store.commits).collect();
             if before == after {
                 break;
             }
