@@ -1203,7 +1203,7 @@ impl Device {
         let mut key = blake3::Hasher::new();
         key.update(path.as_str().as_bytes());
         key.update(manifest.hash().as_bytes());
-        let name = format!("{}", &key.finalize().to_hex()[..16]);
+        let name = key.finalize().to_hex()[..16].to_owned();
         let temp = temp_beside(path, &name);
         if let Some(dir) = parent(disk_path(path)) {
             let roll = self.roll();

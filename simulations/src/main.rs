@@ -151,7 +151,7 @@ fn run(seeds: u64, first: u64, shape: &Shape) -> anyhow::Result<()> {
                 if config.faults { "" } else { " --no-faults" }
             );
         }
-        if (seed - first + 1) % 100 == 0 {
+        if (seed - first + 1).is_multiple_of(100) {
             eprintln!("... {} seeds, {failures} failing", seed - first + 1);
         }
     }
