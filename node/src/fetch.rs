@@ -27,7 +27,7 @@ use crate::net::NetHandle;
 use crate::store::Store;
 
 /// Blocks per request: a few MiB per round trip with the default chunk size.
-pub const BATCH_BLOCKS: usize = 32;
+pub const BATCH_BLOCKS: usize = 8;
 /// Requests in flight per file.
 pub const BATCHES_IN_FLIGHT: usize = 4;
 /// Times a block is asked for (from different peers where possible) before giving up.

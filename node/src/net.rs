@@ -41,6 +41,10 @@ pub const BLOCKS_PROTOCOL: StreamProtocol = StreamProtocol::new("/weft/blocks/1"
 pub const CONTROL_QUEUE: usize = 256;
 /// Blocks a responder reads per trip to the blocking pool (and holds at once).
 pub const READ_GROUP: usize = 8;
+/// Blocks held in memory for serving, across every request from every peer: what
+/// bounds a sending node's memory however many downloads peers run (each block is
+/// at most the folder's max chunk size, 1 MiB by default; 256 KiB on average).
+pub const SERVE_SLOTS: usize = 48;
 /// How long a block or manifest request may take before the peer is given up on.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -483,14 +487,16 @@ async fn accept_blocks(
     source: Arc<dyn BlockSource>,
     shared: Arc<Shared>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(SERVE_SLOTS));
     while let Some((peer, stream)) = incoming.next().await {
         let Ok(device) = DeviceId::try_from_peer_id(&peer) else {
             continue;
         };
         let source = source.clone();
         let counters = shared.counters(&device);
+        let slots = slots.clone();
         tokio::spawn(async move {
-            if let Err(reason) = serve_request(device, stream, source, &counters).await {
+            if let Err(reason) = serve_request(device, stream, source, &counters, &slots).await {
                 tracing::warn!(device = %device, %reason, "block request refused");
             }
         });
@@ -502,6 +508,7 @@ async fn serve_request(
     mut stream: libp2p::Stream,
     source: Arc<dyn BlockSource>,
     counters: &Counters,
+    slots: &tokio::sync::Semaphore,
 ) -> Result<(), String> {
     let request = read_frame(&mut stream, counters)
         .await?
@@ -522,6 +529,11 @@ async fn serve_request(
                     .unwrap_or(false)
             };
             for group in hashes.chunks(READ_GROUP) {
+                // Held until the group is written out ([`SERVE_SLOTS`]).
+                let _slots = slots
+                    .acquire_many(group.len() as u32)
+                    .await
+                    .map_err(|_| "shutting down".to_owned())?;
                 let blocks: Vec<Option<Vec<u8>>> = if allowed {
                     let source = source.clone();
                     let folder = folder.clone();
@@ -537,8 +549,9 @@ async fn serve_request(
                 } else {
                     Vec::new()
                 };
-                for (index, hash) in group.iter().enumerate() {
-                    let message = match blocks.get(index).cloned().flatten() {
+                let mut blocks = blocks.into_iter();
+                for hash in group {
+                    let message = match blocks.next().flatten() {
                         Some(data) => Message::Block(Block {
                             request_id,
                             hash: *hash,
