@@ -32,6 +32,10 @@ pub const BATCH_BLOCKS: usize = 8;
 pub const BATCHES_IN_FLIGHT: usize = 4;
 /// Times a block is asked for (from different peers where possible) before giving up.
 pub const BLOCK_ATTEMPTS: usize = 3;
+/// Failed requests (not missing blocks) a download survives.
+pub const MAX_REQUEST_FAILURES: usize = 50;
+/// Pause before a failed request is sent again, times the failures so far.
+pub const REQUEST_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What a download needs from the node.
 #[derive(Clone)]
@@ -198,6 +202,7 @@ pub async fn fetch_file(
             hashes.chunks(BATCH_BLOCKS).map(<[_]>::to_vec).collect();
         queue.reverse();
         let mut round = 0usize;
+        let mut stream_failures = 0usize;
         let file = Arc::new(
             OpenOptions::new()
                 .write(true)
@@ -253,8 +258,17 @@ pub async fn fetch_file(
                     }
                 }
                 Err(error) => {
-                    tracing::debug!(peer = %peer, %error, "block request failed");
-                    retry.extend(batch);
+                    // A failed request (stream refused or reset under load) says
+                    // nothing about the blocks: ask again after a growing pause, from
+                    // the next peer, without counting it as the blocks' absence.
+                    stream_failures += 1;
+                    if stream_failures > MAX_REQUEST_FAILURES {
+                        return Err(format!("block requests keep failing: {error}"));
+                    }
+                    tracing::debug!(peer = %peer, %error, "block request failed; asking again");
+                    let pause = REQUEST_RETRY_PAUSE * stream_failures.min(20) as u32;
+                    tokio::time::sleep(pause).await;
+                    queue.push(batch);
                 }
             }
             for hash in retry {

@@ -34,10 +34,10 @@ use crate::store::{FolderRecord, LocalChange, Store, StoreError};
 pub const MAX_DIRTY_PATHS: usize = 10_000;
 /// A burst of events delays its scan by at most this many debounce periods.
 pub const MAX_DEBOUNCE_FACTOR: u32 = 5;
-/// Changes per store transaction during a scan (also committed at least every second).
+/// Changes per store transaction during a scan (also committed every [`BATCH_INTERVAL`]).
 pub const BATCH_CHANGES: usize = 2_000;
-/// Longest wait before a pending batch is committed.
-pub const BATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait before a pending batch is committed and offered to peers.
+pub const BATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// Files downloading at once per folder: enough to hide round trips with many small
 /// files, few enough to bound memory, streams and open temp files.
 pub const MAX_DOWNLOADS: usize = 32;
@@ -700,6 +700,8 @@ impl FolderActor {
             let mut batch = Vec::new();
             let mut last_commit = Instant::now();
             let recorder = &mut self.recorder;
+            let peers = &mut self.peers;
+            let network = &self.network;
             let summary = self
                 .scanner
                 .scan(&scope, &previous, &shared.progress, &mut |change| {
@@ -707,6 +709,28 @@ impl FolderActor {
                     if batch.len() >= BATCH_CHANGES || last_commit.elapsed() >= BATCH_INTERVAL {
                         recorder.commit(std::mem::take(&mut batch), &previous);
                         last_commit = Instant::now();
+                        // Offer each committed batch at once: peers start fetching
+                        // while the rest of a long scan goes on.
+                        if recorder.published
+                            && let Some(network) = network
+                        {
+                            recorder.published = false;
+                            for (device, state) in peers.iter_mut() {
+                                if let Some(message) =
+                                    recorder.document.generate_sync_message(state)
+                                {
+                                    let _ = network.net.send(
+                                        device,
+                                        weft_protocol::wire::Message::DocSync(
+                                            weft_protocol::wire::DocSync {
+                                                folder: recorder.folder.clone(),
+                                                sync_message: message,
+                                            },
+                                        ),
+                                    );
+                                }
+                            }
+                        }
                     }
                 });
             self.recorder.commit(batch, &previous);
