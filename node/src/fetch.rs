@@ -90,15 +90,27 @@ async fn manifest_of(context: &FetchContext, entry: &Entry) -> Result<Manifest, 
             if let Ok(Some(manifest)) = context.store.manifest(hash) {
                 return Ok(manifest);
             }
-            for peer in &context.peers {
+            // Each peer is asked; a failed request (not an answer "missing") is asked
+            // again after a growing pause, like block requests.
+            let mut failures = 0usize;
+            let mut peers: std::collections::VecDeque<DeviceId> =
+                context.peers.iter().copied().collect();
+            while let Some(peer) = peers.pop_front() {
                 match context
                     .net
-                    .fetch_manifest(peer, &context.folder, *hash)
+                    .fetch_manifest(&peer, &context.folder, *hash)
                     .await
                 {
                     Ok(Some(manifest)) => return Ok(manifest),
                     Ok(None) => {}
-                    Err(error) => tracing::debug!(%error, "manifest request failed"),
+                    Err(error) => {
+                        failures += 1;
+                        tracing::debug!(%error, "manifest request failed; asking again");
+                        if failures <= MAX_REQUEST_FAILURES {
+                            tokio::time::sleep(REQUEST_RETRY_PAUSE * failures.min(20) as u32).await;
+                            peers.push_back(peer);
+                        }
+                    }
                 }
             }
             Err(format!("no connected device has manifest {hash}"))
