@@ -716,19 +716,7 @@ impl FolderActor {
                         {
                             recorder.published = false;
                             for (device, state) in peers.iter_mut() {
-                                if let Some(message) =
-                                    recorder.document.generate_sync_message(state)
-                                {
-                                    let _ = network.net.send(
-                                        device,
-                                        weft_protocol::wire::Message::DocSync(
-                                            weft_protocol::wire::DocSync {
-                                                folder: recorder.folder.clone(),
-                                                sync_message: message,
-                                            },
-                                        ),
-                                    );
-                                }
+                                send_sync_to(network, recorder, *device, state);
                             }
                         }
                     }
@@ -807,6 +795,25 @@ fn disk_matches(absolute: &std::path::Path, expected: Option<&LocalEntry>) -> bo
     engine::disk_unchanged(actual.as_ref(), expected)
 }
 
+/// Sends `device` the next automerge sync message of the folder's document, if the
+/// peer lacks anything.
+fn send_sync_to(
+    network: &Network,
+    recorder: &mut Recorder,
+    device: DeviceId,
+    state: &mut weft_protocol::document::SyncState,
+) {
+    if let Some(message) = recorder.document.generate_sync_message(state) {
+        let message = weft_protocol::wire::Message::DocSync(weft_protocol::wire::DocSync {
+            folder: recorder.folder.clone(),
+            sync_message: message,
+        });
+        if let Err(error) = network.net.send(&device, message) {
+            tracing::debug!(folder = %recorder.folder, %error, "sync message not sent");
+        }
+    }
+}
+
 /// Removes the node's temp files directly inside `dir`: downloads abandoned there
 /// (their version was superseded or deleted) would keep a deleted directory alive.
 fn remove_temp_files(dir: &std::path::Path) {
@@ -863,15 +870,7 @@ impl FolderActor {
         let Some(state) = self.peers.get_mut(&device) else {
             return;
         };
-        if let Some(message) = self.recorder.document.generate_sync_message(state) {
-            let message = weft_protocol::wire::Message::DocSync(weft_protocol::wire::DocSync {
-                folder: self.record.id.clone(),
-                sync_message: message,
-            });
-            if let Err(error) = network.net.send(&device, message) {
-                tracing::debug!(folder = %self.record.id, %error, "sync message not sent");
-            }
-        }
+        send_sync_to(network, &mut self.recorder, device, state);
     }
 
     fn broadcast(&mut self) {
