@@ -71,6 +71,20 @@ pub struct Disk {
     pub escapes: Vec<String>,
 }
 
+/// What `lstat` says of every directory here (the scanner records mtime 0 and no inode
+/// for directories).
+pub fn directory_entry() -> LocalEntry {
+    LocalEntry {
+        kind: EntryKind::Directory,
+        size: 0,
+        mtime_ns: 0,
+        mode: 0o755,
+        inode: 0,
+        manifest: None,
+        symlink_target: None,
+    }
+}
+
 /// The parent of a path (`None` at the top).
 pub fn parent(path: &str) -> Option<&str> {
     path.rsplit_once('/').map(|(parent, _)| parent)
@@ -115,15 +129,7 @@ impl Disk {
                 manifest: None,
                 symlink_target: None,
             },
-            Node::Dir => LocalEntry {
-                kind: EntryKind::Directory,
-                size: 0,
-                mtime_ns: 0,
-                mode: 0o755,
-                inode: 0,
-                manifest: None,
-                symlink_target: None,
-            },
+            Node::Dir => directory_entry(),
             Node::Symlink { target, inode } => LocalEntry {
                 kind: EntryKind::Symlink,
                 size: 0,

@@ -19,6 +19,7 @@ use weft_protocol::document::{Content, Entry, EntryKind};
 use weft_protocol::{DeviceId, DeviceKey, Manifest, ManifestHash, RelPath};
 
 use crate::device::manifest_of;
+use crate::disk::directory_entry;
 use crate::rng::Rng;
 
 /// Paths the trees are made of: nested, so parents and children interact.
@@ -421,15 +422,10 @@ fn parents_ok(trees: &Trees, path: &RelPath) -> bool {
 fn make_parents(trees: &mut Trees, path: &RelPath) {
     let mut at = path.parent();
     while let Some(dir) = at {
-        trees.local.entry(dir.clone()).or_insert(LocalEntry {
-            kind: EntryKind::Directory,
-            size: 0,
-            mtime_ns: 0,
-            mode: 0o755,
-            inode: 0,
-            manifest: None,
-            symlink_target: None,
-        });
+        trees
+            .local
+            .entry(dir.clone())
+            .or_insert_with(directory_entry);
         at = dir.parent();
     }
 }
