@@ -729,6 +729,7 @@ impl FolderActor {
         let finished_ms = u64::try_from(now_ns() / 1_000_000).unwrap_or(0);
         let mut summary = summary;
         summary.problems.extend(ignore_problems);
+        remove_abandoned_temp_files(&summary.temp_files);
         let problems = summary.problems.clone();
         self.recorder.shared.update(|status| {
             status.state = FolderState::Idle;
@@ -772,6 +773,9 @@ impl FolderActor {
     }
 }
 
+/// Age (since the last write) at which a temp file counts as abandoned.
+pub const ABANDONED_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
+
 /// Longest chain of plan -> act -> rescan -> plan rounds after one trigger; real
 /// convergence takes two or three, so more means a bug, logged rather than looped.
 pub const MAX_PLAN_ROUNDS: usize = 8;
@@ -810,6 +814,30 @@ fn send_sync_to(
         });
         if let Err(error) = network.net.send(&device, message) {
             tracing::debug!(folder = %recorder.folder, %error, "sync message not sent");
+        }
+    }
+}
+
+/// Removes temp files nothing has written to for [`ABANDONED_TEMP_AGE`]: downloads of
+/// versions that were superseded or deleted while they ran, or of a folder that was
+/// left. A download in progress writes to its temp file, so it is never that old;
+/// one that is (resumed after days) starts over.
+fn remove_abandoned_temp_files(temp_files: &[PathBuf]) {
+    let now = SystemTime::now();
+    for temp in temp_files {
+        let old = std::fs::symlink_metadata(temp)
+            .ok()
+            .filter(|m| m.file_type().is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|modified| now.duration_since(modified).ok())
+            .is_some_and(|age| age >= ABANDONED_TEMP_AGE);
+        if old {
+            match std::fs::remove_file(temp) {
+                Ok(()) => tracing::info!(temp = %temp.display(), "removed an abandoned temp file"),
+                Err(error) => {
+                    tracing::debug!(temp = %temp.display(), %error, "cannot remove an abandoned temp file")
+                }
+            }
         }
     }
 }

@@ -92,6 +92,8 @@ pub struct ScanSummary {
     pub changes: u64,
     /// Paths that could not be scanned.
     pub problems: Vec<Problem>,
+    /// The node's temp files the walk passed (`.weft.tmp.*`), for cleanup.
+    pub temp_files: Vec<PathBuf>,
 }
 
 /// A folder's scanner: its root, chunk parameters and ignore rules.
@@ -142,6 +144,8 @@ struct Walk {
     problems: Vec<Problem>,
     /// Stored rows inside these paths are kept: they could not be read, not deleted.
     unreadable: Vec<RelPath>,
+    /// The node's temp files passed on the way.
+    temp_files: Vec<PathBuf>,
     /// The folder root itself could not be listed (unmounted disk, permissions): keep
     /// every stored row rather than report the whole folder deleted.
     root_unreadable: bool,
@@ -300,6 +304,7 @@ impl Scanner {
             }
         }
         summary.problems = std::mem::take(&mut walk.problems);
+        summary.temp_files = std::mem::take(&mut walk.temp_files);
         let observed = walk.observed;
 
         // Directories and symlinks need no hashing; files only when metadata changed.
@@ -540,7 +545,12 @@ impl Scanner {
                 let path = match path {
                     Ok(path) => path,
                     // `.weft` and temp files are reserved: not ours to sync, not a problem.
-                    Err(weft_protocol::PathError::Reserved(_)) => continue,
+                    Err(weft_protocol::PathError::Reserved(_)) => {
+                        if name.starts_with(TEMP_PREFIX) {
+                            walk.temp_files.push(dir_entry.path());
+                        }
+                        continue;
+                    }
                     Err(error) => {
                         walk.problem(
                             dir_entry.path().display().to_string(),

@@ -476,3 +476,39 @@ fn status_without_a_node_says_how_to_start_one() {
             .contains("weft run")
     );
 }
+
+#[test]
+fn a_scan_removes_temp_files_abandoned_for_a_day_and_keeps_recent_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("folder");
+    fs::create_dir_all(root.join("sub")).unwrap();
+    fs::write(root.join("sub/real.txt"), b"real").unwrap();
+    let old = root.join("sub/.weft.tmp.0123456789abcdef01234567");
+    let fresh = root.join(".weft.tmp.fedcba9876543210fedcba98");
+    fs::write(&old, b"abandoned download").unwrap();
+    fs::write(&fresh, b"download in progress").unwrap();
+    let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
+    fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(two_days_ago)
+        .unwrap();
+    let config = NodeConfig {
+        watch: false,
+        ..NodeConfig::default()
+    };
+    let node = TestNode::start(&dir.path().join("home"), &config);
+    let folder = node.add_folder(&root, "temps");
+    node.scan(&folder);
+    assert!(!old.exists(), "the abandoned temp file is still there");
+    assert!(fresh.exists(), "a recent temp file was removed");
+    assert_eq!(fs::read(root.join("sub/real.txt")).unwrap(), b"real");
+    // Temp files are never recorded as the folder's files.
+    let tree = recorded(&node, &folder);
+    assert!(
+        tree.keys().all(|path| !path.contains(".weft.tmp.")),
+        "{tree:?}"
+    );
+    assert!(tree.contains_key("sub/real.txt"));
+}
