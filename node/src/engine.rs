@@ -173,7 +173,10 @@ pub fn local_matches(local: Option<&LocalEntry>, entry: Option<&Entry>) -> bool 
                         && local.manifest == entry.content.manifest_hash()
                         && local.mode & 0o777 == entry.mode & 0o777
                 }
-                EntryKind::Directory => true,
+                // A mode of 0 says nothing (entries that carry none).
+                EntryKind::Directory => {
+                    entry.mode & 0o777 == 0 || local.mode & 0o777 == entry.mode & 0o777
+                }
                 EntryKind::Symlink => match &entry.content {
                     Content::Symlink(target) => local.symlink_target.as_ref() == Some(target),
                     _ => false,
@@ -197,7 +200,11 @@ pub fn same_content(a: Option<&Entry>, b: Option<&Entry>) -> bool {
                         a.content.manifest_hash() == b.content.manifest_hash()
                             && a.mode & 0o777 == b.mode & 0o777
                     }
-                    EntryKind::Directory => true,
+                    EntryKind::Directory => {
+                        a.mode & 0o777 == 0
+                            || b.mode & 0o777 == 0
+                            || a.mode & 0o777 == b.mode & 0o777
+                    }
                     EntryKind::Symlink => a.content == b.content,
                 }
         }
@@ -480,9 +487,15 @@ pub fn plan_path(view: &PathView<'_>, mode: FolderMode, device: &DeviceId) -> Ve
         // Edited on both sides: keep ours as a conflict copy, then take theirs.
         (Some(local), true) => {
             if local.kind == EntryKind::Directory
-                && remote.is_some_and(|e| e.kind == EntryKind::Directory)
+                && let Some(entry) = remote.filter(|e| e.kind == EntryKind::Directory)
             {
-                return Vec::new();
+                // Both changed a directory's mode: the document's wins (the same on
+                // every device); the contents are planned path by path.
+                return vec![Action::Apply {
+                    path,
+                    entry: entry.clone(),
+                    expected: Some(local.clone()),
+                }];
             }
             vec![Action::MoveToConflictCopy {
                 to: conflict_copy_path(&path, local_mtime(local), device),
@@ -766,6 +779,52 @@ mod tests {
             kinds(&resolve(vec![same.clone(), same], None)),
             vec!["apply"]
         );
+    }
+
+    #[test]
+    fn directory_modes_are_content() {
+        let dir = |mode: u32| LocalEntry {
+            kind: EntryKind::Directory,
+            size: 0,
+            mtime_ns: 0,
+            mode,
+            inode: 0,
+            manifest: None,
+            symlink_target: None,
+        };
+        let entry = |mode: u32| Entry {
+            kind: EntryKind::Directory,
+            deleted: false,
+            size: 0,
+            mtime_ns: 1,
+            mode,
+            content: Content::None,
+            author: device(1),
+        };
+        let plan_dir = |local: u32, synced: u32, remote: u32| {
+            let path = path();
+            let synced = SyncedEntry {
+                entry: entry(synced),
+                local: Some(dir(synced)),
+            };
+            kinds(&plan_path(
+                &PathView {
+                    path: &path,
+                    local: Some(&dir(local)),
+                    synced: Some(&synced),
+                    remote: Remote::Value(entry(remote)),
+                },
+                FolderMode::SendReceive,
+                &device(9),
+            ))
+        };
+        assert_eq!(plan_dir(0o755, 0o755, 0o700), vec!["apply"]);
+        assert_eq!(plan_dir(0o700, 0o755, 0o755), vec!["publish"]);
+        // Both changed: the document's mode, never a conflict copy of a directory.
+        assert_eq!(plan_dir(0o750, 0o755, 0o700), vec!["apply"]);
+        assert_eq!(plan_dir(0o700, 0o755, 0o700), vec!["mark_synced"]);
+        // An entry without a mode matches any directory.
+        assert!(local_matches(Some(&dir(0o755)), Some(&entry(0))));
     }
 
     #[test]

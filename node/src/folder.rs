@@ -1158,6 +1158,12 @@ impl FolderActor {
                         }
                         if let Err(error) = std::fs::create_dir_all(&absolute) {
                             tracing::warn!(folder = %self.record.id, %path, %error, "cannot create directory");
+                        } else if entry.mode & 0o777 != 0 {
+                            use std::os::unix::fs::PermissionsExt;
+                            let mode = std::fs::Permissions::from_mode(entry.mode & 0o7777);
+                            if let Err(error) = std::fs::set_permissions(&absolute, mode) {
+                                tracing::warn!(folder = %self.record.id, %path, %error, "cannot set the directory's mode");
+                            }
                         }
                         rescan.insert(path);
                     }

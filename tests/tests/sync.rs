@@ -304,3 +304,46 @@ fn a_view_only_device_receives_but_keeps_its_edits_local() {
         "a view-only device's file reached A"
     );
 }
+
+#[test]
+fn directory_modes_sync_both_ways() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root_a = dir.path().join("folder_a");
+    let root_b = dir.path().join("folder_b");
+    fs::create_dir_all(root_a.join("private/inner")).unwrap();
+    fs::write(root_a.join("private/inner/f.txt"), b"x").unwrap();
+    fs::set_permissions(root_a.join("private"), fs::Permissions::from_mode(0o700)).unwrap();
+    let config = NodeConfig::default();
+    let a = TestNode::start(&dir.path().join("home_a"), &config);
+    let b = TestNode::start(&dir.path().join("home_b"), &config);
+    connect(&a, &b);
+    a.add_folder(&root_a, "modes");
+    a.share_with("modes", &b, &root_b);
+    wait_converged(&[&root_a, &root_b], &[&a, &b], CONVERGE);
+    let mode = |path: &std::path::Path| {
+        fs::metadata(path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0)
+    };
+    let arrived = wait_for(CONVERGE, || mode(&root_b.join("private")) == 0o700);
+    assert!(
+        arrived.is_some(),
+        "B's directory mode is {:o}:\n{}",
+        mode(&root_b.join("private")),
+        b.log()
+    );
+    // A change of mode on B goes back to A.
+    fs::set_permissions(
+        root_b.join("private/inner"),
+        fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+    let back = wait_for(CONVERGE, || mode(&root_a.join("private/inner")) == 0o750);
+    assert!(
+        back.is_some(),
+        "A's directory mode is {:o}:\n{}",
+        mode(&root_a.join("private/inner")),
+        a.log()
+    );
+}
