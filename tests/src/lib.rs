@@ -322,6 +322,19 @@ impl TestNode {
     }
 }
 
+/// Connects each node to the next (only neighbours know each other), adds `roots[0]`
+/// on the first node as folder `label`, and shares it along the chain: node `i`
+/// invites node `i + 1`, which accepts into `roots[i + 1]`.
+pub fn share_along(nodes: &[&TestNode], roots: &[&Path], label: &str) {
+    for pair in nodes.windows(2) {
+        connect(pair[0], pair[1]);
+    }
+    nodes[0].add_folder(roots[0], label);
+    for (index, pair) in nodes.windows(2).enumerate() {
+        pair[0].share_with(label, pair[1], roots[index + 1]);
+    }
+}
+
 /// Connects two nodes both ways (each accepts the other with its address).
 pub fn connect(a: &TestNode, b: &TestNode) {
     a.add_device(b);

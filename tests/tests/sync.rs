@@ -4,7 +4,7 @@ use std::fs;
 use std::time::Duration;
 
 use weft_tests::{
-    NodeConfig, TestNode, connect, pseudo_random, wait_converged, wait_for, write_tree,
+    NodeConfig, TestNode, connect, pseudo_random, share_along, wait_converged, wait_for, write_tree,
 };
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -23,13 +23,9 @@ fn three_devices_in_a_chain_converge_after_every_kind_of_change() {
     let b = TestNode::start(&dir.path().join("home_b"), &config);
     let c = TestNode::start(&dir.path().join("home_c"), &config);
     // Only A-B and B-C know each other.
-    connect(&a, &b);
-    connect(&b, &c);
-    a.add_folder(&roots[0], "chain");
-    a.share_with("chain", &b, &roots[1]);
-    b.share_with("chain", &c, &roots[2]);
     let nodes = [&a, &b, &c];
     let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
+    share_along(&nodes, &paths, "chain");
     let first = wait_converged(&paths, &nodes, CONVERGE);
     assert!(first.contains_key("d000/f5.bin") && first.contains_key("big.bin"));
 
@@ -77,12 +73,8 @@ fn concurrent_offline_edits_keep_every_version_as_a_conflict_copy() {
     let a = TestNode::start(&dir.path().join("home_a"), &config);
     let b = TestNode::start(&dir.path().join("home_b"), &config);
     let c = TestNode::start(&dir.path().join("home_c"), &config);
-    connect(&a, &b);
-    connect(&b, &c);
-    a.add_folder(&roots[0], "conf");
-    a.share_with("conf", &b, &roots[1]);
-    b.share_with("conf", &c, &roots[2]);
     let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
+    share_along(&[&a, &b, &c], &paths, "conf");
     wait_converged(&paths, &[&a, &b, &c], CONVERGE);
 
     // B, the only link between A and C, goes offline; A and C edit the same file.
@@ -204,9 +196,7 @@ fn old_versions_are_listed_and_restored_and_the_restore_syncs_back() {
     let config = NodeConfig::default();
     let a = TestNode::start(&dir.path().join("home_a"), &config);
     let b = TestNode::start(&dir.path().join("home_b"), &config);
-    connect(&a, &b);
-    a.add_folder(&root_a, "v");
-    a.share_with("v", &b, &root_b);
+    share_along(&[&a, &b], &[&root_a, &root_b], "v");
     wait_converged(&[&root_a, &root_b], &[&a, &b], CONVERGE);
     let second = pseudo_random(200_000, 2);
     fs::write(root_a.join("notes.bin"), &second).unwrap();
@@ -317,9 +307,7 @@ fn directory_modes_sync_both_ways() {
     let config = NodeConfig::default();
     let a = TestNode::start(&dir.path().join("home_a"), &config);
     let b = TestNode::start(&dir.path().join("home_b"), &config);
-    connect(&a, &b);
-    a.add_folder(&root_a, "modes");
-    a.share_with("modes", &b, &root_b);
+    share_along(&[&a, &b], &[&root_a, &root_b], "modes");
     wait_converged(&[&root_a, &root_b], &[&a, &b], CONVERGE);
     let mode = |path: &std::path::Path| {
         fs::metadata(path)
