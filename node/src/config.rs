@@ -28,6 +28,9 @@ pub struct Config {
     pub watch: bool,
     /// Days that versions replaced or deleted by remote changes are kept.
     pub version_retention_days: u64,
+    /// Seconds after its last change (write, chmod, mtime) at which one of the node's
+    /// temp files counts as abandoned and a scan removes it.
+    pub temp_file_expiry_s: u64,
 }
 
 impl Default for Config {
@@ -40,6 +43,7 @@ impl Default for Config {
             full_rescan_interval_s: 3600,
             watch: true,
             version_retention_days: 30,
+            temp_file_expiry_s: 24 * 3600,
         }
     }
 }

@@ -82,6 +82,8 @@ pub struct FolderSettings {
     pub versions: Option<crate::versions::VersionStore>,
     /// How long kept versions stay.
     pub version_retention: Duration,
+    /// Age since its last change at which a temp file counts as abandoned.
+    pub temp_file_expiry: Duration,
 }
 
 /// What the folder is doing.
@@ -729,7 +731,7 @@ impl FolderActor {
         let finished_ms = u64::try_from(now_ns() / 1_000_000).unwrap_or(0);
         let mut summary = summary;
         summary.problems.extend(ignore_problems);
-        remove_abandoned_temp_files(&summary.temp_files);
+        remove_abandoned_temp_files(&summary.temp_files, self.settings.temp_file_expiry);
         let problems = summary.problems.clone();
         self.recorder.shared.update(|status| {
             status.state = FolderState::Idle;
@@ -773,9 +775,6 @@ impl FolderActor {
     }
 }
 
-/// Age (since the last write) at which a temp file counts as abandoned.
-pub const ABANDONED_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
-
 /// Longest chain of plan -> act -> rescan -> plan rounds after one trigger; real
 /// convergence takes two or three, so more means a bug, logged rather than looped.
 pub const MAX_PLAN_ROUNDS: usize = 8;
@@ -818,19 +817,23 @@ fn send_sync_to(
     }
 }
 
-/// Removes temp files nothing has written to for [`ABANDONED_TEMP_AGE`]: downloads of
-/// versions that were superseded or deleted while they ran, or of a folder that was
-/// left. A download in progress writes to its temp file, so it is never that old;
-/// one that is (resumed after days) starts over.
-fn remove_abandoned_temp_files(temp_files: &[PathBuf]) {
-    let now = SystemTime::now();
+/// Removes temp files nothing has changed for `expiry`: downloads of versions that
+/// were superseded or deleted while they ran, or of a folder that was left.
+///
+/// Age counts from the file's last status change (ctime), not its mtime: a finished
+/// download carries its version's mtime, which may be years old, while it waits to
+/// be renamed into place; any write, chmod or mtime change moves the ctime to now,
+/// and nothing can set it back. A download that is still running writes to its temp
+/// file, so it is never that old; one resumed after longer starts over.
+fn remove_abandoned_temp_files(temp_files: &[PathBuf], expiry: Duration) {
+    use std::os::unix::fs::MetadataExt;
+    let now_s = now_ns() / 1_000_000_000;
+    let expiry_s = i64::try_from(expiry.as_secs()).unwrap_or(i64::MAX);
     for temp in temp_files {
         let old = std::fs::symlink_metadata(temp)
             .ok()
             .filter(|m| m.file_type().is_file())
-            .and_then(|m| m.modified().ok())
-            .and_then(|modified| now.duration_since(modified).ok())
-            .is_some_and(|age| age >= ABANDONED_TEMP_AGE);
+            .is_some_and(|m| now_s.saturating_sub(m.ctime().max(m.mtime())) >= expiry_s);
         if old {
             match std::fs::remove_file(temp) {
                 Ok(()) => tracing::info!(temp = %temp.display(), "removed an abandoned temp file"),
@@ -1913,5 +1916,25 @@ mod tests {
             .collect();
         let kept: Vec<String> = collapse(paths).iter().map(|p| p.to_string()).collect();
         assert_eq!(kept, vec!["a", "a b", "c/d", "c/e"]);
+    }
+
+    #[test]
+    fn a_finished_download_with_an_old_mtime_is_not_abandoned() {
+        // A finished download carries its version's mtime (here two days old) while it
+        // waits to be renamed into place; a scan must not take it for abandoned.
+        let dir = tempfile::tempdir().unwrap();
+        let temp = dir.path().join(".weft.tmp.0123456789abcdef01234567");
+        std::fs::write(&temp, b"complete download").unwrap();
+        let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&temp)
+            .unwrap()
+            .set_modified(two_days_ago)
+            .unwrap();
+        remove_abandoned_temp_files(std::slice::from_ref(&temp), Duration::from_secs(3600));
+        assert!(temp.exists(), "a temp file changed just now was removed");
+        remove_abandoned_temp_files(std::slice::from_ref(&temp), Duration::ZERO);
+        assert!(!temp.exists(), "an expired temp file was kept");
     }
 }

@@ -670,6 +670,7 @@ impl Node {
             version_retention: Duration::from_secs(
                 self.config.version_retention_days.saturating_mul(86_400),
             ),
+            temp_file_expiry: Duration::from_secs(self.config.temp_file_expiry_s),
         }
     }
 

@@ -66,6 +66,8 @@ pub struct NodeConfig {
     /// Full rescan interval in seconds (large: only the watcher or a requested scan
     /// finds changes).
     pub full_rescan_interval_s: u64,
+    /// Seconds after which a scan removes one of the node's unchanged temp files.
+    pub temp_file_expiry_s: u64,
 }
 
 impl Default for NodeConfig {
@@ -74,6 +76,7 @@ impl Default for NodeConfig {
             watch: true,
             debounce_ms: 100,
             full_rescan_interval_s: 86_400,
+            temp_file_expiry_s: 86_400,
         }
     }
 }
@@ -100,8 +103,11 @@ impl TestNode {
             std::fs::write(
                 &config_path,
                 format!(
-                    "api_key = \"{TEST_API_KEY}\"\ndevice_name = \"test\"\nwatch = {}\ndebounce_ms = {}\nfull_rescan_interval_s = {}\n",
-                    config.watch, config.debounce_ms, config.full_rescan_interval_s
+                    "api_key = \"{TEST_API_KEY}\"\ndevice_name = \"test\"\nwatch = {}\ndebounce_ms = {}\nfull_rescan_interval_s = {}\ntemp_file_expiry_s = {}\n",
+                    config.watch,
+                    config.debounce_ms,
+                    config.full_rescan_interval_s,
+                    config.temp_file_expiry_s
                 ),
             )
             .expect("write config");

@@ -478,7 +478,7 @@ fn status_without_a_node_says_how_to_start_one() {
 }
 
 #[test]
-fn a_scan_removes_temp_files_abandoned_for_a_day_and_keeps_recent_ones() {
+fn a_scan_removes_temp_files_unchanged_past_their_expiry_and_keeps_recent_ones() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("folder");
     fs::create_dir_all(root.join("sub")).unwrap();
@@ -486,19 +486,24 @@ fn a_scan_removes_temp_files_abandoned_for_a_day_and_keeps_recent_ones() {
     let old = root.join("sub/.weft.tmp.0123456789abcdef01234567");
     let fresh = root.join(".weft.tmp.fedcba9876543210fedcba98");
     fs::write(&old, b"abandoned download").unwrap();
-    fs::write(&fresh, b"download in progress").unwrap();
-    let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
-    fs::File::options()
-        .write(true)
-        .open(&old)
-        .unwrap()
-        .set_modified(two_days_ago)
-        .unwrap();
+    // The age that counts is since the last change (ctime), which no one can set back,
+    // so the test waits past a short expiry instead of faking an old mtime.
+    let expiry = Duration::from_secs(4);
+    std::thread::sleep(expiry + Duration::from_millis(500));
     let config = NodeConfig {
         watch: false,
+        temp_file_expiry_s: expiry.as_secs(),
         ..NodeConfig::default()
     };
     let node = TestNode::start(&dir.path().join("home"), &config);
+    fs::write(&fresh, b"download in progress").unwrap();
+    // A finished download carries its version's old mtime: not abandoned for that.
+    fs::File::options()
+        .write(true)
+        .open(&fresh)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 24 * 3600))
+        .unwrap();
     let folder = node.add_folder(&root, "temps");
     node.scan(&folder);
     assert!(!old.exists(), "the abandoned temp file is still there");
