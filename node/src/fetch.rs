@@ -127,13 +127,28 @@ fn read_verified(path: &Path, offset: u64, len: u32, hash: &BlockHash) -> Option
     (BlockHash::of(&data) == *hash).then_some(data)
 }
 
+/// Blocks still missing after the local part of a download: hash -> offsets.
+type Missing = BTreeMap<BlockHash, Vec<u64>>;
+
+/// Cores for local block copies (read once: the standard library reads cgroup files
+/// on every call).
+fn copy_workers() -> usize {
+    static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *WORKERS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 4)
+    })
+}
+
 /// The local part of a download: keep verified blocks already in the temp file, copy
-/// blocks that exist in local files. Returns what is still missing (hash -> offsets).
+/// blocks that exist in local files. Returns the open temp file and what is still
+/// missing.
 fn prepare_locally(
     context: &FetchContext,
     temp: &Path,
     manifest: &Manifest,
-) -> Result<BTreeMap<BlockHash, Vec<u64>>, String> {
+) -> Result<(File, Missing), String> {
     if let Some(parent) = temp.parent() {
         fs::create_dir_all(parent).map_err(|e| io_error("creating", parent, e))?;
     }
@@ -145,43 +160,53 @@ fn prepare_locally(
         .open(temp)
         .map_err(|e| io_error("opening", temp, e))?;
     let existing_len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    file.set_len(manifest.size())
-        .map_err(|e| io_error("sizing", temp, e))?;
+    if existing_len != manifest.size() {
+        file.set_len(manifest.size())
+            .map_err(|e| io_error("sizing", temp, e))?;
+    }
     // Large files are copied on every core: verifying and moving a 256 MiB file's
     // blocks is the bulk of a small edit's time on the receiving side.
     let blocks: Vec<(u64, weft_protocol::BlockRef)> = manifest
         .blocks_with_offsets()
         .map(|(offset, block)| (offset, *block))
         .collect();
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 4)
-        .min(blocks.len().div_ceil(64).max(1));
+    let workers = copy_workers().min(blocks.len().div_ceil(64).max(1));
     let share = blocks.len().div_ceil(workers).max(1);
-    let parts: Vec<Result<Vec<(BlockHash, u64)>, String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = blocks
-            .chunks(share)
-            .map(|part| {
-                let file = &file;
-                scope.spawn(move || copy_local_blocks(context, temp, file, existing_len, part))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|handle| {
-                handle
-                    .join()
-                    .unwrap_or_else(|_| Err("a local copy worker failed".into()))
-            })
-            .collect()
-    });
-    let mut missing: BTreeMap<BlockHash, Vec<u64>> = BTreeMap::new();
+    let parts: Vec<Result<Vec<(BlockHash, u64)>, String>> = if workers == 1 {
+        // Most files: no thread for a few blocks.
+        vec![copy_local_blocks(
+            context,
+            temp,
+            &file,
+            existing_len,
+            &blocks,
+        )]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = blocks
+                .chunks(share)
+                .map(|part| {
+                    let file = &file;
+                    scope.spawn(move || copy_local_blocks(context, temp, file, existing_len, part))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| {
+                    handle
+                        .join()
+                        .unwrap_or_else(|_| Err("a local copy worker failed".into()))
+                })
+                .collect()
+        })
+    };
+    let mut missing = Missing::new();
     for part in parts {
         for (hash, offset) in part? {
             missing.entry(hash).or_default().push(offset);
         }
     }
-    Ok(missing)
+    Ok((file, missing))
 }
 
 /// One worker's share of [`prepare_locally`]: keeps verified blocks already in the temp
@@ -240,7 +265,7 @@ pub async fn fetch_file(
 ) -> Result<Fetched, String> {
     let manifest = manifest_of(&context, &entry).await?;
     let temp = temp_path(&context.root, &path, &manifest);
-    let missing = {
+    let (file, missing) = {
         let context = context.clone();
         let temp = temp.clone();
         let manifest = manifest.clone();
@@ -248,9 +273,11 @@ pub async fn fetch_file(
             .await
             .map_err(|e| e.to_string())??
     };
+    let file = Arc::new(file);
     let lengths: HashMap<BlockHash, u32> =
         manifest.blocks().iter().map(|b| (b.hash, b.len)).collect();
     let mut bytes_fetched = 0u64;
+    let mut finished = false;
     if !missing.is_empty() {
         if context.peers.is_empty() {
             return Err("no connected device to fetch blocks from".into());
@@ -262,12 +289,6 @@ pub async fn fetch_file(
         queue.reverse();
         let mut round = 0usize;
         let mut stream_failures = 0usize;
-        let file = Arc::new(
-            OpenOptions::new()
-                .write(true)
-                .open(&temp)
-                .map_err(|e| io_error("opening", &temp, e))?,
-        );
         let mut in_flight = futures::stream::FuturesUnordered::new();
         loop {
             while in_flight.len() < BATCHES_IN_FLIGHT {
@@ -285,6 +306,7 @@ pub async fn fetch_file(
                 break;
             };
             let mut retry = Vec::new();
+            let mut writes = Vec::new();
             match result {
                 Ok(blocks) => {
                     for (hash, data) in blocks {
@@ -295,17 +317,7 @@ pub async fn fetch_file(
                             {
                                 bytes_fetched += data.len() as u64;
                                 let offsets = missing.get(&hash).cloned().unwrap_or_default();
-                                let file = file.clone();
-                                let temp = temp.clone();
-                                tokio::task::spawn_blocking(move || {
-                                    for offset in offsets {
-                                        file.write_all_at(&data, offset)
-                                            .map_err(|e| io_error("writing", &temp, e))?;
-                                    }
-                                    Ok::<(), String>(())
-                                })
-                                .await
-                                .map_err(|e| e.to_string())??;
+                                writes.push((data, offsets));
                             }
                             Some(_) => {
                                 tracing::warn!(peer = %peer, %hash, "block failed verification; asking elsewhere");
@@ -340,14 +352,39 @@ pub async fn fetch_file(
                 }
                 queue.push(vec![hash]);
             }
+            // The verified blocks of one answer are written in one blocking call, and
+            // the last answer's call also finishes the file (one hand-off for a small
+            // file's whole download).
+            let last = queue.is_empty() && in_flight.is_empty();
+            if !writes.is_empty() || last {
+                let file = file.clone();
+                let temp = temp.clone();
+                let (mode, mtime_ns) = (entry.mode, entry.mtime_ns);
+                tokio::task::spawn_blocking(move || {
+                    for (data, offsets) in writes {
+                        for offset in offsets {
+                            file.write_all_at(&data, offset)
+                                .map_err(|e| io_error("writing", &temp, e))?;
+                        }
+                    }
+                    if last {
+                        finish_temp(&file, &temp, mode, mtime_ns)?;
+                    }
+                    Ok::<(), String>(())
+                })
+                .await
+                .map_err(|e| e.to_string())??;
+                finished = last;
+            }
         }
     }
-    let mode = entry.mode;
-    let mtime_ns = entry.mtime_ns;
-    let temp_done = temp.clone();
-    tokio::task::spawn_blocking(move || finish_temp(&temp_done, mode, mtime_ns))
-        .await
-        .map_err(|e| e.to_string())??;
+    if !finished {
+        let (mode, mtime_ns) = (entry.mode, entry.mtime_ns);
+        let temp = temp.clone();
+        tokio::task::spawn_blocking(move || finish_temp(&file, &temp, mode, mtime_ns))
+            .await
+            .map_err(|e| e.to_string())??;
+    }
     Ok(Fetched {
         temp,
         manifest,
@@ -355,20 +392,15 @@ pub async fn fetch_file(
     })
 }
 
-/// Sets mode and mtime and makes the temp file durable.
-fn finish_temp(temp: &Path, mode: u32, mtime_ns: i64) -> Result<(), String> {
+/// Sets mode and mtime, then makes the temp file durable (data and metadata).
+fn finish_temp(file: &File, temp: &Path, mode: u32, mtime_ns: i64) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    let file = OpenOptions::new()
-        .write(true)
-        .open(temp)
-        .map_err(|e| io_error("opening", temp, e))?;
-    file.sync_all().map_err(|e| io_error("syncing", temp, e))?;
     let mode = if mode & 0o777 == 0 {
         0o644
     } else {
         mode & 0o7777
     };
-    fs::set_permissions(temp, fs::Permissions::from_mode(mode))
+    file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(|e| io_error("chmod", temp, e))?;
     let mtime = if mtime_ns >= 0 {
         std::time::UNIX_EPOCH + std::time::Duration::from_nanos(mtime_ns as u64)
@@ -377,5 +409,5 @@ fn finish_temp(temp: &Path, mode: u32, mtime_ns: i64) -> Result<(), String> {
     };
     file.set_modified(mtime)
         .map_err(|e| io_error("setting mtime of", temp, e))?;
-    Ok(())
+    file.sync_all().map_err(|e| io_error("syncing", temp, e))
 }

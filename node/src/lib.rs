@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod client;
+pub mod coalescer;
 pub mod config;
 pub mod daemon;
 pub mod engine;

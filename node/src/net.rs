@@ -139,6 +139,7 @@ struct Shared {
     peers: Mutex<HashMap<DeviceId, PeerState>>,
     counters: Mutex<HashMap<DeviceId, Arc<Counters>>>,
     listen: Mutex<Vec<Multiaddr>>,
+    coalescer: crate::coalescer::Coalescer,
 }
 
 impl Shared {
@@ -752,7 +753,22 @@ impl NetHandle {
     }
 
     /// Asks `device` for blocks; returns each hash with its bytes (unverified) or `None`.
+    /// Requests made while many are open to the device share streams
+    /// ([`crate::coalescer`]).
     pub async fn fetch_blocks(
+        &self,
+        device: &DeviceId,
+        folder: &FolderId,
+        hashes: Vec<BlockHash>,
+    ) -> Result<Vec<(BlockHash, Option<Vec<u8>>)>, NetError> {
+        self.shared
+            .coalescer
+            .fetch(self, *device, folder, hashes)
+            .await
+    }
+
+    /// One block request on its own stream.
+    pub(crate) async fn request_blocks(
         &self,
         device: &DeviceId,
         folder: &FolderId,

@@ -1,0 +1,154 @@
+//! Coalescing concurrent block requests to one device into shared requests.
+//!
+//! Many small files download at once (one block each), and a request costs a stream:
+//! opening and negotiating it, a trip to the blocking pool for the answer on the
+//! sending side, and several task wake-ups on both. The coalescer keeps at most
+//! [`REQUESTS_IN_FLIGHT`] requests open per device and folder; requests that arrive
+//! while all are busy wait, and the next free slot takes as many waiting requests as
+//! fit in [`MERGE_BLOCKS`] hashes as one request. An idle device gets each request
+//! at once, so coalescing costs no latency; it only kicks in under load, where it
+//! saves most.
+//!
+//! Invariants: a request is never split (each caller gets exactly its own hashes back,
+//! in its order); a failed shared request fails every caller in it, each of which
+//! retries on its own.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use weft_protocol::{BlockHash, DeviceId, FolderId};
+
+use crate::net::{NetError, NetHandle};
+
+/// Requests open at once per device and folder.
+pub const REQUESTS_IN_FLIGHT: usize = 16;
+/// Most hashes in one shared request (requests with more go alone).
+pub const MERGE_BLOCKS: usize = 8;
+
+/// Each hash with its bytes (unverified), or `None` if the device lacks it.
+pub type Blocks = Vec<(BlockHash, Option<Vec<u8>>)>;
+
+struct Pending {
+    hashes: Vec<BlockHash>,
+    reply: oneshot::Sender<Result<Blocks, NetError>>,
+}
+
+/// One queue per device and folder, each drained by its own task.
+#[derive(Default)]
+pub struct Coalescer {
+    queues: Mutex<HashMap<(DeviceId, FolderId), mpsc::UnboundedSender<Pending>>>,
+}
+
+impl Coalescer {
+    /// Asks `device` for `hashes` of `folder`, sharing a request with others waiting.
+    pub async fn fetch(
+        &self,
+        net: &NetHandle,
+        device: DeviceId,
+        folder: &FolderId,
+        hashes: Vec<BlockHash>,
+    ) -> Result<Blocks, NetError> {
+        let (reply, answer) = oneshot::channel();
+        let mut pending = Pending { hashes, reply };
+        // A queue whose task has ended (runtime shutting down) is replaced once.
+        for _ in 0..2 {
+            let sender = {
+                let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                queues
+                    .entry((device, folder.clone()))
+                    .or_insert_with(|| {
+                        let (sender, receiver) = mpsc::unbounded_channel();
+                        tokio::spawn(drain(net.clone(), device, folder.clone(), receiver));
+                        sender
+                    })
+                    .clone()
+            };
+            match sender.send(pending) {
+                Ok(()) => {
+                    return answer.await.unwrap_or_else(|_| {
+                        Err(NetError::Stream {
+                            device,
+                            reason: "request dropped".into(),
+                        })
+                    });
+                }
+                Err(mpsc::error::SendError(returned)) => {
+                    pending = returned;
+                    let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                    queues.remove(&(device, folder.clone()));
+                }
+            }
+        }
+        Err(NetError::Stream {
+            device,
+            reason: "the request queue is gone (shutting down?)".into(),
+        })
+    }
+}
+
+/// The task of one queue: takes a free slot, then every waiting request that fits.
+async fn drain(
+    net: NetHandle,
+    device: DeviceId,
+    folder: FolderId,
+    mut receiver: mpsc::UnboundedReceiver<Pending>,
+) {
+    let slots = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT));
+    let mut held: Option<Pending> = None;
+    loop {
+        let first = match held.take() {
+            Some(pending) => pending,
+            None => match receiver.recv().await {
+                Some(pending) => pending,
+                None => return,
+            },
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut count = first.hashes.len();
+        let mut group = vec![first];
+        while count < MERGE_BLOCKS {
+            match receiver.try_recv() {
+                Ok(next) if count + next.hashes.len() <= MERGE_BLOCKS => {
+                    count += next.hashes.len();
+                    group.push(next);
+                }
+                Ok(next) => {
+                    held = Some(next);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let net = net.clone();
+        let folder = folder.clone();
+        tokio::spawn(async move {
+            let hashes: Vec<BlockHash> = group
+                .iter()
+                .flat_map(|pending| pending.hashes.iter().copied())
+                .collect();
+            let result = net.request_blocks(&device, &folder, hashes).await;
+            drop(slot);
+            match result {
+                Ok(blocks) => {
+                    let mut blocks = blocks.into_iter();
+                    for pending in group {
+                        let own: Blocks = blocks.by_ref().take(pending.hashes.len()).collect();
+                        let _ = pending.reply.send(Ok(own));
+                    }
+                }
+                Err(error) => {
+                    let reason = error.to_string();
+                    for pending in group {
+                        let _ = pending.reply.send(Err(NetError::Stream {
+                            device,
+                            reason: reason.clone(),
+                        }));
+                    }
+                }
+            }
+        });
+    }
+}
