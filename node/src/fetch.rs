@@ -34,6 +34,8 @@ pub const BATCHES_IN_FLIGHT: usize = 4;
 pub const BLOCK_ATTEMPTS: usize = 3;
 /// Failed requests (not missing blocks) a download survives.
 pub const MAX_REQUEST_FAILURES: usize = 50;
+/// Bytes written to a download between two early write-backs (see [`fetch_file`]).
+pub const EARLY_SYNC_BYTES: u64 = 32 * 1024 * 1024;
 /// Pause before a failed request is sent again, times the failures so far.
 pub const REQUEST_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -278,6 +280,8 @@ pub async fn fetch_file(
         manifest.blocks().iter().map(|b| (b.hash, b.len)).collect();
     let mut bytes_fetched = 0u64;
     let mut finished = false;
+    let mut unsynced = 0u64;
+    let syncing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if !missing.is_empty() {
         if context.peers.is_empty() {
             return Err("no connected device to fetch blocks from".into());
@@ -356,6 +360,25 @@ pub async fn fetch_file(
             // the last answer's call also finishes the file (one hand-off for a small
             // file's whole download).
             let last = queue.is_empty() && in_flight.is_empty();
+            let written: u64 = writes
+                .iter()
+                .map(|(data, offsets)| data.len() as u64 * offsets.len() as u64)
+                .sum();
+            unsynced += written;
+            if unsynced >= EARLY_SYNC_BYTES && !last {
+                // Large downloads are written back while they run, so the disk works
+                // beside the network and the final fsync does not stall on hundreds
+                // of MiB. Not awaited; at most one at a time per download.
+                unsynced = 0;
+                if !syncing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    let file = file.clone();
+                    let syncing = syncing.clone();
+                    drop(tokio::task::spawn_blocking(move || {
+                        let _ = file.sync_data();
+                        syncing.store(false, std::sync::atomic::Ordering::Release);
+                    }));
+                }
+            }
             if !writes.is_empty() || last {
                 let file = file.clone();
                 let temp = temp.clone();
