@@ -9,6 +9,9 @@
 //! at once, so coalescing costs no latency; it only kicks in under load, where it
 //! saves most.
 //!
+//! A request whose stream fails is sent once more at once: under load `libp2p-stream`
+//! drops inbound streams that arrive faster than the responder takes them.
+//!
 //! Invariants: a request is never split (each caller gets exactly its own hashes back,
 //! in its order); a failed shared request fails every caller in it, each of which
 //! retries on its own.
@@ -129,7 +132,13 @@ async fn drain(
                 .iter()
                 .flat_map(|pending| pending.hashes.iter().copied())
                 .collect();
-            let result = net.request_blocks(&device, &folder, hashes).await;
+            let mut result = net.request_blocks(&device, &folder, hashes.clone()).await;
+            if matches!(result, Err(NetError::Stream { .. })) {
+                // `libp2p-stream` drops inbound streams that arrive faster than the
+                // responder takes them (the requester sees "connection is closed"):
+                // one immediate second try, before the callers' paced retries.
+                result = net.request_blocks(&device, &folder, hashes).await;
+            }
             drop(slot);
             match result {
                 Ok(blocks) => {
