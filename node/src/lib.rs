@@ -1,10 +1,11 @@
 //! `weft-node`: the Weft device node, as a library behind the `weft` binary.
 //!
-//! The node is an I/O shell around pure parts: the node home (identity key, config),
-//! the redb [`store`], the [`scan`]ner and [`watch`]er, one [`folder`] actor per folder
-//! that records local changes in the folder document, the [`node`] that ties them
-//! together, and the control [`api`] with its [`client`]. The pure sync engine arrives
-//! with the sync issue. `main.rs` is the CLI.
+//! The node is an I/O shell around the pure sync [`engine`]: the node home (identity
+//! key, config), the redb [`store`], the [`scan`]ner and [`watch`]er, one [`folder`]
+//! actor per folder that records local changes in the folder document and carries out
+//! the engine's actions, the network ([`net`], [`coalescer`]) and downloads
+//! ([`fetch`]), the [`versions`] store, the [`node`] that ties them together, and the
+//! control [`api`] with its [`client`]. `main.rs` is the CLI.
 #![deny(missing_docs)]
 
 pub mod api;
