@@ -198,7 +198,9 @@ pub fn start(
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
-            noise::Config::new,
+            // TLS first (AES-GCM on CPUs that have it, see vendor/README.md), noise for
+            // peers that only speak noise.
+            (libp2p::tls::Config::new, noise::Config::new),
             yamux::Config::default,
         )
         .map_err(|error| NetError::Setup(error.to_string()))?
@@ -489,9 +491,19 @@ async fn accept_blocks(
     shared: Arc<Shared>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(SERVE_SLOTS));
+    // Streams come in bursts from one device; checking its key once per burst keeps
+    // this loop quick (libp2p-stream drops streams that arrive while it is busy).
+    let mut last: Option<(PeerId, DeviceId)> = None;
     while let Some((peer, stream)) = incoming.next().await {
-        let Ok(device) = DeviceId::try_from_peer_id(&peer) else {
-            continue;
+        let device = match last {
+            Some((known, device)) if known == peer => device,
+            _ => match DeviceId::try_from_peer_id(&peer) {
+                Ok(device) => {
+                    last = Some((peer, device));
+                    device
+                }
+                Err(_) => continue,
+            },
         };
         let source = source.clone();
         let counters = shared.counters(&device);

@@ -41,6 +41,9 @@ const DISPLAY_GROUP_LEN: usize = 7;
 const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
 /// First line of a device key file, naming its format.
 const KEY_FILE_HEADER: &str = "WEFT DEVICE KEY v1";
+/// libp2p's protobuf encoding of an ed25519 public key, before the 32 key bytes:
+/// field 1 (key type) = 1 (Ed25519), field 2 (data) of length 32.
+const ED25519_PROTOBUF_PREFIX: [u8; 4] = [0x08, 0x01, 0x12, 0x20];
 
 /// Why a device ID (text, bytes or PeerId) was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,8 +114,16 @@ impl DeviceId {
     }
 
     /// The libp2p peer ID of this device (same key, so the transport authenticates it).
+    ///
+    /// Built from the key bytes directly: an ed25519 peer ID is the identity multihash
+    /// of the protobuf-encoded key, and going through [`Self::libp2p_public_key`] would
+    /// decompress the curve point (tens of microseconds, on every stream opened).
     pub fn to_peer_id(&self) -> PeerId {
-        self.libp2p_public_key().to_peer_id()
+        let mut multihash = [0u8; 2 + ED25519_PROTOBUF_PREFIX.len() + 32];
+        multihash[..2].copy_from_slice(&[0x00, (ED25519_PROTOBUF_PREFIX.len() + 32) as u8]);
+        multihash[2..6].copy_from_slice(&ED25519_PROTOBUF_PREFIX);
+        multihash[6..].copy_from_slice(&self.0);
+        PeerId::from_bytes(&multihash).unwrap_or_else(|_| self.libp2p_public_key().to_peer_id())
     }
 
     /// The libp2p public key of this device.
@@ -131,11 +142,13 @@ impl DeviceId {
         if multihash.code() != 0 {
             return Err(DeviceIdError::NotEd25519Peer);
         }
-        let key = libp2p_identity::PublicKey::try_decode_protobuf(multihash.digest())
-            .map_err(|_| DeviceIdError::NotEd25519Peer)?
-            .try_into_ed25519()
-            .map_err(|_| DeviceIdError::NotEd25519Peer)?;
-        Self::from_bytes(key.to_bytes())
+        // The digest is the protobuf-encoded key: type Ed25519, then 32 key bytes.
+        let key = multihash
+            .digest()
+            .strip_prefix(&ED25519_PROTOBUF_PREFIX[..])
+            .and_then(|key| <[u8; 32]>::try_from(key).ok())
+            .ok_or(DeviceIdError::NotEd25519Peer)?;
+        Self::from_bytes(key)
     }
 
     fn encode_text(&self) -> [u8; DEVICE_ID_TEXT_LEN] {
