@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use weft_protocol::document::{self, Content, Entry, EntryKind, FolderDocument};
+use weft_protocol::sync_parts::{self, SyncAssembly};
 use weft_protocol::{DeviceId, FolderId, RelPath};
 
 use crate::engine::{
@@ -207,8 +208,11 @@ pub enum FolderCommand {
     PeerConnected(DeviceId),
     /// A device that shares this folder disconnected.
     PeerDisconnected(DeviceId),
-    /// An automerge sync message from a device that shares this folder.
+    /// An automerge sync message from a device that shares this folder (or the final
+    /// piece of one sent in parts).
     SyncMessage(DeviceId, Vec<u8>),
+    /// A leading piece of a sync message too large for one frame.
+    SyncMessagePart(DeviceId, Vec<u8>),
     /// A download finished (or failed).
     Fetched {
         /// The path.
@@ -391,6 +395,7 @@ pub fn start(
         network,
         sender: sender.clone(),
         peers: HashMap::new(),
+        assemblies: HashMap::new(),
         in_flight: HashMap::new(),
         download_queue: Vec::new(),
         downloads_running: 0,
@@ -436,6 +441,8 @@ struct FolderActor {
     sender: mpsc::Sender<FolderCommand>,
     /// Automerge sync state per connected device sharing this folder.
     peers: HashMap<DeviceId, weft_protocol::document::SyncState>,
+    /// Sync messages arriving in parts, per device.
+    assemblies: HashMap<DeviceId, SyncAssembly>,
     /// Downloads queued or running: path and bytes.
     in_flight: HashMap<RelPath, u64>,
     /// Downloads waiting for a slot (at most [`MAX_DOWNLOADS`] run at once); the
@@ -520,8 +527,12 @@ impl FolderActor {
                 Ok(FolderCommand::PeerConnected(device)) => self.peer_connected(device),
                 Ok(FolderCommand::PeerDisconnected(device)) => {
                     self.peers.remove(&device);
+                    self.assemblies.remove(&device);
                 }
-                Ok(FolderCommand::SyncMessage(device, bytes)) => self.sync_message(device, &bytes),
+                Ok(FolderCommand::SyncMessagePart(device, bytes)) => {
+                    self.sync_message_part(device, &bytes);
+                }
+                Ok(FolderCommand::SyncMessage(device, bytes)) => self.sync_message(device, bytes),
                 Ok(FolderCommand::Fetched { .. }) => {}
                 Ok(FolderCommand::Versions { path, reply }) => {
                     let _ = reply.send(self.versions(&path));
@@ -807,12 +818,11 @@ fn send_sync_to(
     state: &mut weft_protocol::document::SyncState,
 ) {
     if let Some(message) = recorder.document.generate_sync_message(state) {
-        let message = weft_protocol::wire::Message::DocSync(weft_protocol::wire::DocSync {
-            folder: recorder.folder.clone(),
-            sync_message: message,
-        });
-        if let Err(error) = network.net.send(&device, message) {
-            tracing::debug!(folder = %recorder.folder, %error, "sync message not sent");
+        for frame in sync_parts::frames(&recorder.folder, message) {
+            if let Err(error) = network.net.send(&device, frame) {
+                tracing::debug!(folder = %recorder.folder, %error, "sync message not sent");
+                return;
+            }
         }
     }
 }
@@ -911,14 +921,42 @@ impl FolderActor {
         }
     }
 
-    fn sync_message(&mut self, device: DeviceId, bytes: &[u8]) {
-        if !self.record.devices.iter().any(|(d, _)| *d == device) {
+    fn shared_with(&self, device: &DeviceId) -> bool {
+        let shared = self.record.devices.iter().any(|(d, _)| d == device);
+        if !shared {
             tracing::warn!(folder = %self.record.id, device = %device, "sync message from a device this folder is not shared with; ignored");
+        }
+        shared
+    }
+
+    fn sync_message_part(&mut self, device: DeviceId, bytes: &[u8]) {
+        if !self.shared_with(&device) {
             return;
         }
+        let assembly = self.assemblies.entry(device).or_default();
+        if let Err(error) = assembly.push_part(bytes) {
+            tracing::warn!(folder = %self.record.id, device = %device, %error, "sync message too large; dropped");
+        }
+    }
+
+    fn sync_message(&mut self, device: DeviceId, bytes: Vec<u8>) {
+        if !self.shared_with(&device) {
+            return;
+        }
+        let bytes = match self.assemblies.remove(&device) {
+            Some(mut assembly) => assembly.finish(bytes),
+            None => Ok(bytes),
+        };
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::warn!(folder = %self.record.id, device = %device, %error, "sync message too large; dropped");
+                return;
+            }
+        };
         let before = self.recorder.document.heads();
         let state = self.peers.entry(device).or_default();
-        if let Err(error) = self.recorder.document.receive_sync_message(state, bytes) {
+        if let Err(error) = self.recorder.document.receive_sync_message(state, &bytes) {
             tracing::warn!(folder = %self.record.id, device = %device, %error, "bad sync message; ignored");
             return;
         }

@@ -355,8 +355,9 @@ impl Node {
     }
 
     fn on_message(&self, device: DeviceId, message: Message) {
+        let is_part = matches!(message, Message::DocSyncPart(_));
         match message {
-            Message::DocSync(sync) => {
+            Message::DocSync(sync) | Message::DocSyncPart(sync) => {
                 let accepted = self.accepted(&device);
                 let folders = self.folders();
                 let shared = folders
@@ -364,7 +365,11 @@ impl Node {
                     .filter(|h| accepted && h.record.devices.iter().any(|(d, _)| *d == device));
                 match shared {
                     Some(handle) => {
-                        handle.send(FolderCommand::SyncMessage(device, sync.sync_message));
+                        handle.send(if is_part {
+                            FolderCommand::SyncMessagePart(device, sync.sync_message)
+                        } else {
+                            FolderCommand::SyncMessage(device, sync.sync_message)
+                        });
                     }
                     None => {
                         tracing::warn!(device = %device, folder = %sync.folder, "document sync for a folder not shared with that device; ignored")

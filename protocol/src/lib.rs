@@ -24,6 +24,7 @@ pub mod hash;
 pub mod identity;
 pub mod manifest;
 pub mod path;
+pub mod sync_parts;
 pub mod wire;
 
 pub use chunk::{ChunkParams, ChunkParamsError, Chunker};

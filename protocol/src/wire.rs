@@ -35,9 +35,16 @@ pub const MAX_FRAME_LEN: usize = 32 * 1024 * 1024;
 /// that a cancelled batch wastes little.
 pub const MAX_BATCH_HASHES: usize = 1024;
 
-/// Largest automerge sync message in one frame. Sync messages carry changes the peer
-/// lacks; a larger backlog is sent over several rounds of the sync protocol.
+/// Largest piece of an automerge sync message in one frame. automerge puts every
+/// change the peer lacks into one sync message (a new device's first sync of a large
+/// folder is tens of MiB), so a larger message travels as [`Message::DocSyncPart`]
+/// frames and a final [`Message::DocSync`] (see [`crate::sync_parts`]).
 pub const MAX_DOC_SYNC_LEN: usize = 16 * 1024 * 1024;
+
+/// Largest sync message a receiver reassembles from parts. A million-file folder's
+/// whole document saves to about 46 MiB (DESIGN.md); this leaves room for its change
+/// history while bounding what one peer can make the receiver hold.
+pub const MAX_DOC_SYNC_TOTAL_LEN: usize = 256 * 1024 * 1024;
 
 /// Longest device name, in bytes (a hostname or a person's label for the device).
 pub const MAX_DEVICE_NAME_LEN: usize = 256;
@@ -74,6 +81,10 @@ pub enum Message {
     Error(ErrorMessage),
     /// The sender invites the receiver to a folder.
     Invite(Invite),
+    /// A leading piece of a sync message too large for one frame; the pieces that
+    /// follow for the same folder, up to and including the next [`Message::DocSync`],
+    /// complete it.
+    DocSyncPart(DocSync),
 }
 
 /// What an invited device may do in a folder.
@@ -270,7 +281,7 @@ impl Message {
                     MAX_CLIENT_VERSION_LEN,
                 )
             }
-            Message::DocSync(sync) => {
+            Message::DocSync(sync) | Message::DocSyncPart(sync) => {
                 check_limit("sync_message", sync.sync_message.len(), MAX_DOC_SYNC_LEN)
             }
             Message::ManifestRequest(request) => {
@@ -401,6 +412,12 @@ mod tests {
             }),
             (arb_folder(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(
                 |(folder, sync_message)| Message::DocSync(DocSync {
+                    folder,
+                    sync_message
+                })
+            ),
+            (arb_folder(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(
+                |(folder, sync_message)| Message::DocSyncPart(DocSync {
                     folder,
                     sync_message
                 })

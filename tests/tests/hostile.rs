@@ -348,3 +348,137 @@ fn an_unknown_device_learns_nothing() {
     assert!(victim.log().contains("not shared with that device"));
     runtime.shutdown_timeout(Duration::from_secs(1));
 }
+
+/// Serves the blocks it was given, honestly.
+struct Serving(std::collections::HashMap<BlockHash, Vec<u8>>);
+
+impl BlockSource for Serving {
+    fn authorised(&self, _: &DeviceId, _: &FolderId) -> bool {
+        true
+    }
+    fn block(&self, _: &FolderId, hash: &BlockHash) -> Option<Vec<u8>> {
+        self.0.get(hash).cloned()
+    }
+    fn manifest(&self, _: &FolderId, _: &ManifestHash) -> Option<Manifest> {
+        None
+    }
+}
+
+/// A sync message too large for one frame travels as `DocSyncPart` frames and a final
+/// `DocSync`; the node reassembles it, applies it, and fetches the files it names.
+/// Parts are made tiny here so that a few hundred entries make many of them.
+#[test]
+fn a_sync_message_sent_in_parts_is_reassembled_and_applied() {
+    const FILES: usize = 300;
+    const PART_LEN: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("folder");
+    fs::create_dir_all(&root).unwrap();
+    let node = TestNode::start(&dir.path().join("home"), &NodeConfig::default());
+    node.add_folder(&root, "parts");
+    let node_id: DeviceId = node.id().parse().unwrap();
+
+    let peer_key = DeviceKey::from_secret_bytes([55; 32]);
+    let peer_id = peer_key.device_id();
+    let contents: Vec<Vec<u8>> = (0..FILES)
+        .map(|i| format!("file {i} sent in parts").into_bytes())
+        .collect();
+    let blocks = contents
+        .iter()
+        .map(|data| (BlockHash::of(data), data.clone()))
+        .collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (peer, mut events) = runtime.block_on(async {
+        net::start(
+            &peer_key,
+            NetConfig {
+                listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+                mdns: false,
+            },
+            Arc::new(Serving(blocks)),
+        )
+        .unwrap()
+    });
+    let listening = wait_for(Duration::from_secs(10), || {
+        !peer.listen_addresses().is_empty()
+    });
+    assert!(listening.is_some());
+    let address = peer.listen_addresses()[0].to_string();
+    let id = peer_id.to_string();
+    assert!(
+        weft(&node.home, &["device", "add", &id, "--addr", &address])
+            .status
+            .success()
+    );
+    assert!(
+        weft(&node.home, &["folder", "share", "parts", &id])
+            .status
+            .success()
+    );
+    let up = wait_for(Duration::from_secs(30), || peer.is_connected(&node_id));
+    assert!(up.is_some(), "peer never connected:\n{}", node.log());
+
+    let folder = FolderId::new("parts").unwrap();
+    let mut doc = FolderDocument::new(document::actor_id(&peer_id, [5; 8]));
+    for (i, data) in contents.iter().enumerate() {
+        let path = weft_protocol::RelPath::new(&format!("dir{}/file{i}.txt", i % 7)).unwrap();
+        doc.put(&path, &file_entry(peer_id, data)).unwrap();
+    }
+    doc.commit(0, "many files");
+    let mut parts_sent = 0;
+    runtime.block_on(async {
+        let mut state = SyncState::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut send = |doc: &mut FolderDocument, state: &mut SyncState| {
+            let Some(bytes) = doc.generate_sync_message(state) else {
+                return;
+            };
+            let pieces: Vec<&[u8]> = bytes.chunks(PART_LEN).collect();
+            for (index, piece) in pieces.iter().enumerate() {
+                let sync = DocSync {
+                    folder: folder.clone(),
+                    sync_message: piece.to_vec(),
+                };
+                let frame = if index + 1 == pieces.len() {
+                    Message::DocSync(sync)
+                } else {
+                    parts_sent += 1;
+                    Message::DocSyncPart(sync)
+                };
+                peer.send(&node_id, frame).unwrap();
+            }
+        };
+        send(&mut doc, &mut state);
+        while Instant::now() < deadline && !root.join("dir0/file0.txt").exists() {
+            if let Ok(Some(NetEvent::Message(from, Message::DocSync(sync)))) =
+                tokio::time::timeout(Duration::from_millis(200), events.recv()).await
+                && from == node_id
+                && sync.folder == folder
+            {
+                doc.receive_sync_message(&mut state, &sync.sync_message)
+                    .unwrap();
+                send(&mut doc, &mut state);
+            }
+        }
+    });
+    assert!(
+        parts_sent > 10,
+        "the message was not split ({parts_sent} parts)"
+    );
+    let all_there = wait_for(Duration::from_secs(30), || {
+        contents.iter().enumerate().all(|(i, data)| {
+            fs::read(root.join(format!("dir{}/file{i}.txt", i % 7))).is_ok_and(|b| &b == data)
+        })
+    });
+    assert!(
+        all_there.is_some(),
+        "the files named in the parted message did not all arrive:\n{}",
+        node.log()
+    );
+    drop(peer);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}
