@@ -173,6 +173,7 @@ fn prepare_locally(
         .map(|(offset, block)| (offset, *block))
         .collect();
     let workers = copy_workers().min(blocks.len().div_ceil(64).max(1));
+    let write_back = WriteBack::new(&file);
     let share = blocks.len().div_ceil(workers).max(1);
     let parts: Vec<Result<Vec<(BlockHash, u64)>, String>> = if workers == 1 {
         // Most files: no thread for a few blocks.
@@ -182,14 +183,17 @@ fn prepare_locally(
             &file,
             existing_len,
             &blocks,
+            &write_back,
         )]
     } else {
         std::thread::scope(|scope| {
             let handles: Vec<_> = blocks
                 .chunks(share)
                 .map(|part| {
-                    let file = &file;
-                    scope.spawn(move || copy_local_blocks(context, temp, file, existing_len, part))
+                    let (file, write_back) = (&file, &write_back);
+                    scope.spawn(move || {
+                        copy_local_blocks(context, temp, file, existing_len, part, write_back)
+                    })
                 })
                 .collect();
             handles
@@ -219,6 +223,7 @@ fn copy_local_blocks(
     file: &File,
     existing_len: u64,
     blocks: &[(u64, weft_protocol::BlockRef)],
+    write_back: &WriteBack,
 ) -> Result<Vec<(BlockHash, u64)>, String> {
     let mut missing = Vec::new();
     let mut buffer = Vec::new();
@@ -250,13 +255,56 @@ fn copy_local_blocks(
             })
             .or_else(|| context.versions.as_ref().and_then(|v| v.block(&block.hash)));
         match local {
-            Some(data) => file
-                .write_all_at(&data, offset)
-                .map_err(|e| io_error("writing", temp, e))?,
+            Some(data) => {
+                file.write_all_at(&data, offset)
+                    .map_err(|e| io_error("writing", temp, e))?;
+                write_back.wrote(data.len() as u64);
+            }
             None => missing.push((block.hash, offset)),
         }
     }
     Ok(missing)
+}
+
+/// Starts writing a large local copy back to disk while it runs (every
+/// [`EARLY_SYNC_BYTES`], at most one write-back at a time, not awaited), so the final
+/// fsync does not stall on the whole file: a small edit to a large file is a local copy
+/// of almost all of it.
+struct WriteBack {
+    file: Option<Arc<File>>,
+    unsynced: std::sync::atomic::AtomicU64,
+    running: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl WriteBack {
+    fn new(file: &File) -> Self {
+        Self {
+            file: file.try_clone().ok().map(Arc::new),
+            unsynced: std::sync::atomic::AtomicU64::new(0),
+            running: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+
+    fn wrote(&self, bytes: u64) {
+        use std::sync::atomic::Ordering;
+        let unsynced = self.unsynced.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        if unsynced < EARLY_SYNC_BYTES || self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.unsynced.store(0, Ordering::Release);
+        let (Some(file), running) = (self.file.clone(), self.running.clone()) else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("weft-write-back".into())
+            .spawn(move || {
+                let _ = file.sync_data();
+                running.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.running.store(false, Ordering::Release);
+        }
+    }
 }
 
 /// Downloads `entry` (a file version) of `path` into its temp file.
