@@ -18,9 +18,11 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use weft_protocol::change_signature::{self, ChangeSignatureError, SignedChange};
 use weft_protocol::document::{self, Content, Entry, EntryKind, FolderDocument};
 use weft_protocol::sync_parts::{self, SyncAssembly};
-use weft_protocol::{DeviceId, FolderId, RelPath};
+use weft_protocol::wire::{ChangeSignatures, MAX_SIGNED_CHANGES, Message};
+use weft_protocol::{DeviceId, DeviceKey, FolderId, RelPath, Signature};
 
 use crate::engine::{
     self, Action, FolderMode, LocalEntry, PathView, Remote, SyncedEntry, publish_entry, remote_of,
@@ -69,6 +71,11 @@ struct FetchedItem {
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// Problems kept in the status (the most recent scan's first ones).
 pub const MAX_PROBLEMS_SHOWN: usize = 100;
+/// Sync messages with unsigned or forged changes a device may send in a row before it
+/// is disconnected (its document sync is looping without progress).
+pub const MAX_REFUSALS: u32 = 3;
+/// Change signatures held for one device's next sync message.
+pub const MAX_PENDING_SIGNATURES: usize = 1 << 20;
 
 /// Settings a folder actor needs from the node config.
 #[derive(Clone, Debug)]
@@ -213,6 +220,8 @@ pub enum FolderCommand {
     SyncMessage(DeviceId, Vec<u8>),
     /// A leading piece of a sync message too large for one frame.
     SyncMessagePart(DeviceId, Vec<u8>),
+    /// Authors' signatures of the changes in the device's next sync message.
+    ChangeSignatures(DeviceId, Vec<SignedChange>),
     /// A download finished (or failed).
     Fetched {
         /// The path.
@@ -337,12 +346,18 @@ fn now_ns() -> i64 {
 pub fn start(
     record: FolderRecord,
     store: Arc<Store>,
-    device: DeviceId,
+    key: Arc<DeviceKey>,
     settings: FolderSettings,
     events: EventBus,
     network: Option<Network>,
 ) -> Result<FolderHandle, FolderError> {
+    let device = key.device_id();
     let (snapshot, increments) = store.document(&record.id)?;
+    let signatures = store
+        .change_signatures(&record.id)?
+        .into_iter()
+        .map(|signed| (signed.hash, signed.signature))
+        .collect();
     let actor = document::actor_id(&device, store.actor_suffix());
     let document = FolderDocument::load(&snapshot, increments.iter().map(Vec::as_slice), actor)
         .map_err(|source| FolderError::Document {
@@ -383,6 +398,8 @@ pub fn start(
             store,
             document,
             device,
+            key,
+            signatures,
             events,
             shared: shared.clone(),
             mode: record.mode,
@@ -396,6 +413,8 @@ pub fn start(
         sender: sender.clone(),
         peers: HashMap::new(),
         assemblies: HashMap::new(),
+        pending_signatures: HashMap::new(),
+        refusals: HashMap::new(),
         in_flight: HashMap::new(),
         download_queue: Vec::new(),
         downloads_running: 0,
@@ -443,6 +462,10 @@ struct FolderActor {
     peers: HashMap<DeviceId, weft_protocol::document::SyncState>,
     /// Sync messages arriving in parts, per device.
     assemblies: HashMap<DeviceId, SyncAssembly>,
+    /// Signatures a device sent for the changes of its next sync message.
+    pending_signatures: HashMap<DeviceId, HashMap<[u8; 32], Signature>>,
+    /// Sync messages refused in a row, per device (see [`MAX_REFUSALS`]).
+    refusals: HashMap<DeviceId, u32>,
     /// Downloads queued or running: path and bytes.
     in_flight: HashMap<RelPath, u64>,
     /// Downloads waiting for a slot (at most [`MAX_DOWNLOADS`] run at once); the
@@ -528,6 +551,10 @@ impl FolderActor {
                 Ok(FolderCommand::PeerDisconnected(device)) => {
                     self.peers.remove(&device);
                     self.assemblies.remove(&device);
+                    self.pending_signatures.remove(&device);
+                }
+                Ok(FolderCommand::ChangeSignatures(device, signed)) => {
+                    self.change_signatures(device, signed);
                 }
                 Ok(FolderCommand::SyncMessagePart(device, bytes)) => {
                     self.sync_message_part(device, &bytes);
@@ -817,8 +844,15 @@ fn send_sync_to(
     device: DeviceId,
     state: &mut weft_protocol::document::SyncState,
 ) {
-    if let Some(message) = recorder.document.generate_sync_message(state) {
-        for frame in sync_parts::frames(&recorder.folder, message) {
+    if let Some((message, changes)) = recorder.document.generate_sync_message_with_changes(state) {
+        let signed = recorder.signatures_for(&changes);
+        let signatures = signed.chunks(MAX_SIGNED_CHANGES).map(|chunk| {
+            Message::ChangeSignatures(ChangeSignatures {
+                folder: recorder.folder.clone(),
+                changes: chunk.to_vec(),
+            })
+        });
+        for frame in signatures.chain(sync_parts::frames(&recorder.folder, message)) {
             if let Err(error) = network.net.send(&device, frame) {
                 tracing::debug!(folder = %recorder.folder, %error, "sync message not sent");
                 return;
@@ -929,6 +963,37 @@ impl FolderActor {
         shared
     }
 
+    fn change_signatures(&mut self, device: DeviceId, signed: Vec<SignedChange>) {
+        if !self.shared_with(&device) {
+            return;
+        }
+        let pending = self.pending_signatures.entry(device).or_default();
+        if pending.len().saturating_add(signed.len()) > MAX_PENDING_SIGNATURES {
+            tracing::warn!(folder = %self.record.id, device = %device, "too many change signatures before a sync message; dropped");
+            pending.clear();
+            return;
+        }
+        pending.extend(signed.into_iter().map(|s| (s.hash, s.signature)));
+    }
+
+    /// Refuses a sync message whose changes are not all signed by their authors: the
+    /// document goes back to what the store holds (nothing of the message was saved
+    /// or acted on), every peer's sync starts over, and a device refused
+    /// [`MAX_REFUSALS`] times in a row is disconnected.
+    fn refuse_sync_message(&mut self, device: DeviceId, error: &ChangeSignatureError) {
+        tracing::warn!(folder = %self.record.id, device = %device, %error, "sync message refused: a change is not signed by its author; nothing of it was applied");
+        self.recorder.reload_document();
+        let refusals = self.refusals.entry(device).or_default();
+        *refusals += 1;
+        if *refusals >= MAX_REFUSALS {
+            *refusals = 0;
+            tracing::warn!(folder = %self.record.id, device = %device, "device keeps sending changes without valid signatures; disconnecting");
+            if let Some(network) = &self.network {
+                network.net.disconnect(&device);
+            }
+        }
+    }
+
     fn sync_message_part(&mut self, device: DeviceId, bytes: &[u8]) {
         if !self.shared_with(&device) {
             return;
@@ -960,6 +1025,28 @@ impl FolderActor {
             tracing::warn!(folder = %self.record.id, device = %device, %error, "bad sync message; ignored");
             return;
         }
+        // Every change the message added must be signed by its author before anything
+        // is saved or acted on.
+        let pending = self.pending_signatures.remove(&device).unwrap_or_default();
+        let added = if self.recorder.document.heads() == before {
+            Vec::new()
+        } else {
+            self.recorder.document.changes_since(&before)
+        };
+        if !added.is_empty() {
+            let known = &self.recorder.signatures;
+            let checked = change_signature::verify(&self.record.id, &added, |hash| {
+                pending.get(hash).or_else(|| known.get(hash)).copied()
+            });
+            match checked {
+                Ok(signed) => self.recorder.keep_signatures(&signed),
+                Err(error) => {
+                    self.refuse_sync_message(device, &error);
+                    return;
+                }
+            }
+        }
+        self.refusals.remove(&device);
         self.recorder.save_received();
         let changed = self.recorder.document.changed_paths(&before);
         if !changed.rejected.is_empty() {
@@ -1676,6 +1763,11 @@ struct Recorder {
     store: Arc<Store>,
     document: FolderDocument,
     device: DeviceId,
+    /// Signs this device's changes (lazily, when they are first sent).
+    key: Arc<DeviceKey>,
+    /// Authors' signatures of the document's changes, by change hash (verified, or
+    /// made here); passed on with the changes.
+    signatures: HashMap<[u8; 32], Signature>,
     events: EventBus,
     shared: Arc<FolderShared>,
     mode: FolderMode,
@@ -1692,6 +1784,53 @@ struct Recorder {
 }
 
 impl Recorder {
+    /// The signatures of `changes`, to send with them: kept ones, and this device's own
+    /// changes signed now. A change of another device that came without a signature
+    /// (kept from before signatures existed) is sent without; receivers refuse it.
+    fn signatures_for(&mut self, changes: &[document::ChangeHash]) -> Vec<SignedChange> {
+        let mut signed = Vec::with_capacity(changes.len());
+        let mut made = Vec::new();
+        for change in changes {
+            if let Some(signature) = self.signatures.get(&change.0) {
+                signed.push(SignedChange {
+                    hash: change.0,
+                    signature: *signature,
+                });
+                continue;
+            }
+            let author = self
+                .document
+                .change_actor(change)
+                .and_then(|actor| document::actor_device(&actor));
+            if author == Some(self.device) {
+                let signature = SignedChange::sign(&self.key, &self.folder, change);
+                self.signatures.insert(signature.hash, signature.signature);
+                made.push(signature);
+                signed.push(signature);
+            } else {
+                tracing::debug!(folder = %self.folder, %change, "change without a kept signature; sent unsigned");
+            }
+        }
+        if let Err(error) = self.store.put_change_signatures(&self.folder, &made) {
+            tracing::error!(folder = %self.folder, %error, "keeping change signatures failed");
+        }
+        signed
+    }
+
+    /// Keeps verified signatures of received changes, to pass them on.
+    fn keep_signatures(&mut self, signed: &[SignedChange]) {
+        let new: Vec<SignedChange> = signed
+            .iter()
+            .filter(|s| !self.signatures.contains_key(&s.hash))
+            .copied()
+            .collect();
+        self.signatures
+            .extend(new.iter().map(|s| (s.hash, s.signature)));
+        if let Err(error) = self.store.put_change_signatures(&self.folder, &new) {
+            tracing::error!(folder = %self.folder, %error, "keeping change signatures failed");
+        }
+    }
+
     /// Sets the status counts from a whole local tree.
     fn recount(&self, tree: &std::collections::BTreeMap<RelPath, LocalEntry>) {
         let (mut files, mut directories, mut symlinks, mut bytes) = (0, 0, 0, 0);

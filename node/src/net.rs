@@ -651,6 +651,11 @@ impl NetHandle {
         }
     }
 
+    /// Closes the connection to a device (it may dial again; its syncs start over).
+    pub fn disconnect(&self, device: &DeviceId) {
+        let _ = self.commands.send(Command::Disconnect(device.to_peer_id()));
+    }
+
     /// Is this device connected?
     pub fn is_connected(&self, device: &DeviceId) -> bool {
         self.shared

@@ -135,7 +135,7 @@ pub struct NetOptions {
 
 /// The node.
 pub struct Node {
-    key: DeviceKey,
+    key: Arc<DeviceKey>,
     config: Config,
     store: Arc<Store>,
     events: EventBus,
@@ -244,7 +244,7 @@ impl Node {
             None => (None, None, None),
         };
         let node = Self {
-            key,
+            key: Arc::new(key),
             config,
             store,
             events: EventBus::default(),
@@ -373,6 +373,21 @@ impl Node {
                     }
                     None => {
                         tracing::warn!(device = %device, folder = %sync.folder, "document sync for a folder not shared with that device; ignored")
+                    }
+                }
+            }
+            Message::ChangeSignatures(signatures) => {
+                let accepted = self.accepted(&device);
+                let folders = self.folders();
+                match folders
+                    .get(&signatures.folder)
+                    .filter(|h| accepted && h.record.devices.iter().any(|(d, _)| *d == device))
+                {
+                    Some(handle) => {
+                        handle.send(FolderCommand::ChangeSignatures(device, signatures.changes));
+                    }
+                    None => {
+                        tracing::warn!(device = %device, folder = %signatures.folder, "change signatures for a folder not shared with that device; ignored")
                     }
                 }
             }
@@ -684,7 +699,7 @@ impl Node {
         let handle = folder::start(
             record,
             self.store.clone(),
-            self.device_id(),
+            self.key.clone(),
             self.settings(),
             self.events.clone(),
             self.network.clone(),

@@ -29,11 +29,14 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
+use weft_protocol::change_signature::SignedChange;
 use weft_protocol::wire::{Invite, Permission};
-use weft_protocol::{BlockHash, ChunkParams, DeviceId, FolderId, Manifest, ManifestHash, RelPath};
+use weft_protocol::{
+    BlockHash, ChunkParams, DeviceId, FolderId, Manifest, ManifestHash, RelPath, Signature,
+};
 
 /// Current schema version of the store.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// redb's page cache. Its default (1 GiB) would let a cold scan of a large folder grow
 /// the node's memory far past its budget; reads beyond this come from the OS page cache.
 pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
@@ -50,6 +53,8 @@ const DOC_SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_sn
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const INVITES: TableDefinition<&str, &[u8]> = TableDefinition::new("invites");
 const DOC_INCREMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("doc_increments");
+/// Authors' signatures of document changes: folder, 0, change hash -> signature.
+const CHANGE_SIGNATURES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("change_signatures");
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -281,6 +286,9 @@ impl Store {
             txn.open_table(DEVICES)?;
             txn.open_table(INVITES)?;
         }
+        if from < 2 {
+            txn.open_table(CHANGE_SIGNATURES)?;
+        }
         Ok(())
     }
 
@@ -322,6 +330,8 @@ impl Store {
         txn.open_table(DOC_SNAPSHOTS)?.remove(folder.as_str())?;
         let (start, end) = increment_range(folder);
         txn.open_table(DOC_INCREMENTS)?
+            .retain_in(start.as_slice()..end.as_slice(), |_, _| false)?;
+        txn.open_table(CHANGE_SIGNATURES)?
             .retain_in(start.as_slice()..end.as_slice(), |_, _| false)?;
         // Block rows carry the folder after the hash; filter them all.
         let folder_bytes = folder.as_str().as_bytes();
@@ -568,6 +578,56 @@ impl Store {
             increments.push(row?.1.value().to_vec());
         }
         Ok((snapshot, increments))
+    }
+
+    /// Every kept change signature of a folder's document.
+    pub fn change_signatures(&self, folder: &FolderId) -> Result<Vec<SignedChange>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let (start, end) = increment_range(folder);
+        let mut signed = Vec::new();
+        for row in txn
+            .open_table(CHANGE_SIGNATURES)?
+            .range(start.as_slice()..end.as_slice())?
+        {
+            let (key, value) = row?;
+            let bad = |detail: &str| StoreError::Record {
+                what: "change signature".into(),
+                detail: detail.into(),
+            };
+            let hash = key.value()[start.len()..]
+                .try_into()
+                .map_err(|_| bad("key is not a folder and a 32-byte hash"))?;
+            let signature = value.value().try_into().map_err(|_| bad("not 64 bytes"))?;
+            signed.push(SignedChange {
+                hash,
+                signature: Signature(signature),
+            });
+        }
+        Ok(signed)
+    }
+
+    /// Keeps change signatures of a folder's document (already verified).
+    pub fn put_change_signatures(
+        &self,
+        folder: &FolderId,
+        signed: &[SignedChange],
+    ) -> Result<(), StoreError> {
+        if signed.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(CHANGE_SIGNATURES)?;
+            let (mut key, _) = increment_range(folder);
+            let prefix = key.len();
+            for change in signed {
+                key.truncate(prefix);
+                key.extend_from_slice(&change.hash);
+                table.insert(key.as_slice(), change.signature.0.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Replaces the document with a compacted snapshot and drops its increments.

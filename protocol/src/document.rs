@@ -26,6 +26,8 @@ use crate::identity::DeviceId;
 use crate::manifest::Manifest;
 use crate::path::{PathError, RelPath};
 
+/// The hash naming one change of a document.
+pub use automerge::ChangeHash;
 /// Per-peer state of automerge's sync protocol (kept for the life of a connection).
 pub use automerge::sync::State as SyncState;
 
@@ -403,6 +405,44 @@ impl FolderDocument {
             .map(automerge::sync::Message::encode)
     }
 
+    /// Like [`Self::generate_sync_message`], with the hashes of the changes the message
+    /// carries (their signatures go with it).
+    pub fn generate_sync_message_with_changes(
+        &mut self,
+        state: &mut automerge::sync::State,
+    ) -> Option<(Vec<u8>, Vec<automerge::ChangeHash>)> {
+        // automerge records every change it puts in a message in `sent_hashes`, and
+        // never puts one that is already there.
+        let sent_before = state.sent_hashes.clone();
+        let message = self.generate_sync_message(state)?;
+        let changes = state
+            .sent_hashes
+            .difference(&sent_before)
+            .copied()
+            .collect();
+        Some((message, changes))
+    }
+
+    /// The changes in the document that `heads` does not include (after receiving a
+    /// sync message: what it added), with their actors.
+    pub fn changes_since(
+        &mut self,
+        heads: &[automerge::ChangeHash],
+    ) -> Vec<(automerge::ChangeHash, ActorId)> {
+        self.doc
+            .get_changes(heads)
+            .iter()
+            .map(|change| (change.hash(), change.actor_id().clone()))
+            .collect()
+    }
+
+    /// The actor of a change in the document.
+    pub fn change_actor(&mut self, change: &automerge::ChangeHash) -> Option<ActorId> {
+        self.doc
+            .get_change_by_hash(change)
+            .map(|change| change.actor_id().clone())
+    }
+
     /// Applies a sync message from a peer.
     pub fn receive_sync_message(
         &mut self,
@@ -546,6 +586,55 @@ mod tests {
                 .receive_sync_message(&mut state_b, b"garbage")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn sync_messages_name_the_changes_they_carry() {
+        let (a, b) = (device(1), device(2));
+        let mut doc_a = FolderDocument::new(actor_id(&a, [0; 8]));
+        let mut doc_b = FolderDocument::new(actor_id(&b, [0; 8]));
+        for name in ["one", "two", "three"] {
+            doc_a.put(&path(name), &file(a, name.as_bytes())).unwrap();
+            doc_a.commit(1, name);
+        }
+        let all: std::collections::BTreeSet<_> = doc_a
+            .changes_since(&[])
+            .into_iter()
+            .map(|(h, _)| h)
+            .collect();
+        assert_eq!(all.len(), 3);
+        let before = doc_b.heads();
+        let (mut state_a, mut state_b) =
+            (automerge::sync::State::new(), automerge::sync::State::new());
+        let mut carried = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let to_b = doc_a.generate_sync_message_with_changes(&mut state_a);
+            if let Some((message, changes)) = &to_b {
+                carried.extend(changes.iter().copied());
+                doc_b.receive_sync_message(&mut state_b, message).unwrap();
+            }
+            let to_a = doc_b.generate_sync_message(&mut state_b);
+            if let Some(message) = &to_a {
+                doc_a.receive_sync_message(&mut state_a, message).unwrap();
+            }
+            if to_a.is_none() && to_b.is_none() {
+                break;
+            }
+        }
+        assert_eq!(carried, all);
+        let received = doc_b.changes_since(&before);
+        assert!(
+            received
+                .iter()
+                .all(|(_, actor)| actor_device(actor) == Some(a))
+        );
+        let received: std::collections::BTreeSet<_> =
+            received.into_iter().map(|(h, _)| h).collect();
+        assert_eq!(received, all);
+        let first = *all.iter().next().unwrap();
+        assert_eq!(doc_b.change_actor(&first), Some(actor_id(&a, [0; 8])));
+        let now = doc_b.heads();
+        assert!(doc_b.changes_since(&now).is_empty());
     }
 
     #[test]

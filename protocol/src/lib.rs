@@ -17,6 +17,7 @@
 )]
 #![deny(missing_docs)]
 
+pub mod change_signature;
 pub mod chunk;
 pub mod document;
 pub mod folder;

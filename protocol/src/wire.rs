@@ -15,12 +15,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::change_signature::SignedChange;
 use crate::folder::FolderId;
 use crate::hash::{BlockHash, ManifestHash};
 use crate::manifest::{MAX_BLOCK_LEN, Manifest};
 
 /// Wire protocol version spoken by this build; see the version log in `docs/protocol.md`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Bytes of the frame header (payload length, u32 little-endian).
 pub const FRAME_HEADER_LEN: usize = 4;
@@ -45,6 +46,9 @@ pub const MAX_DOC_SYNC_LEN: usize = 16 * 1024 * 1024;
 /// whole document saves to about 46 MiB (DESIGN.md); this leaves room for its change
 /// history while bounding what one peer can make the receiver hold.
 pub const MAX_DOC_SYNC_TOTAL_LEN: usize = 256 * 1024 * 1024;
+
+/// Signed changes in one [`ChangeSignatures`] message (about 100 bytes each).
+pub const MAX_SIGNED_CHANGES: usize = 65_536;
 
 /// Longest device name, in bytes (a hostname or a person's label for the device).
 pub const MAX_DEVICE_NAME_LEN: usize = 256;
@@ -85,6 +89,18 @@ pub enum Message {
     /// follow for the same folder, up to and including the next [`Message::DocSync`],
     /// complete it.
     DocSyncPart(DocSync),
+    /// Authors' signatures of the changes in the sync message that follows for the
+    /// same folder (sent just before it; see [`crate::change_signature`]).
+    ChangeSignatures(ChangeSignatures),
+}
+
+/// Signatures of document changes, for one folder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeSignatures {
+    /// The folder.
+    pub folder: FolderId,
+    /// At most [`MAX_SIGNED_CHANGES`]; more go in several messages.
+    pub changes: Vec<SignedChange>,
 }
 
 /// What an invited device may do in a folder.
@@ -293,6 +309,9 @@ impl Message {
             Message::Block(block) => check_limit("data", block.data.len(), MAX_BLOCK_LEN as usize),
             Message::Error(error) => check_limit("text", error.text.len(), MAX_ERROR_TEXT_LEN),
             Message::Invite(invite) => check_limit("label", invite.label.len(), MAX_LABEL_LEN),
+            Message::ChangeSignatures(signatures) => {
+                check_limit("changes", signatures.changes.len(), MAX_SIGNED_CHANGES)
+            }
             // Manifests validate themselves on decode; the frame limit bounds them.
             Message::ManifestResponse(_) | Message::BlockMissing(_) => Ok(()),
         }
@@ -422,6 +441,27 @@ mod tests {
                     sync_message
                 })
             ),
+            (
+                arb_folder(),
+                proptest::collection::vec((arb_hash(), arb_hash(), arb_hash()), 0..5)
+            )
+                .prop_map(|(folder, changes)| {
+                    Message::ChangeSignatures(ChangeSignatures {
+                        folder,
+                        changes: changes
+                            .into_iter()
+                            .map(|(hash, a, b)| {
+                                let mut signature = [0u8; 64];
+                                signature[..32].copy_from_slice(&a);
+                                signature[32..].copy_from_slice(&b);
+                                SignedChange {
+                                    hash,
+                                    signature: crate::identity::Signature(signature),
+                                }
+                            })
+                            .collect(),
+                    })
+                }),
             (
                 arb_folder(),
                 any::<u64>(),

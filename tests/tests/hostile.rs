@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use automerge::transaction::Transactable;
 use futures::AsyncWriteExt;
 use weft_node::net::{self, BlockSource, NetConfig, NetEvent};
+use weft_protocol::change_signature::SignedChange;
 use weft_protocol::document::{self, Content, Entry, EntryKind, FolderDocument, SyncState};
-use weft_protocol::wire::{DocSync, Message};
+use weft_protocol::wire::{ChangeSignatures, DocSync, Message};
 use weft_protocol::{BlockHash, BlockRef, DeviceId, DeviceKey, FolderId, Manifest, ManifestHash};
 use weft_tests::{NodeConfig, TestNode, connect, wait_for, weft};
 
@@ -47,19 +48,46 @@ fn file_entry(author: DeviceId, data: &[u8]) -> Entry {
     }
 }
 
-/// Runs the automerge sync protocol from the hostile side for `seconds`.
+/// Sends the next sync message of `doc`, preceded by `key`'s signatures of the changes
+/// it carries (a node refuses changes not signed by the device their actor names).
+fn send_signed(
+    net: &net::NetHandle,
+    victim: DeviceId,
+    folder: &FolderId,
+    key: &DeviceKey,
+    doc: &mut FolderDocument,
+    state: &mut SyncState,
+) -> Option<Vec<u8>> {
+    let (bytes, changes) = doc.generate_sync_message_with_changes(state)?;
+    let changes = changes
+        .iter()
+        .map(|change| SignedChange::sign(key, folder, change))
+        .collect();
+    let _ = net.send(
+        &victim,
+        Message::ChangeSignatures(ChangeSignatures {
+            folder: folder.clone(),
+            changes,
+        }),
+    );
+    Some(bytes)
+}
+
+/// Runs the automerge sync protocol from the hostile side for `seconds`, signing what
+/// it sends with `key`.
 async fn sync_for(
     net: &net::NetHandle,
     events: &mut tokio::sync::mpsc::UnboundedReceiver<NetEvent>,
     victim: DeviceId,
     folder: &FolderId,
+    key: &DeviceKey,
     doc: &mut FolderDocument,
     seconds: u64,
 ) {
     let mut state = SyncState::new();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let send = |doc: &mut FolderDocument, state: &mut SyncState| {
-        if let Some(bytes) = doc.generate_sync_message(state) {
+        if let Some(bytes) = send_signed(net, victim, folder, key, doc, state) {
             let _ = net.send(
                 &victim,
                 Message::DocSync(DocSync {
@@ -183,6 +211,7 @@ fn a_hostile_peer_is_refused_and_honest_peers_keep_syncing() {
         &mut events,
         victim_id,
         &folder,
+        &hostile_key,
         &mut doc,
         3,
     ));
@@ -194,6 +223,7 @@ fn a_hostile_peer_is_refused_and_honest_peers_keep_syncing() {
         &mut events,
         victim_id,
         &secret,
+        &hostile_key,
         &mut probe,
         2,
     ));
@@ -228,6 +258,29 @@ fn a_hostile_peer_is_refused_and_honest_peers_keep_syncing() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     });
 
+    // 5. A change that claims the honest device as its author, signed by the hostile
+    //    key: refused as a whole, nothing of it applied.
+    let reconnected = wait_for(Duration::from_secs(15), || hostile.is_connected(&victim_id));
+    assert!(reconnected.is_some(), "the victim did not redial");
+    let honest_id: DeviceId = honest.id().parse().unwrap();
+    let mut forged = FolderDocument::new(document::actor_id(&honest_id, [3; 8]));
+    forged
+        .put(
+            &weft_protocol::RelPath::new("forged.txt").unwrap(),
+            &file_entry(honest_id, planted),
+        )
+        .unwrap();
+    forged.commit(0, "in the honest device's name");
+    runtime.block_on(sync_for(
+        &hostile,
+        &mut events,
+        victim_id,
+        &folder,
+        &hostile_key,
+        &mut forged,
+        3,
+    ));
+
     // Nothing was written outside the folder or into reserved places.
     let outside = [
         dir.path().join("victim/escape.txt"),
@@ -259,6 +312,31 @@ fn a_hostile_peer_is_refused_and_honest_peers_keep_syncing() {
     assert!(
         log.contains("bad control frame"),
         "no log line for the bad frames:\n{log}"
+    );
+    assert!(
+        log.contains("not signed by") && log.contains("nothing of it was applied"),
+        "no log line for the forged change:\n{log}"
+    );
+    // The document knows the hostile device's own signed entry, not the forged one.
+    let versions = |name: &str| -> usize {
+        let path = root_v.join(name);
+        let output = weft(
+            &victim.home,
+            &["versions", path.to_str().unwrap(), "--json"],
+        );
+        serde_json::from_slice::<serde_json::Value>(&output.stdout)
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    assert!(
+        versions("bad.bin") > 0,
+        "the signed entry is not in the document"
+    );
+    assert_eq!(
+        versions("forged.txt"),
+        0,
+        "a change forged in another device's name was applied"
     );
     let devices: serde_json::Value = victim.client().get("/v1/devices").unwrap();
     let bad_blocks: u64 = devices
@@ -337,6 +415,7 @@ fn an_unknown_device_learns_nothing() {
         &mut events,
         victim_id,
         &folder,
+        &stranger_key,
         &mut doc,
         2,
     ));
@@ -434,7 +513,7 @@ fn a_sync_message_sent_in_parts_is_reassembled_and_applied() {
         let mut state = SyncState::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut send = |doc: &mut FolderDocument, state: &mut SyncState| {
-            let Some(bytes) = doc.generate_sync_message(state) else {
+            let Some(bytes) = send_signed(&peer, node_id, &folder, &peer_key, doc, state) else {
                 return;
             };
             let pieces: Vec<&[u8]> = bytes.chunks(PART_LEN).collect();
