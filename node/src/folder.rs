@@ -1026,20 +1026,30 @@ impl FolderActor {
             return;
         }
         // Every change the message added must be signed by its author before anything
-        // is saved or acted on.
-        let pending = self.pending_signatures.remove(&device).unwrap_or_default();
+        // is saved or acted on. Signatures stay pending until their change arrives
+        // (automerge holds back a change whose dependencies are still missing).
         let added = if self.recorder.document.heads() == before {
             Vec::new()
         } else {
             self.recorder.document.changes_since(&before)
         };
         if !added.is_empty() {
+            let pending = self.pending_signatures.remove(&device).unwrap_or_default();
             let known = &self.recorder.signatures;
             let checked = change_signature::verify(&self.record.id, &added, |hash| {
                 pending.get(hash).or_else(|| known.get(hash)).copied()
             });
             match checked {
-                Ok(signed) => self.recorder.keep_signatures(&signed),
+                Ok(signed) => {
+                    self.recorder.keep_signatures(&signed);
+                    let mut pending = pending;
+                    for change in &signed {
+                        pending.remove(&change.hash);
+                    }
+                    if !pending.is_empty() {
+                        self.pending_signatures.insert(device, pending);
+                    }
+                }
                 Err(error) => {
                     self.refuse_sync_message(device, &error);
                     return;
