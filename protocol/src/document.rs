@@ -552,20 +552,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn sync_protocol_converges_and_reports_changed_paths() {
-        let (a, b) = (device(1), device(2));
-        let mut doc_a = FolderDocument::new(actor_id(&a, [0; 8]));
-        let mut doc_b = FolderDocument::new(actor_id(&b, [0; 8]));
-        doc_a.put(&path("x"), &file(a, b"x")).unwrap();
-        doc_a.put(&path("y/z"), &file(a, b"z")).unwrap();
-        doc_a.commit(1, "a");
-        let before = doc_b.heads();
+    /// Runs automerge's sync protocol between two documents until neither has anything
+    /// to send; returns the changes `a` said its messages carried.
+    fn sync_until_idle(
+        doc_a: &mut FolderDocument,
+        doc_b: &mut FolderDocument,
+    ) -> std::collections::BTreeSet<ChangeHash> {
         let (mut state_a, mut state_b) =
             (automerge::sync::State::new(), automerge::sync::State::new());
+        let mut carried = std::collections::BTreeSet::new();
         for _ in 0..10 {
-            let to_b = doc_a.generate_sync_message(&mut state_a);
-            if let Some(message) = &to_b {
+            let to_b = doc_a.generate_sync_message_with_changes(&mut state_a);
+            if let Some((message, changes)) = &to_b {
+                carried.extend(changes.iter().copied());
                 doc_b.receive_sync_message(&mut state_b, message).unwrap();
             }
             let to_a = doc_b.generate_sync_message(&mut state_b);
@@ -576,6 +575,19 @@ mod tests {
                 break;
             }
         }
+        carried
+    }
+
+    #[test]
+    fn sync_protocol_converges_and_reports_changed_paths() {
+        let (a, b) = (device(1), device(2));
+        let mut doc_a = FolderDocument::new(actor_id(&a, [0; 8]));
+        let mut doc_b = FolderDocument::new(actor_id(&b, [0; 8]));
+        doc_a.put(&path("x"), &file(a, b"x")).unwrap();
+        doc_a.put(&path("y/z"), &file(a, b"z")).unwrap();
+        doc_a.commit(1, "a");
+        let before = doc_b.heads();
+        sync_until_idle(&mut doc_a, &mut doc_b);
         assert_eq!(doc_b.get(&path("y/z")).unwrap(), Some(file(a, b"z")));
         let changed = doc_b.changed_paths(&before);
         let paths: Vec<String> = changed.paths.iter().map(|p| p.to_string()).collect();
@@ -583,7 +595,7 @@ mod tests {
         assert!(changed.rejected.is_empty());
         assert!(
             doc_b
-                .receive_sync_message(&mut state_b, b"garbage")
+                .receive_sync_message(&mut automerge::sync::State::new(), b"garbage")
                 .is_err()
         );
     }
@@ -604,23 +616,7 @@ mod tests {
             .collect();
         assert_eq!(all.len(), 3);
         let before = doc_b.heads();
-        let (mut state_a, mut state_b) =
-            (automerge::sync::State::new(), automerge::sync::State::new());
-        let mut carried = std::collections::BTreeSet::new();
-        for _ in 0..10 {
-            let to_b = doc_a.generate_sync_message_with_changes(&mut state_a);
-            if let Some((message, changes)) = &to_b {
-                carried.extend(changes.iter().copied());
-                doc_b.receive_sync_message(&mut state_b, message).unwrap();
-            }
-            let to_a = doc_b.generate_sync_message(&mut state_b);
-            if let Some(message) = &to_a {
-                doc_a.receive_sync_message(&mut state_a, message).unwrap();
-            }
-            if to_a.is_none() && to_b.is_none() {
-                break;
-            }
-        }
+        let carried = sync_until_idle(&mut doc_a, &mut doc_b);
         assert_eq!(carried, all);
         let received = doc_b.changes_since(&before);
         assert!(
