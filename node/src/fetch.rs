@@ -266,10 +266,10 @@ fn copy_local_blocks(
     Ok(missing)
 }
 
-/// Starts writing a large local copy back to disk while it runs (every
+/// Starts writing a large download or local copy back to disk while it runs (every
 /// [`EARLY_SYNC_BYTES`], at most one write-back at a time, not awaited), so the final
-/// fsync does not stall on the whole file: a small edit to a large file is a local copy
-/// of almost all of it.
+/// fsync does not stall on the whole file (a small edit to a large file is a local copy
+/// of almost all of it).
 struct WriteBack {
     file: Option<Arc<File>>,
     unsynced: std::sync::atomic::AtomicU64,
@@ -328,8 +328,7 @@ pub async fn fetch_file(
         manifest.blocks().iter().map(|b| (b.hash, b.len)).collect();
     let mut bytes_fetched = 0u64;
     let mut finished = false;
-    let mut unsynced = 0u64;
-    let syncing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let write_back = WriteBack::new(&file);
     if !missing.is_empty() {
         if context.peers.is_empty() {
             return Err("no connected device to fetch blocks from".into());
@@ -412,20 +411,11 @@ pub async fn fetch_file(
                 .iter()
                 .map(|(data, offsets)| data.len() as u64 * offsets.len() as u64)
                 .sum();
-            unsynced += written;
-            if unsynced >= EARLY_SYNC_BYTES && !last {
+            if !last {
                 // Large downloads are written back while they run, so the disk works
                 // beside the network and the final fsync does not stall on hundreds
-                // of MiB. Not awaited; at most one at a time per download.
-                unsynced = 0;
-                if !syncing.swap(true, std::sync::atomic::Ordering::AcqRel) {
-                    let file = file.clone();
-                    let syncing = syncing.clone();
-                    drop(tokio::task::spawn_blocking(move || {
-                        let _ = file.sync_data();
-                        syncing.store(false, std::sync::atomic::Ordering::Release);
-                    }));
-                }
+                // of MiB.
+                write_back.wrote(written);
             }
             if !writes.is_empty() || last {
                 let file = file.clone();

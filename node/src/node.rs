@@ -355,42 +355,22 @@ impl Node {
     }
 
     fn on_message(&self, device: DeviceId, message: Message) {
-        let is_part = matches!(message, Message::DocSyncPart(_));
         match message {
-            Message::DocSync(sync) | Message::DocSyncPart(sync) => {
-                let accepted = self.accepted(&device);
-                let folders = self.folders();
-                let shared = folders
-                    .get(&sync.folder)
-                    .filter(|h| accepted && h.record.devices.iter().any(|(d, _)| *d == device));
-                match shared {
-                    Some(handle) => {
-                        handle.send(if is_part {
-                            FolderCommand::SyncMessagePart(device, sync.sync_message)
-                        } else {
-                            FolderCommand::SyncMessage(device, sync.sync_message)
-                        });
-                    }
-                    None => {
-                        tracing::warn!(device = %device, folder = %sync.folder, "document sync for a folder not shared with that device; ignored")
-                    }
-                }
-            }
-            Message::ChangeSignatures(signatures) => {
-                let accepted = self.accepted(&device);
-                let folders = self.folders();
-                match folders
-                    .get(&signatures.folder)
-                    .filter(|h| accepted && h.record.devices.iter().any(|(d, _)| *d == device))
-                {
-                    Some(handle) => {
-                        handle.send(FolderCommand::ChangeSignatures(device, signatures.changes));
-                    }
-                    None => {
-                        tracing::warn!(device = %device, folder = %signatures.folder, "change signatures for a folder not shared with that device; ignored")
-                    }
-                }
-            }
+            Message::DocSync(sync) => self.to_folder(
+                device,
+                &sync.folder,
+                FolderCommand::SyncMessage(device, sync.sync_message),
+            ),
+            Message::DocSyncPart(sync) => self.to_folder(
+                device,
+                &sync.folder,
+                FolderCommand::SyncMessagePart(device, sync.sync_message),
+            ),
+            Message::ChangeSignatures(signatures) => self.to_folder(
+                device,
+                &signatures.folder,
+                FolderCommand::ChangeSignatures(device, signatures.changes),
+            ),
             Message::Invite(invite) => {
                 if self.folders().contains_key(&invite.folder) {
                     return;
@@ -403,6 +383,24 @@ impl Node {
             }
             other => {
                 tracing::debug!(device = %device, ?other, "unexpected control message; ignored")
+            }
+        }
+    }
+
+    /// Hands a document message from `device` to the folder's actor, if the device is
+    /// accepted and the folder is shared with it; otherwise it is ignored and logged.
+    fn to_folder(&self, device: DeviceId, folder: &FolderId, command: FolderCommand) {
+        let accepted = self.accepted(&device);
+        let folders = self.folders();
+        let shared = folders
+            .get(folder)
+            .filter(|h| accepted && h.record.devices.iter().any(|(d, _)| *d == device));
+        match shared {
+            Some(handle) => {
+                handle.send(command);
+            }
+            None => {
+                tracing::warn!(device = %device, folder = %folder, "document sync for a folder not shared with that device; ignored")
             }
         }
     }
