@@ -288,10 +288,16 @@ impl WriteBack {
     fn wrote(&self, bytes: u64) {
         use std::sync::atomic::Ordering;
         let unsynced = self.unsynced.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        if unsynced < EARLY_SYNC_BYTES || self.running.swap(true, Ordering::AcqRel) {
+        if unsynced < EARLY_SYNC_BYTES {
             return;
         }
+        // Counted from here whether or not a write-back starts: one still running
+        // covers these bytes, and back-to-back write-backs (each a disk cache flush)
+        // would cost more than they save.
         self.unsynced.store(0, Ordering::Release);
+        if self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let (Some(file), running) = (self.file.clone(), self.running.clone()) else {
             return;
         };
