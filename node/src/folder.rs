@@ -71,8 +71,9 @@ struct FetchedItem {
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// Problems kept in the status (the most recent scan's first ones).
 pub const MAX_PROBLEMS_SHOWN: usize = 100;
-/// Sync messages with unsigned or forged changes a device may send in a row before it
-/// is disconnected (its document sync is looping without progress).
+/// Sync messages with unsigned or forged changes a device may send without one
+/// accepted change in between before it is disconnected (its document sync is looping
+/// without progress).
 pub const MAX_REFUSALS: u32 = 3;
 /// Change signatures held for one device's next sync message.
 pub const MAX_PENDING_SIGNATURES: usize = 1 << 20;
@@ -464,7 +465,8 @@ struct FolderActor {
     assemblies: HashMap<DeviceId, SyncAssembly>,
     /// Signatures a device sent for the changes of its next sync message.
     pending_signatures: HashMap<DeviceId, HashMap<[u8; 32], Signature>>,
-    /// Sync messages refused in a row, per device (see [`MAX_REFUSALS`]).
+    /// Sync messages refused since the device's last accepted change (see
+    /// [`MAX_REFUSALS`]).
     refusals: HashMap<DeviceId, u32>,
     /// Downloads queued or running: path and bytes.
     in_flight: HashMap<RelPath, u64>,
@@ -979,7 +981,7 @@ impl FolderActor {
     /// Refuses a sync message whose changes are not all signed by their authors: the
     /// document goes back to what the store holds (nothing of the message was saved
     /// or acted on), every peer's sync starts over, and a device refused
-    /// [`MAX_REFUSALS`] times in a row is disconnected.
+    /// [`MAX_REFUSALS`] times without an accepted change in between is disconnected.
     fn refuse_sync_message(&mut self, device: DeviceId, error: &ChangeSignatureError) {
         tracing::warn!(folder = %self.record.id, device = %device, %error, "sync message refused: a change is not signed by its author; nothing of it was applied");
         self.recorder.reload_document();
@@ -1041,6 +1043,8 @@ impl FolderActor {
             });
             match checked {
                 Ok(signed) => {
+                    // Progress: the device's refusals no longer count as a loop.
+                    self.refusals.remove(&device);
                     self.recorder.keep_signatures(&signed);
                     let mut pending = pending;
                     for change in &signed {
@@ -1056,7 +1060,6 @@ impl FolderActor {
                 }
             }
         }
-        self.refusals.remove(&device);
         self.recorder.save_received();
         let changed = self.recorder.document.changed_paths(&before);
         if !changed.rejected.is_empty() {

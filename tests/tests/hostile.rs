@@ -271,15 +271,19 @@ fn a_hostile_peer_is_refused_and_honest_peers_keep_syncing() {
         )
         .unwrap();
     forged.commit(0, "in the honest device's name");
-    runtime.block_on(sync_for(
-        &hostile,
-        &mut events,
-        victim_id,
-        &folder,
-        &hostile_key,
-        &mut forged,
-        3,
-    ));
+    // Each new sync session offers the forged change again: the third refusal without
+    // an accepted change in between cuts the device off.
+    for _ in 0..3 {
+        runtime.block_on(sync_for(
+            &hostile,
+            &mut events,
+            victim_id,
+            &folder,
+            &hostile_key,
+            &mut forged,
+            1,
+        ));
+    }
 
     // Nothing was written outside the folder or into reserved places.
     let outside = [
@@ -316,6 +320,11 @@ fn a_hostile_peer_is_refused_and_honest_peers_keep_syncing() {
     assert!(
         log.contains("not signed by") && log.contains("nothing of it was applied"),
         "no log line for the forged change:\n{log}"
+    );
+    // It kept offering the forged change: after three refusals it was cut off.
+    assert!(
+        log.contains("keeps sending changes without valid signatures; disconnecting"),
+        "a device looping on refused changes was not disconnected:\n{log}"
     );
     // The document knows the hostile device's own signed entry, not the forged one.
     let versions = |name: &str| -> usize {
