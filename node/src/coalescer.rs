@@ -9,8 +9,9 @@
 //! at once, so coalescing costs no latency; it only kicks in under load, where it
 //! saves most.
 //!
-//! A request whose stream fails is sent once more at once: under load `libp2p-stream`
-//! drops inbound streams that arrive faster than the responder takes them.
+//! A request whose stream fails is sent again up to three times within ~25 ms: under
+//! load `libp2p-stream` drops inbound streams that arrive faster than the responder
+//! takes them, and one immediate second try was sometimes dropped as well.
 //!
 //! Invariants: a request is never split (each caller gets exactly its own hashes back,
 //! in its order); a failed shared request fails every caller in it, each of which
@@ -28,6 +29,13 @@ use crate::net::{NetError, NetHandle};
 pub const REQUESTS_IN_FLIGHT: usize = 16;
 /// Most hashes in one shared request (requests with more go alone).
 pub const MERGE_BLOCKS: usize = 8;
+/// Pauses before the quick retries of a request whose stream failed (at most ~25 ms
+/// in all; a device that is really gone fails on every try).
+pub const STREAM_RETRY_PAUSES: [std::time::Duration; 3] = [
+    std::time::Duration::ZERO,
+    std::time::Duration::from_millis(5),
+    std::time::Duration::from_millis(20),
+];
 
 /// Each hash with its bytes (unverified), or `None` if the device lacks it.
 pub type Blocks = Vec<(BlockHash, Option<Vec<u8>>)>;
@@ -133,11 +141,15 @@ async fn drain(
                 .flat_map(|pending| pending.hashes.iter().copied())
                 .collect();
             let mut result = net.request_blocks(&device, &folder, hashes.clone()).await;
-            if matches!(result, Err(NetError::Stream { .. })) {
+            for pause in STREAM_RETRY_PAUSES {
+                if !matches!(result, Err(NetError::Stream { .. })) {
+                    break;
+                }
                 // `libp2p-stream` drops inbound streams that arrive faster than the
                 // responder takes them (the requester sees "connection is closed"):
-                // one immediate second try, before the callers' paced retries.
-                result = net.request_blocks(&device, &folder, hashes).await;
+                // a few quick tries, before the callers' paced retries.
+                tokio::time::sleep(pause).await;
+                result = net.request_blocks(&device, &folder, hashes.clone()).await;
             }
             drop(slot);
             match result {
