@@ -770,6 +770,53 @@ mod tests {
         FolderId::new("f1").unwrap()
     }
 
+    #[test]
+    fn a_schema_1_store_gains_the_change_signature_table_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = Store::open(&path, [4; 8]).unwrap();
+        store
+            .put_invite(&PendingInvite {
+                from: weft_protocol::DeviceKey::from_secret_bytes([1; 32]).device_id(),
+                invite: Invite {
+                    folder: folder(),
+                    label: "photos".into(),
+                    params: ChunkParams::default(),
+                    permission: Permission::Edit,
+                },
+            })
+            .unwrap();
+        drop(store);
+        // Make it a schema 1 store: no signature table, version 1.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(CHANGE_SIGNATURES).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 1u32.to_le_bytes().as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, [5; 8]).unwrap();
+        assert_eq!(store.actor_suffix(), [4; 8]);
+        assert_eq!(store.invites().unwrap().len(), 1);
+        assert!(store.change_signatures(&folder()).unwrap().is_empty());
+        let signed = SignedChange {
+            hash: [7; 32],
+            signature: Signature([9; 64]),
+        };
+        store.put_change_signatures(&folder(), &[signed]).unwrap();
+        assert_eq!(store.change_signatures(&folder()).unwrap(), vec![signed]);
+        // Another folder's signatures are its own.
+        assert!(
+            store
+                .change_signatures(&FolderId::new("f10").unwrap())
+                .unwrap()
+                .is_empty()
+        );
+    }
+
     fn manifest(seed: u8) -> Manifest {
         Manifest::from_blocks(vec![
             BlockRef {
