@@ -770,6 +770,19 @@ mod tests {
         FolderId::new("f1").unwrap()
     }
 
+    /// Edits the redb file at `path` behind the store's back and sets its schema
+    /// version: how stores of other versions are made for tests.
+    fn rewrite_store(path: &Path, version: u32, edit: impl FnOnce(&redb::WriteTransaction)) {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        edit(&txn);
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", version.to_le_bytes().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
     #[test]
     fn a_schema_1_store_gains_the_change_signature_table_and_keeps_its_rows() {
         let dir = tempfile::tempdir().unwrap();
@@ -788,16 +801,9 @@ mod tests {
             .unwrap();
         drop(store);
         // Make it a schema 1 store: no signature table, version 1.
-        {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
+        rewrite_store(&path, 1, |txn| {
             txn.delete_table(CHANGE_SIGNATURES).unwrap();
-            txn.open_table(META)
-                .unwrap()
-                .insert("schema_version", 1u32.to_le_bytes().as_slice())
-                .unwrap();
-            txn.commit().unwrap();
-        }
+        });
         let store = Store::open(&path, [5; 8]).unwrap();
         assert_eq!(store.actor_suffix(), [4; 8]);
         assert_eq!(store.invites().unwrap().len(), 1);
@@ -948,15 +954,7 @@ mod tests {
     fn a_store_from_the_future_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.open_table(META)
-                .unwrap()
-                .insert("schema_version", 99u32.to_le_bytes().as_slice())
-                .unwrap();
-            txn.commit().unwrap();
-        }
+        rewrite_store(&path, 99, |_| {});
         assert!(matches!(
             Store::open(&path, [0; 8]),
             Err(StoreError::TooNew { found: 99 })
