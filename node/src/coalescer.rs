@@ -9,9 +9,20 @@
 //! at once, so coalescing costs no latency; it only kicks in under load, where it
 //! saves most.
 //!
-//! A request whose stream fails is sent again up to three times within ~25 ms: under
-//! load `libp2p-stream` drops inbound streams that arrive faster than the responder
-//! takes them, and one immediate second try was sometimes dropped as well.
+//! Streams are kept: a request that got its whole answer leaves its stream to the
+//! queue's idle streams, and the next request takes one (the blocks protocol answers
+//! any number of requests on a stream, one after the other). Opening a stream costs a
+//! protocol negotiation and a dozen task wake-ups on the two nodes; an initial sync
+//! makes thousands of requests. A stream idle for [`STREAM_IDLE`] is dropped (the
+//! responder closes its end after [`crate::net::SERVE_IDLE`]), so is every kept
+//! stream once a connection to the device opens or closes (a stream on a connection
+//! whose peer died, e.g. QUIC after `kill -9`, would take a request and never answer),
+//! and a request that fails on a kept stream (closed by the other side meanwhile) is
+//! sent again at once on a new one.
+//!
+//! A request whose new stream fails is sent again up to three times within ~25 ms:
+//! under load `libp2p-stream` drops inbound streams that arrive faster than the
+//! responder takes them, and one immediate second try was sometimes dropped as well.
 //!
 //! Invariants: a request is never split (each caller gets exactly its own hashes back,
 //! in its order); a failed shared request fails every caller in it, each of which
@@ -19,6 +30,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use weft_protocol::{BlockHash, DeviceId, FolderId};
@@ -36,6 +48,11 @@ pub const STREAM_RETRY_PAUSES: [std::time::Duration; 3] = [
     std::time::Duration::from_millis(5),
     std::time::Duration::from_millis(20),
 ];
+
+/// Kept streams unused for this long are dropped rather than reused (shorter than
+/// the responder's [`crate::net::SERVE_IDLE`], so a kept stream is rarely one the
+/// other side has just closed).
+pub const STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Each hash with its bytes (unverified), or `None` if the device lacks it.
 pub type Blocks = Vec<(BlockHash, Option<Vec<u8>>)>;
@@ -98,6 +115,22 @@ impl Coalescer {
     }
 }
 
+/// A stream whose last request got its whole answer, waiting for the next.
+struct KeptStream {
+    since: Instant,
+    /// [`NetHandle::connection_epoch`] when it was last used.
+    epoch: u64,
+    stream: crate::net::Stream,
+}
+
+/// The most recently used kept stream, if one is recent and of the current connection
+/// epoch; the others are dropped.
+fn take_idle(idle: &Mutex<Vec<KeptStream>>, epoch: u64) -> Option<crate::net::Stream> {
+    let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+    idle.retain(|kept| kept.epoch == epoch && kept.since.elapsed() < STREAM_IDLE);
+    idle.pop().map(|kept| kept.stream)
+}
+
 /// The task of one queue: takes a free slot, then every waiting request that fits.
 async fn drain(
     net: NetHandle,
@@ -106,6 +139,8 @@ async fn drain(
     mut receiver: mpsc::UnboundedReceiver<Pending>,
 ) {
     let slots = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT));
+    // At most one per slot: a stream is taken by the request holding a slot.
+    let idle: Arc<Mutex<Vec<KeptStream>>> = Arc::default();
     let mut held: Option<Pending> = None;
     loop {
         let first = match held.take() {
@@ -135,12 +170,24 @@ async fn drain(
         }
         let net = net.clone();
         let folder = folder.clone();
+        let idle = idle.clone();
         tokio::spawn(async move {
             let hashes: Vec<BlockHash> = group
                 .iter()
                 .flat_map(|pending| pending.hashes.iter().copied())
                 .collect();
-            let mut result = net.request_blocks(&device, &folder, hashes.clone()).await;
+            let epoch = net.connection_epoch(&device);
+            let mut stream = take_idle(&idle, epoch);
+            let kept = stream.is_some();
+            let mut result = net
+                .request_blocks(&device, &folder, hashes.clone(), &mut stream)
+                .await;
+            if kept && matches!(result, Err(NetError::Stream { .. })) {
+                // The kept stream was closed meanwhile: a new one, at once.
+                result = net
+                    .request_blocks(&device, &folder, hashes.clone(), &mut stream)
+                    .await;
+            }
             for pause in STREAM_RETRY_PAUSES {
                 if !matches!(result, Err(NetError::Stream { .. })) {
                     break;
@@ -149,7 +196,20 @@ async fn drain(
                 // responder takes them (the requester sees "connection is closed"):
                 // a few quick tries, before the callers' paced retries.
                 tokio::time::sleep(pause).await;
-                result = net.request_blocks(&device, &folder, hashes.clone()).await;
+                result = net
+                    .request_blocks(&device, &folder, hashes.clone(), &mut stream)
+                    .await;
+            }
+            if let Some(stream) = stream
+                && net.connection_epoch(&device) == epoch
+            {
+                idle.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(KeptStream {
+                        since: Instant::now(),
+                        epoch,
+                        stream,
+                    });
             }
             drop(slot);
             match result {

@@ -47,6 +47,8 @@ pub const READ_GROUP: usize = 8;
 pub const SERVE_SLOTS: usize = 48;
 /// How long a block or manifest request may take before the peer is given up on.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A responder closes a block stream that has carried no request for this long.
+pub const SERVE_IDLE: Duration = Duration::from_secs(30);
 
 /// Why a network request failed.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,12 @@ pub struct PeerInfo {
     pub bytes_out: u64,
     /// Blocks from it that failed verification.
     pub bad_blocks: u64,
+    /// Block and manifest requests it made to this node.
+    #[serde(default)]
+    pub requests_in: u64,
+    /// Streams those requests came on (a requester keeps its streams for more).
+    #[serde(default)]
+    pub request_streams_in: u64,
 }
 
 struct PeerState {
@@ -132,6 +140,10 @@ pub struct Counters {
     pub bytes_out: AtomicU64,
     /// Blocks that failed verification.
     pub bad_blocks: AtomicU64,
+    /// Requests served.
+    pub requests_in: AtomicU64,
+    /// Request streams accepted.
+    pub request_streams_in: AtomicU64,
 }
 
 #[derive(Default)]
@@ -140,9 +152,20 @@ struct Shared {
     counters: Mutex<HashMap<DeviceId, Arc<Counters>>>,
     listen: Mutex<Vec<Multiaddr>>,
     coalescer: crate::coalescer::Coalescer,
+    /// Per device, how many times a connection to it opened or closed: a kept request
+    /// stream is only reused while this has not moved (it may be on a dead connection).
+    connection_epochs: Mutex<HashMap<DeviceId, u64>>,
 }
 
 impl Shared {
+    fn connections_changed(&self, device: &DeviceId) {
+        let mut epochs = self
+            .connection_epochs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *epochs.entry(*device).or_default() += 1;
+    }
+
     fn counters(&self, device: &DeviceId) -> Arc<Counters> {
         let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         counters.entry(*device).or_default().clone()
@@ -184,6 +207,9 @@ pub struct NetConfig {
     pub mdns: bool,
 }
 
+/// Largest yamux data frame sent: one stream's whole initial window (256 KiB).
+const YAMUX_FRAME: usize = 256 * 1024;
+
 /// Starts the network on the current tokio runtime.
 pub fn start(
     key: &DeviceKey,
@@ -201,7 +227,14 @@ pub fn start(
             // TLS first (AES-GCM on CPUs that have it, see vendor/README.md), noise for
             // peers that only speak noise.
             (libp2p::tls::Config::new, noise::Config::new),
-            yamux::Config::default,
+            || {
+                // Block answers travel in frames of up to 256 KiB (yamux splits at 16 KiB
+                // by default: two TLS records and two writes per 16 KiB; see
+                // vendor/README.md).
+                let mut config = yamux::Config::default();
+                config.set_split_send_size(YAMUX_FRAME);
+                config
+            },
         )
         .map_err(|error| NetError::Setup(error.to_string()))?
         .with_quic_config(|mut quic| {
@@ -292,6 +325,7 @@ async fn run_swarm(
                         let _ = swarm.disconnect_peer_id(peer_id);
                         continue;
                     };
+                    handle.shared.connections_changed(&device);
                     if num_established.get() == 1 {
                         let address = endpoint.get_remote_address().to_string();
                         tracing::info!(device = %device, %address, "connected");
@@ -304,7 +338,13 @@ async fn run_swarm(
                         let _ = events.send(NetEvent::Connected(device));
                     }
                 }
-                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
+                SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+                    if let Ok(device) = DeviceId::try_from_peer_id(&peer_id) {
+                        handle.shared.connections_changed(&device);
+                    }
+                    if num_established > 0 {
+                        continue;
+                    }
                     if let Ok(device) = DeviceId::try_from_peer_id(&peer_id) {
                         tracing::info!(device = %device, cause = ?cause, "disconnected");
                         handle.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&device);
@@ -516,6 +556,8 @@ async fn accept_blocks(
     }
 }
 
+/// Serves the requests that come on one stream, one after the other, until the
+/// requester closes it or leaves it idle for [`SERVE_IDLE`].
 async fn serve_request(
     device: DeviceId,
     mut stream: libp2p::Stream,
@@ -523,35 +565,52 @@ async fn serve_request(
     counters: &Counters,
     slots: &tokio::sync::Semaphore,
 ) -> Result<(), String> {
-    let request = read_frame(&mut stream, counters)
-        .await?
-        .ok_or("empty request")?;
+    counters.request_streams_in.fetch_add(1, Ordering::Relaxed);
+    loop {
+        let request =
+            match tokio::time::timeout(SERVE_IDLE, read_frame(&mut stream, counters)).await {
+                Ok(Ok(Some(request))) => request,
+                Ok(Ok(None)) | Err(_) => break,
+                Ok(Err(reason)) => return Err(reason),
+            };
+        counters.requests_in.fetch_add(1, Ordering::Relaxed);
+        serve_one(device, &mut stream, request, &source, counters, slots).await?;
+    }
+    stream.close().await.map_err(|error| error.to_string())
+}
+
+/// Answers one request: every block (or manifest) asked for, in order.
+async fn serve_one(
+    device: DeviceId,
+    stream: &mut libp2p::Stream,
+    request: Message,
+    source: &Arc<dyn BlockSource>,
+    counters: &Counters,
+    slots: &tokio::sync::Semaphore,
+) -> Result<(), String> {
     match request {
         Message::BlockRequest(BlockRequest {
             folder,
             request_id,
             hashes,
         }) => {
-            // A few blocks per trip to the blocking pool: fewer trips than one per
-            // block, and at most READ_GROUP blocks in memory per request.
-            let allowed = {
-                let source = source.clone();
-                let folder = folder.clone();
-                tokio::task::spawn_blocking(move || source.authorised(&device, &folder))
-                    .await
-                    .unwrap_or(false)
-            };
+            // A few blocks per trip to the blocking pool (with the permission check):
+            // fewer trips than one per block, and at most READ_GROUP blocks in memory
+            // per request. An unauthorised device gets "missing" for every block.
             for group in hashes.chunks(READ_GROUP) {
                 // Held until the group is written out ([`SERVE_SLOTS`]).
                 let _slots = slots
                     .acquire_many(group.len() as u32)
                     .await
                     .map_err(|_| "shutting down".to_owned())?;
-                let blocks: Vec<Option<Vec<u8>>> = if allowed {
+                let blocks: Vec<Option<Vec<u8>>> = {
                     let source = source.clone();
                     let folder = folder.clone();
                     let group = group.to_vec();
                     tokio::task::spawn_blocking(move || {
+                        if !source.authorised(&device, &folder) {
+                            return Vec::new();
+                        }
                         group
                             .iter()
                             .map(|hash| source.block(&folder, hash))
@@ -559,8 +618,6 @@ async fn serve_request(
                     })
                     .await
                     .unwrap_or_default()
-                } else {
-                    Vec::new()
                 };
                 let mut blocks = blocks.into_iter();
                 for hash in group {
@@ -575,7 +632,7 @@ async fn serve_request(
                             hash: *hash,
                         }),
                     };
-                    write_frame(&mut stream, &message, counters).await?;
+                    write_frame(stream, &message, counters).await?;
                 }
             }
         }
@@ -584,34 +641,32 @@ async fn serve_request(
             request_id,
             hashes,
         }) => {
-            let source2 = source.clone();
-            let folder2 = folder.clone();
-            let allowed =
-                tokio::task::spawn_blocking(move || source2.authorised(&device, &folder2))
-                    .await
-                    .unwrap_or(false);
             for hash in hashes {
-                let manifest = if allowed {
+                let manifest = {
                     let source = source.clone();
                     let folder = folder.clone();
-                    tokio::task::spawn_blocking(move || source.manifest(&folder, &hash))
-                        .await
-                        .ok()
-                        .flatten()
-                } else {
-                    None
+                    tokio::task::spawn_blocking(move || {
+                        if source.authorised(&device, &folder) {
+                            source.manifest(&folder, &hash)
+                        } else {
+                            None
+                        }
+                    })
+                    .await
+                    .ok()
+                    .flatten()
                 };
                 let message = Message::ManifestResponse(ManifestResponse {
                     request_id,
                     hash,
                     manifest,
                 });
-                write_frame(&mut stream, &message, counters).await?;
+                write_frame(stream, &message, counters).await?;
             }
         }
         other => return Err(format!("unexpected request {other:?}")),
     }
-    stream.close().await.map_err(|error| error.to_string())
+    Ok(())
 }
 
 impl NetHandle {
@@ -685,6 +740,18 @@ impl NetHandle {
             .clone()
     }
 
+    /// Changes whenever a connection to `device` opens or closes (see
+    /// [`crate::coalescer`]: kept streams of an older epoch are not reused).
+    pub(crate) fn connection_epoch(&self, device: &DeviceId) -> u64 {
+        self.shared
+            .connection_epochs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(device)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Status of every connected peer.
     pub fn peers(&self) -> Vec<PeerInfo> {
         let peers = self.shared.peers.lock().unwrap_or_else(|p| p.into_inner());
@@ -699,6 +766,8 @@ impl NetHandle {
                     bytes_in: counters.bytes_in.load(Ordering::Relaxed),
                     bytes_out: counters.bytes_out.load(Ordering::Relaxed),
                     bad_blocks: counters.bad_blocks.load(Ordering::Relaxed),
+                    requests_in: counters.requests_in.load(Ordering::Relaxed),
+                    request_streams_in: counters.request_streams_in.load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -729,9 +798,23 @@ impl NetHandle {
             .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// One request on its own stream (closed afterwards).
     async fn request(
         &self,
         device: &DeviceId,
+        request: Message,
+        answers: usize,
+    ) -> Result<Vec<Message>, NetError> {
+        self.request_on(device, &mut None, request, answers).await
+    }
+
+    /// One request on `stream` (a new one if `None`): sends it and reads `answers`
+    /// frames. The stream is left in `stream` for the next request if the whole answer
+    /// came, and taken away on any failure (its state is unknown).
+    async fn request_on(
+        &self,
+        device: &DeviceId,
+        stream: &mut Option<libp2p::Stream>,
         request: Message,
         answers: usize,
     ) -> Result<Vec<Message>, NetError> {
@@ -742,16 +825,22 @@ impl NetHandle {
             reason,
         };
         let work = async {
-            let mut stream = control
-                .open_stream(device.to_peer_id(), BLOCKS_PROTOCOL)
-                .await
-                .map_err(|error| stream_error(error.to_string()))?;
-            write_frame(&mut stream, &request, &counters)
+            if stream.is_none() {
+                let opened = control
+                    .open_stream(device.to_peer_id(), BLOCKS_PROTOCOL)
+                    .await
+                    .map_err(|error| stream_error(error.to_string()))?;
+                *stream = Some(opened);
+            }
+            let Some(open) = stream.as_mut() else {
+                return Err(stream_error("no stream".into()));
+            };
+            write_frame(open, &request, &counters)
                 .await
                 .map_err(stream_error)?;
             let mut replies = Vec::with_capacity(answers);
             while replies.len() < answers {
-                match read_frame(&mut stream, &counters).await {
+                match read_frame(open, &counters).await {
                     Ok(Some(message)) => replies.push(message),
                     Ok(None) => return Err(stream_error("stream ended early".into())),
                     Err(reason) => {
@@ -764,9 +853,13 @@ impl NetHandle {
             }
             Ok(replies)
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, work)
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, work)
             .await
-            .map_err(|_| stream_error("request timed out".into()))?
+            .unwrap_or_else(|_| Err(stream_error("request timed out".into())));
+        if result.is_err() {
+            *stream = None;
+        }
+        result
     }
 
     /// Asks `device` for blocks; returns each hash with its bytes (unverified) or `None`.
@@ -784,12 +877,13 @@ impl NetHandle {
             .await
     }
 
-    /// One block request on its own stream.
+    /// One block request on `stream` (see [`Self::request_on`]).
     pub(crate) async fn request_blocks(
         &self,
         device: &DeviceId,
         folder: &FolderId,
         hashes: Vec<BlockHash>,
+        stream: &mut Option<libp2p::Stream>,
     ) -> Result<Vec<(BlockHash, Option<Vec<u8>>)>, NetError> {
         let count = hashes.len();
         let request = Message::BlockRequest(BlockRequest {
@@ -797,7 +891,7 @@ impl NetHandle {
             request_id: 0,
             hashes: hashes.clone(),
         });
-        let replies = self.request(device, request, count).await?;
+        let replies = self.request_on(device, stream, request, count).await?;
         let mut blocks = Vec::with_capacity(count);
         for (expected, reply) in hashes.into_iter().zip(replies) {
             match reply {

@@ -1,6 +1,6 @@
 //! Block requests between two real network stacks in one process (real libp2p over
-//! TCP on 127.0.0.1): many requests made at once share streams, and every caller gets
-//! exactly its own blocks back.
+//! TCP on 127.0.0.1): many requests made at once share streams, every caller gets
+//! exactly its own blocks back, and requests one after the other reuse one stream.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,21 +48,23 @@ fn start(runtime: &tokio::runtime::Runtime, seed: u8, source: Arc<Blocks>) -> Ne
     handle
 }
 
-#[test]
-fn block_requests_made_at_once_share_streams_and_each_caller_gets_its_own_blocks() {
+/// A server holding `contents` and a client connected to it.
+struct Pair {
+    runtime: tokio::runtime::Runtime,
+    server: NetHandle,
+    server_source: Arc<Blocks>,
+    client: NetHandle,
+    server_id: DeviceId,
+    client_id: DeviceId,
+}
+
+fn connected_pair(seed: u8, contents: &[Vec<u8>]) -> Pair {
     let _ = tracing_subscriber::fmt().with_env_filter("info").try_init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let contents: Vec<Vec<u8>> = (0..300u32)
-        .map(|i| {
-            format!("block number {i} ")
-                .repeat(1 + (i as usize % 50))
-                .into_bytes()
-        })
-        .collect();
     let server_source = Arc::new(Blocks {
         blocks: contents
             .iter()
@@ -70,16 +72,17 @@ fn block_requests_made_at_once_share_streams_and_each_caller_gets_its_own_blocks
             .collect(),
         requests: AtomicUsize::new(0),
     });
-    let server = start(&runtime, 31, server_source.clone());
+    let server = start(&runtime, seed, server_source.clone());
     let client = start(
         &runtime,
-        32,
+        seed + 1,
         Arc::new(Blocks {
             blocks: HashMap::new(),
             requests: AtomicUsize::new(0),
         }),
     );
-    let server_id = DeviceKey::from_secret_bytes([31; 32]).device_id();
+    let server_id = DeviceKey::from_secret_bytes([seed; 32]).device_id();
+    let client_id = DeviceKey::from_secret_bytes([seed + 1; 32]).device_id();
     let listening = wait_for(Duration::from_secs(10), || {
         !server.listen_addresses().is_empty()
     });
@@ -87,6 +90,36 @@ fn block_requests_made_at_once_share_streams_and_each_caller_gets_its_own_blocks
     client.dial(&server_id, server.listen_addresses());
     let up = wait_for(Duration::from_secs(30), || client.is_connected(&server_id));
     assert!(up.is_some(), "client could not connect");
+    Pair {
+        runtime,
+        server,
+        server_source,
+        client,
+        server_id,
+        client_id,
+    }
+}
+
+fn numbered_blocks(count: u32) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            format!("block number {i} ")
+                .repeat(1 + (i as usize % 50))
+                .into_bytes()
+        })
+        .collect()
+}
+
+#[test]
+fn block_requests_made_at_once_share_streams_and_each_caller_gets_its_own_blocks() {
+    let contents = numbered_blocks(300);
+    let Pair {
+        runtime,
+        server_source,
+        client,
+        server_id,
+        ..
+    } = connected_pair(31, &contents);
     let folder = FolderId::new("shared").unwrap();
     // 200 callers at once: most ask for one block, some for three, and every tenth
     // also for a block the server does not have.
@@ -130,4 +163,35 @@ fn block_requests_made_at_once_share_streams_and_each_caller_gets_its_own_blocks
         asks.len()
     );
     runtime.shutdown_timeout(Duration::from_secs(1));
+}
+
+#[test]
+fn requests_one_after_the_other_reuse_one_stream() {
+    let contents = numbered_blocks(40);
+    let pair = connected_pair(41, &contents);
+    let folder = FolderId::new("shared").unwrap();
+    for content in &contents {
+        let hash = BlockHash::of(content);
+        let answer = pair
+            .runtime
+            .block_on(
+                pair.client
+                    .fetch_blocks(&pair.server_id, &folder, vec![hash]),
+            )
+            .expect("request failed");
+        assert_eq!(answer, vec![(hash, Some(content.clone()))]);
+    }
+    let seen = pair
+        .server
+        .peers()
+        .into_iter()
+        .find(|peer| peer.device_id == pair.client_id.to_string())
+        .expect("the server lists the client");
+    assert_eq!(seen.requests_in, contents.len() as u64);
+    assert_eq!(
+        seen.request_streams_in, 1,
+        "{} requests one after the other came on {} streams",
+        seen.requests_in, seen.request_streams_in
+    );
+    pair.runtime.shutdown_timeout(Duration::from_secs(1));
 }

@@ -35,6 +35,10 @@ use rustls::{CommonState, pki_types::ServerName};
 
 use crate::{certificate, certificate::P2pCertificate};
 
+/// Weft: the socket is read through a buffer of this size. rustls reads at most 4 KiB
+/// per call, which on a bulk transfer is one `recv` syscall per 4 KiB.
+const READ_BUFFER: usize = 128 * 1024;
+
 #[derive(thiserror::Error, Debug)]
 pub enum UpgradeError {
     #[error("Failed to generate certificate")]
@@ -75,14 +79,14 @@ impl<C> InboundConnectionUpgrade<C> for Config
 where
     C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    type Output = (PeerId, TlsStream<C>);
+    type Output = (PeerId, TlsStream<futures::io::BufReader<C>>);
     type Error = UpgradeError;
     type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
 
     fn upgrade_inbound(self, socket: C, _: Self::Info) -> Self::Future {
         async move {
             let stream = futures_rustls::TlsAcceptor::from(Arc::new(self.server))
-                .accept(socket)
+                .accept(futures::io::BufReader::with_capacity(READ_BUFFER, socket))
                 .await
                 .map_err(UpgradeError::ServerUpgrade)?;
 
@@ -98,7 +102,7 @@ impl<C> OutboundConnectionUpgrade<C> for Config
 where
     C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    type Output = (PeerId, TlsStream<C>);
+    type Output = (PeerId, TlsStream<futures::io::BufReader<C>>);
     type Error = UpgradeError;
     type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
 
@@ -113,7 +117,7 @@ where
             )));
 
             let stream = futures_rustls::TlsConnector::from(Arc::new(self.client))
-                .connect(name, socket)
+                .connect(name, futures::io::BufReader::with_capacity(READ_BUFFER, socket))
                 .await
                 .map_err(UpgradeError::ClientUpgrade)?;
 
