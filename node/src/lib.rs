@@ -6,6 +6,7 @@
 //! the engine's actions, the network ([`net`], [`coalescer`]) and downloads
 //! ([`fetch`]), the [`versions`] store, the [`node`] that ties them together, and the
 //! control [`api`] with its [`client`]. `main.rs` is the CLI.
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod api;

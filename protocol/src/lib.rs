@@ -15,6 +15,7 @@
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod change_signature;

@@ -4,6 +4,8 @@
 //! and the public-link gateway arrive with their issues; today the binary only
 //! reports what it is.
 
+#![forbid(unsafe_code)]
+
 fn main() {
     println!(
         "weft-relay {} (wire protocol v{}): relay and storage services are not built yet",

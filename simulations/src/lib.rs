@@ -10,6 +10,7 @@
 //!
 //! `cargo run --release -p weft-simulations -- run --seeds N` runs many seeds;
 //! `-- replay SEED` prints one run's whole trace.
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod check;
