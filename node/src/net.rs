@@ -825,16 +825,14 @@ impl NetHandle {
             reason,
         };
         let work = async {
-            if stream.is_none() {
-                let opened = control
+            let open = match stream.take() {
+                Some(kept) => kept,
+                None => control
                     .open_stream(device.to_peer_id(), BLOCKS_PROTOCOL)
                     .await
-                    .map_err(|error| stream_error(error.to_string()))?;
-                *stream = Some(opened);
-            }
-            let Some(open) = stream.as_mut() else {
-                return Err(stream_error("no stream".into()));
+                    .map_err(|error| stream_error(error.to_string()))?,
             };
+            let open = stream.insert(open);
             write_frame(open, &request, &counters)
                 .await
                 .map_err(stream_error)?;
