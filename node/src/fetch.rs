@@ -13,7 +13,7 @@
 //! the temp file over it (DESIGN.md, "Applying changes safely").
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,6 +25,7 @@ use weft_protocol::{BlockHash, DeviceId, FolderId, Manifest, RelPath};
 
 use crate::net::NetHandle;
 use crate::store::Store;
+use crate::temp_file::TempFile;
 
 /// Blocks per request: a few MiB per round trip with the default chunk size.
 pub const BATCH_BLOCKS: usize = 8;
@@ -150,22 +151,12 @@ fn prepare_locally(
     context: &FetchContext,
     temp: &Path,
     manifest: &Manifest,
-) -> Result<(File, Missing), String> {
+) -> Result<(TempFile, Missing), String> {
     if let Some(parent) = temp.parent() {
         fs::create_dir_all(parent).map_err(|e| io_error("creating", parent, e))?;
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(temp)
-        .map_err(|e| io_error("opening", temp, e))?;
-    let existing_len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    if existing_len != manifest.size() {
-        file.set_len(manifest.size())
-            .map_err(|e| io_error("sizing", temp, e))?;
-    }
+    let existing_len = fs::metadata(temp).map(|m| m.len()).unwrap_or(0);
+    let file = TempFile::open(temp, manifest.size()).map_err(|e| io_error("opening", temp, e))?;
     // Large files are copied on every core: verifying and moving a 256 MiB file's
     // blocks is the bulk of a small edit's time on the receiving side.
     let blocks: Vec<(u64, weft_protocol::BlockRef)> = manifest
@@ -220,7 +211,7 @@ fn prepare_locally(
 fn copy_local_blocks(
     context: &FetchContext,
     temp: &Path,
-    file: &File,
+    file: &TempFile,
     existing_len: u64,
     blocks: &[(u64, weft_protocol::BlockRef)],
     write_back: &WriteBack,
@@ -232,7 +223,7 @@ fn copy_local_blocks(
         // Resume: a block already in the temp file is kept if it verifies.
         if offset + u64::from(block.len) <= existing_len {
             buffer.resize(block.len as usize, 0);
-            if file.read_exact_at(&mut buffer, offset).is_ok()
+            if file.file().read_exact_at(&mut buffer, offset).is_ok()
                 && BlockHash::of(&buffer) == block.hash
             {
                 continue;
@@ -256,7 +247,7 @@ fn copy_local_blocks(
             .or_else(|| context.versions.as_ref().and_then(|v| v.block(&block.hash)));
         match local {
             Some(data) => {
-                file.write_all_at(&data, offset)
+                file.write_at(&data, offset)
                     .map_err(|e| io_error("writing", temp, e))?;
                 write_back.wrote(data.len() as u64);
             }
@@ -277,9 +268,12 @@ struct WriteBack {
 }
 
 impl WriteBack {
-    fn new(file: &File) -> Self {
+    fn new(file: &TempFile) -> Self {
         Self {
-            file: file.try_clone().ok().map(Arc::new),
+            // Direct writes are on the disk already: nothing to write back.
+            file: (!file.is_direct())
+                .then(|| file.file().try_clone().ok().map(Arc::new))
+                .flatten(),
             unsynced: std::sync::atomic::AtomicU64::new(0),
             running: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
@@ -430,7 +424,7 @@ pub async fn fetch_file(
                 tokio::task::spawn_blocking(move || {
                     for (data, offsets) in writes {
                         for offset in offsets {
-                            file.write_all_at(&data, offset)
+                            file.write_at(&data, offset)
                                 .map_err(|e| io_error("writing", &temp, e))?;
                         }
                     }
@@ -460,8 +454,9 @@ pub async fn fetch_file(
 }
 
 /// Sets mode and mtime, then makes the temp file durable (data and metadata).
-fn finish_temp(file: &File, temp: &Path, mode: u32, mtime_ns: i64) -> Result<(), String> {
+fn finish_temp(file: &TempFile, temp: &Path, mode: u32, mtime_ns: i64) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
+    let file = file.file();
     let mode = if mode & 0o777 == 0 {
         0o644
     } else {

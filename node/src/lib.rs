@@ -23,5 +23,6 @@ pub mod net;
 pub mod node;
 pub mod scan;
 pub mod store;
+pub mod temp_file;
 pub mod versions;
 pub mod watch;
