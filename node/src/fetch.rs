@@ -164,7 +164,7 @@ fn prepare_locally(
         .map(|(offset, block)| (offset, *block))
         .collect();
     let workers = copy_workers().min(blocks.len().div_ceil(64).max(1));
-    let write_back = WriteBack::new(&file);
+    let write_back = WriteBack::new(file.file());
     let share = blocks.len().div_ceil(workers).max(1);
     let parts: Vec<Result<Vec<(BlockHash, u64)>, String>> = if workers == 1 {
         // Most files: no thread for a few blocks.
@@ -247,7 +247,7 @@ fn copy_local_blocks(
             .or_else(|| context.versions.as_ref().and_then(|v| v.block(&block.hash)));
         match local {
             Some(data) => {
-                file.write_at(&data, offset)
+                file.write_cached_at(&data, offset)
                     .map_err(|e| io_error("writing", temp, e))?;
                 write_back.wrote(data.len() as u64);
             }
@@ -268,12 +268,9 @@ struct WriteBack {
 }
 
 impl WriteBack {
-    fn new(file: &TempFile) -> Self {
+    fn new(file: &File) -> Self {
         Self {
-            // Direct writes are on the disk already: nothing to write back.
-            file: (!file.is_direct())
-                .then(|| file.file().try_clone().ok().map(Arc::new))
-                .flatten(),
+            file: file.try_clone().ok().map(Arc::new),
             unsynced: std::sync::atomic::AtomicU64::new(0),
             running: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
@@ -328,7 +325,8 @@ pub async fn fetch_file(
         manifest.blocks().iter().map(|b| (b.hash, b.len)).collect();
     let mut bytes_fetched = 0u64;
     let mut finished = false;
-    let write_back = WriteBack::new(&file);
+    // Direct writes are on the disk already: nothing to write back.
+    let write_back = (!file.is_direct()).then(|| WriteBack::new(file.file()));
     if !missing.is_empty() {
         if context.peers.is_empty() {
             return Err("no connected device to fetch blocks from".into());
@@ -415,7 +413,9 @@ pub async fn fetch_file(
                 // Large downloads are written back while they run, so the disk works
                 // beside the network and the final fsync does not stall on hundreds
                 // of MiB.
-                write_back.wrote(written);
+                if let Some(write_back) = &write_back {
+                    write_back.wrote(written);
+                }
             }
             if !writes.is_empty() || last {
                 let file = file.clone();

@@ -83,19 +83,14 @@ impl TempFile {
         self.direct.is_some() && !self.direct_refused.load(Ordering::Acquire)
     }
 
-    /// Writes `data` at `offset`. Writes must not overlap one another.
+    /// Writes `data` at `offset`, directly in direct mode. Writes must not overlap one
+    /// another.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        let end = offset + data.len() as u64;
-        if end > self.size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "write beyond the end of the temp file",
-            ));
-        }
+        self.check_range(data, offset)?;
         let Some(direct) = self.direct.as_ref().filter(|_| self.is_direct()) else {
             return self.file.write_all_at(data, offset);
         };
-        let sector = SECTOR as u64;
+        let (sector, end) = (SECTOR as u64, offset + data.len() as u64);
         let first_whole = offset.div_ceil(sector) * sector;
         let end_whole = end / sector * sector;
         if first_whole >= end_whole {
@@ -106,6 +101,24 @@ impl TempFile {
         self.file.write_all_at(&data[..head], offset)?;
         self.write_direct(direct, &data[head..head + whole], first_whole)?;
         self.file.write_all_at(&data[head + whole..], end_whole)
+    }
+
+    /// Writes `data` at `offset` through the page cache in any mode: for local copies,
+    /// which run at memory speed from a cached source (a small edit to a large file
+    /// copies almost all of it; synchronous direct writes made that 2-3 times slower).
+    pub fn write_cached_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.check_range(data, offset)?;
+        self.file.write_all_at(data, offset)
+    }
+
+    fn check_range(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        match offset.checked_add(data.len() as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write beyond the end of the temp file",
+            )),
+        }
     }
 
     /// Writes whole sectors through the aligned buffer; falls back to the ordinary
