@@ -29,13 +29,14 @@ use crate::temp_file::TempFile;
 
 /// Blocks per request: a few MiB per round trip with the default chunk size.
 pub const BATCH_BLOCKS: usize = 8;
-/// Requests in flight per file.
-pub const BATCHES_IN_FLIGHT: usize = 4;
+/// Requests in flight per download (16 MiB with the default chunk size: with writes
+/// going straight to the disk, 4 left a large file waiting on round trips).
+pub const BATCHES_IN_FLIGHT: usize = 8;
 /// Times a block is asked for (from different peers where possible) before giving up.
 pub const BLOCK_ATTEMPTS: usize = 3;
 /// Failed requests (not missing blocks) a download survives.
 pub const MAX_REQUEST_FAILURES: usize = 50;
-/// Bytes written to a download between two early write-backs (see [`fetch_file`]).
+/// Bytes written to a download between two early write-backs (see [`fetch_files`]).
 pub const EARLY_SYNC_BYTES: u64 = 32 * 1024 * 1024;
 /// Pause before a failed request is sent again, times the failures so far.
 pub const REQUEST_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
@@ -304,153 +305,364 @@ impl WriteBack {
     }
 }
 
-/// Downloads `entry` (a file version) of `path` into its temp file.
-pub async fn fetch_file(
+/// One file of a download group.
+struct Download {
+    /// Its place in the caller's list.
+    index: usize,
+    temp: PathBuf,
+    manifest: Manifest,
+    mode: u32,
+    mtime_ns: i64,
+    /// The open temp file, once prepared.
+    file: Option<TempFile>,
+    /// Distinct blocks still to come.
+    waiting: usize,
+    bytes_fetched: u64,
+    /// Why this file failed, if it did.
+    error: Option<String>,
+}
+
+/// Downloads several file versions (`(path, entry)`) into their temp files, as one
+/// group: their local parts in one blocking call, their missing blocks in shared
+/// requests, each answer's blocks written (and the files it completes finished) in one
+/// blocking call. Small files go in groups, so that the hand-offs between threads are
+/// per group rather than per file; a large file is a group of one. Returns one result
+/// per entry, in order; a file that fails does not fail the others.
+pub async fn fetch_files(
     context: FetchContext,
-    path: RelPath,
-    entry: Entry,
-) -> Result<Fetched, String> {
-    let manifest = manifest_of(&context, &entry).await?;
-    let temp = temp_path(&context.root, &path, &manifest);
-    let (file, missing) = {
+    wanted: Vec<(RelPath, Entry)>,
+) -> Vec<Result<Fetched, String>> {
+    let mut results: Vec<Option<Result<Fetched, String>>> = wanted.iter().map(|_| None).collect();
+    let mut downloads = Vec::with_capacity(wanted.len());
+    for (index, (path, entry)) in wanted.iter().enumerate() {
+        match manifest_of(&context, entry).await {
+            Ok(manifest) => downloads.push(Download {
+                index,
+                temp: temp_path(&context.root, path, &manifest),
+                manifest,
+                mode: entry.mode,
+                mtime_ns: entry.mtime_ns,
+                file: None,
+                waiting: 0,
+                bytes_fetched: 0,
+                error: None,
+            }),
+            Err(error) => results[index] = Some(Err(error)),
+        }
+    }
+    // The local part of every file in one blocking call; a file with nothing to fetch
+    // is finished there too.
+    let prepared = {
         let context = context.clone();
-        let temp = temp.clone();
-        let manifest = manifest.clone();
-        tokio::task::spawn_blocking(move || prepare_locally(&context, &temp, &manifest))
-            .await
-            .map_err(|e| e.to_string())??
+        tokio::task::spawn_blocking(move || {
+            let missing: Vec<Missing> = downloads
+                .iter_mut()
+                .map(|download| prepare(&context, download))
+                .collect();
+            (downloads, missing)
+        })
+        .await
     };
-    let file = Arc::new(file);
-    let lengths: HashMap<BlockHash, u32> =
-        manifest.blocks().iter().map(|b| (b.hash, b.len)).collect();
-    let mut bytes_fetched = 0u64;
-    let mut finished = false;
-    // Direct writes are on the disk already: nothing to write back.
-    let write_back = (!file.is_direct()).then(|| WriteBack::new(file.file()));
-    if !missing.is_empty() {
+    let downloads = match prepared {
+        Ok((downloads, missing)) => fetch_missing(&context, downloads, missing).await,
+        Err(error) => {
+            tracing::warn!(%error, "a download's preparation failed");
+            Vec::new()
+        }
+    };
+    for download in downloads {
+        results[download.index] = Some(match download.error {
+            Some(error) => Err(error),
+            None if download.waiting > 0 => Err("the download stopped before its end".into()),
+            None => Ok(Fetched {
+                temp: download.temp,
+                manifest: download.manifest,
+                bytes_fetched: download.bytes_fetched,
+            }),
+        });
+    }
+    results
+        .into_iter()
+        .map(|result| result.unwrap_or_else(|| Err("the download did not run".into())))
+        .collect()
+}
+
+/// The local part of one download ([`prepare_locally`]); finishes it if nothing is
+/// missing. Returns what is missing.
+fn prepare(context: &FetchContext, download: &mut Download) -> Missing {
+    match prepare_locally(context, &download.temp, &download.manifest) {
+        Ok((file, missing)) => {
+            if missing.is_empty()
+                && let Err(error) =
+                    finish_temp(&file, &download.temp, download.mode, download.mtime_ns)
+            {
+                download.error = Some(error);
+            }
+            download.waiting = missing.len();
+            download.file = Some(file);
+            missing
+        }
+        Err(error) => {
+            download.error = Some(error);
+            Missing::new()
+        }
+    }
+}
+
+/// Where a block goes: (index of the download, offset), for every place.
+type Places = Vec<(usize, u64)>;
+/// Where each missing block goes.
+type Targets = BTreeMap<BlockHash, Places>;
+
+/// Fetches the blocks `missing` names (one map per download) from the connected peers
+/// and writes them; finishes each download whose last block arrives. Errors are
+/// recorded in the downloads.
+async fn fetch_missing(
+    context: &FetchContext,
+    downloads: Vec<Download>,
+    missing: Vec<Missing>,
+) -> Vec<Download> {
+    let mut targets = Targets::new();
+    let mut lengths: HashMap<BlockHash, u32> = HashMap::new();
+    // Requested in file order: the sender reads each file front to back.
+    let mut order: Vec<BlockHash> = Vec::new();
+    for (index, (download, blocks)) in downloads.iter().zip(&missing).enumerate() {
+        if download.error.is_some() || blocks.is_empty() {
+            continue;
+        }
+        let mut by_offset: Vec<(u64, BlockHash)> = blocks
+            .iter()
+            .filter_map(|(hash, offsets)| offsets.iter().min().map(|first| (*first, *hash)))
+            .collect();
+        by_offset.sort_unstable();
+        for (_, hash) in by_offset {
+            let places = targets.entry(hash).or_default();
+            if places.is_empty() {
+                order.push(hash);
+            }
+            let offsets = blocks.get(&hash).into_iter().flatten();
+            places.extend(offsets.map(|offset| (index, *offset)));
+        }
+        for block in download.manifest.blocks() {
+            lengths.insert(block.hash, block.len);
+        }
+    }
+    let downloads = Arc::new(std::sync::Mutex::new(downloads));
+    if !order.is_empty() {
         if context.peers.is_empty() {
-            return Err("no connected device to fetch blocks from".into());
+            fail_all(
+                &downloads,
+                &targets,
+                "no connected device to fetch blocks from",
+            );
+        } else {
+            request_blocks(context, &downloads, &mut targets, &lengths, order).await;
         }
-        let hashes: Vec<BlockHash> = missing.keys().copied().collect();
-        let mut attempts: HashMap<BlockHash, usize> = HashMap::new();
-        let mut queue: Vec<Vec<BlockHash>> =
-            hashes.chunks(BATCH_BLOCKS).map(<[_]>::to_vec).collect();
-        queue.reverse();
-        let mut round = 0usize;
-        let mut stream_failures = 0usize;
-        let mut in_flight = futures::stream::FuturesUnordered::new();
-        loop {
-            while in_flight.len() < BATCHES_IN_FLIGHT {
-                let Some(batch) = queue.pop() else { break };
-                let peer = context.peers[round % context.peers.len()];
-                round += 1;
-                let net = context.net.clone();
-                let folder = context.folder.clone();
-                in_flight.push(async move {
-                    let result = net.fetch_blocks(&peer, &folder, batch.clone()).await;
-                    (peer, batch, result)
-                });
+    }
+    let mut downloads = downloads
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    std::mem::take(&mut *downloads)
+}
+
+/// Marks every download still waiting for a block failed with `error`.
+fn fail_all(downloads: &std::sync::Mutex<Vec<Download>>, targets: &Targets, error: &str) {
+    let mut downloads = downloads
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (index, _) in targets.values().flatten() {
+        if let Some(download) = downloads.get_mut(*index) {
+            download.error.get_or_insert_with(|| error.to_string());
+        }
+    }
+}
+
+/// The request loop of [`fetch_missing`]: batches in flight, verification, retries.
+async fn request_blocks(
+    context: &FetchContext,
+    downloads: &Arc<std::sync::Mutex<Vec<Download>>>,
+    targets: &mut Targets,
+    lengths: &HashMap<BlockHash, u32>,
+    order: Vec<BlockHash>,
+) {
+    // Large buffered downloads are written back while they run, so the disk works
+    // beside the network and the final fsync does not stall on hundreds of MiB.
+    let write_backs: Vec<Option<WriteBack>> = {
+        let downloads = downloads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        downloads
+            .iter()
+            .map(|download| {
+                download
+                    .file
+                    .as_ref()
+                    .filter(|file| !file.is_direct() && download.manifest.size() > EARLY_SYNC_BYTES)
+                    .map(|file| WriteBack::new(file.file()))
+            })
+            .collect()
+    };
+    let mut attempts: HashMap<BlockHash, usize> = HashMap::new();
+    let mut queue: Vec<Vec<BlockHash>> = order.chunks(BATCH_BLOCKS).map(<[_]>::to_vec).collect();
+    queue.reverse();
+    let mut round = 0usize;
+    let mut stream_failures = 0usize;
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut writing = None;
+    loop {
+        while in_flight.len() < BATCHES_IN_FLIGHT {
+            let Some(batch) = queue.pop() else { break };
+            let peer = context.peers[round % context.peers.len()];
+            round += 1;
+            let net = context.net.clone();
+            let folder = context.folder.clone();
+            in_flight.push(async move {
+                let result = net.fetch_blocks(&peer, &folder, batch.clone()).await;
+                (peer, batch, result)
+            });
+        }
+        let Some((peer, batch, result)) = in_flight.next().await else {
+            break;
+        };
+        let mut retry = Vec::new();
+        let mut writes = Vec::new();
+        match result {
+            Ok(blocks) => {
+                for (hash, data) in blocks {
+                    match data {
+                        Some(data)
+                            if BlockHash::of(&data) == hash
+                                && lengths.get(&hash) == Some(&(data.len() as u32)) =>
+                        {
+                            if let Some(places) = targets.remove(&hash) {
+                                writes.push((data, places));
+                            }
+                        }
+                        Some(_) => {
+                            tracing::warn!(peer = %peer, %hash, "block failed verification; asking elsewhere");
+                            context.net.penalise(&peer);
+                            retry.push(hash);
+                        }
+                        None => retry.push(hash),
+                    }
+                }
             }
-            let Some((peer, batch, result)) = in_flight.next().await else {
-                break;
+            Err(error) => {
+                // A failed request (stream refused or reset under load) says nothing
+                // about the blocks: ask again after a growing pause, from the next
+                // peer, without counting it as the blocks' absence.
+                stream_failures += 1;
+                if stream_failures > MAX_REQUEST_FAILURES {
+                    fail_all(
+                        downloads,
+                        targets,
+                        &format!("block requests keep failing: {error}"),
+                    );
+                    break;
+                }
+                tracing::debug!(peer = %peer, %error, "block request failed; asking again");
+                let pause = REQUEST_RETRY_PAUSE * stream_failures.min(20) as u32;
+                tokio::time::sleep(pause).await;
+                queue.push(batch);
+            }
+        }
+        for hash in retry {
+            let tries = attempts.entry(hash).or_insert(0);
+            *tries += 1;
+            if *tries >= BLOCK_ATTEMPTS.max(context.peers.len()) {
+                // The files that need it fail; the others go on.
+                if let Some(places) = targets.remove(&hash) {
+                    let lost = Targets::from([(hash, places)]);
+                    fail_all(
+                        downloads,
+                        &lost,
+                        &format!("block {hash} is not available from any connected device"),
+                    );
+                }
+                continue;
+            }
+            queue.push(vec![hash]);
+        }
+        if writes.is_empty() {
+            continue;
+        }
+        for (data, places) in &writes {
+            let mut indexes: Vec<usize> = places.iter().map(|(index, _)| *index).collect();
+            indexes.dedup();
+            for index in indexes {
+                if let Some(Some(write_back)) = write_backs.get(index) {
+                    let count = places.iter().filter(|(i, _)| *i == index).count();
+                    write_back.wrote(data.len() as u64 * count as u64);
+                }
+            }
+        }
+        // The verified blocks of one answer are written in one blocking call, which
+        // also finishes the files they complete (one hand-off for a small file's whole
+        // download).
+        // The write runs while the next answers arrive; one at a time, so a file is
+        // finished only after all its writes.
+        await_write(writing.take()).await;
+        let downloads = downloads.clone();
+        writing = Some(tokio::task::spawn_blocking(move || {
+            write_answer(&downloads, writes)
+        }));
+    }
+    await_write(writing).await;
+}
+
+/// Waits for a block write of [`request_blocks`] (errors are in the downloads).
+async fn await_write(write: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(write) = write
+        && let Err(error) = write.await
+    {
+        tracing::warn!(%error, "a block write task failed");
+    }
+}
+
+/// Writes one answer's verified blocks to every place that wants them and finishes the
+/// downloads whose last block this was.
+fn write_answer(downloads: &std::sync::Mutex<Vec<Download>>, writes: Vec<(Vec<u8>, Places)>) {
+    let mut downloads = downloads
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut completed = Vec::new();
+    for (data, places) in writes {
+        let mut previous = None;
+        for (index, offset) in places {
+            let Some(download) = downloads.get_mut(index) else {
+                continue;
             };
-            let mut retry = Vec::new();
-            let mut writes = Vec::new();
-            match result {
-                Ok(blocks) => {
-                    for (hash, data) in blocks {
-                        match data {
-                            Some(data)
-                                if BlockHash::of(&data) == hash
-                                    && lengths.get(&hash) == Some(&(data.len() as u32)) =>
-                            {
-                                bytes_fetched += data.len() as u64;
-                                let offsets = missing.get(&hash).cloned().unwrap_or_default();
-                                writes.push((data, offsets));
-                            }
-                            Some(_) => {
-                                tracing::warn!(peer = %peer, %hash, "block failed verification; asking elsewhere");
-                                context.net.penalise(&peer);
-                                retry.push(hash);
-                            }
-                            None => retry.push(hash),
-                        }
-                    }
-                }
-                Err(error) => {
-                    // A failed request (stream refused or reset under load) says
-                    // nothing about the blocks: ask again after a growing pause, from
-                    // the next peer, without counting it as the blocks' absence.
-                    stream_failures += 1;
-                    if stream_failures > MAX_REQUEST_FAILURES {
-                        return Err(format!("block requests keep failing: {error}"));
-                    }
-                    tracing::debug!(peer = %peer, %error, "block request failed; asking again");
-                    let pause = REQUEST_RETRY_PAUSE * stream_failures.min(20) as u32;
-                    tokio::time::sleep(pause).await;
-                    queue.push(batch);
+            if previous != Some(index) {
+                // One more distinct block of this download is in.
+                download.waiting = download.waiting.saturating_sub(1);
+                download.bytes_fetched += data.len() as u64;
+                previous = Some(index);
+                if download.waiting == 0 {
+                    completed.push(index);
                 }
             }
-            for hash in retry {
-                let tries = attempts.entry(hash).or_insert(0);
-                *tries += 1;
-                if *tries >= BLOCK_ATTEMPTS.max(context.peers.len()) {
-                    return Err(format!(
-                        "block {hash} is not available from any connected device"
-                    ));
-                }
-                queue.push(vec![hash]);
+            if download.error.is_some() {
+                continue;
             }
-            // The verified blocks of one answer are written in one blocking call, and
-            // the last answer's call also finishes the file (one hand-off for a small
-            // file's whole download).
-            let last = queue.is_empty() && in_flight.is_empty();
-            let written: u64 = writes
-                .iter()
-                .map(|(data, offsets)| data.len() as u64 * offsets.len() as u64)
-                .sum();
-            if !last {
-                // Large downloads are written back while they run, so the disk works
-                // beside the network and the final fsync does not stall on hundreds
-                // of MiB.
-                if let Some(write_back) = &write_back {
-                    write_back.wrote(written);
-                }
-            }
-            if !writes.is_empty() || last {
-                let file = file.clone();
-                let temp = temp.clone();
-                let (mode, mtime_ns) = (entry.mode, entry.mtime_ns);
-                tokio::task::spawn_blocking(move || {
-                    for (data, offsets) in writes {
-                        for offset in offsets {
-                            file.write_at(&data, offset)
-                                .map_err(|e| io_error("writing", &temp, e))?;
-                        }
-                    }
-                    if last {
-                        finish_temp(&file, &temp, mode, mtime_ns)?;
-                    }
-                    Ok::<(), String>(())
-                })
-                .await
-                .map_err(|e| e.to_string())??;
-                finished = last;
+            let Some(file) = &download.file else { continue };
+            if let Err(error) = file.write_at(&data, offset) {
+                download.error = Some(io_error("writing", &download.temp, error));
             }
         }
     }
-    if !finished {
-        let (mode, mtime_ns) = (entry.mode, entry.mtime_ns);
-        let temp = temp.clone();
-        tokio::task::spawn_blocking(move || finish_temp(&file, &temp, mode, mtime_ns))
-            .await
-            .map_err(|e| e.to_string())??;
+    for index in completed {
+        let Some(download) = downloads.get_mut(index) else {
+            continue;
+        };
+        if download.error.is_some() {
+            continue;
+        }
+        if let Some(file) = &download.file
+            && let Err(error) = finish_temp(file, &download.temp, download.mode, download.mtime_ns)
+        {
+            download.error = Some(error);
+        }
     }
-    Ok(Fetched {
-        temp,
-        manifest,
-        bytes_fetched,
-    })
 }
 
 /// Sets mode and mtime, then makes the temp file durable (data and metadata).

@@ -44,6 +44,13 @@ pub const BATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// Files downloading at once per folder: enough to hide round trips with many small
 /// files, few enough to bound memory, streams and open temp files.
 pub const MAX_DOWNLOADS: usize = 32;
+/// Files up to this size download in groups (one task, shared requests, one blocking
+/// call per answer for the whole group).
+pub const GROUP_FILE_MAX: u64 = 256 * 1024;
+/// Files per download group.
+pub const GROUP_FILES: usize = 16;
+/// Bytes per download group.
+pub const GROUP_BYTES: u64 = 2 * 1024 * 1024;
 /// Finished downloads put into place together, in one store transaction.
 pub const FINALIZE_BATCH: usize = 256;
 /// Longest a finished download waits for others to be put into place with it: a store
@@ -59,11 +66,17 @@ struct QueuedDownload {
 }
 
 /// A finished (or failed) download.
-struct FetchedItem {
+#[derive(Debug)]
+pub struct FetchedItem {
+    /// The path.
     path: RelPath,
+    /// The version downloaded.
     entry: Entry,
+    /// What the disk held when the download was planned.
     expected: Option<LocalEntry>,
+    /// The temp file, or why the download failed.
     result: Result<crate::fetch::Fetched, String>,
+    /// A restore: the version is wanted even though the document has a newer one.
     restore: Option<mpsc::Sender<Result<String, String>>>,
 }
 
@@ -223,19 +236,8 @@ pub enum FolderCommand {
     SyncMessagePart(DeviceId, Vec<u8>),
     /// Authors' signatures of the changes in the device's next sync message.
     ChangeSignatures(DeviceId, Vec<SignedChange>),
-    /// A download finished (or failed).
-    Fetched {
-        /// The path.
-        path: RelPath,
-        /// The version downloaded.
-        entry: Entry,
-        /// What the disk held when the download was planned.
-        expected: Option<LocalEntry>,
-        /// The temp file, or why the download failed.
-        result: Result<crate::fetch::Fetched, String>,
-        /// A restore: the version is wanted even though the document has a newer one.
-        restore: Option<mpsc::Sender<Result<String, String>>>,
-    },
+    /// A download task (one large file or a group of small ones) finished.
+    Fetched(Vec<FetchedItem>),
     /// The folder's record changed (shared with another device, say).
     UpdateRecord(FolderRecord),
     /// List the versions of a path.
@@ -514,22 +516,10 @@ impl FolderActor {
                 None => self.receiver.recv_timeout(timeout),
             };
             let next = match next {
-                Ok(FolderCommand::Fetched {
-                    path,
-                    entry,
-                    expected,
-                    result,
-                    restore,
-                }) => {
+                Ok(FolderCommand::Fetched(items)) => {
                     // The slot is free at once; putting files into place is batched.
                     self.downloads_running = self.downloads_running.saturating_sub(1);
-                    self.finished.push(FetchedItem {
-                        path,
-                        entry,
-                        expected,
-                        result,
-                        restore,
-                    });
+                    self.finished.extend(items);
                     self.finished_since.get_or_insert_with(Instant::now);
                     self.pump_downloads();
                     Err(mpsc::RecvTimeoutError::Timeout)
@@ -562,7 +552,7 @@ impl FolderActor {
                     self.sync_message_part(device, &bytes);
                 }
                 Ok(FolderCommand::SyncMessage(device, bytes)) => self.sync_message(device, bytes),
-                Ok(FolderCommand::Fetched { .. }) => {}
+                Ok(FolderCommand::Fetched(_)) => {}
                 Ok(FolderCommand::Versions { path, reply }) => {
                     let _ = reply.send(self.versions(&path));
                 }
@@ -1483,22 +1473,37 @@ impl FolderActor {
         self.pump_downloads();
     }
 
-    /// Starts queued downloads while there are free slots.
+    /// Starts queued downloads while there are free slots, largest first; small files
+    /// go in groups of up to [`GROUP_FILES`] (one task, one slot).
     fn pump_downloads(&mut self) {
         let Some(network) = self.network.clone() else {
             return;
         };
         while self.downloads_running < MAX_DOWNLOADS {
-            let Some(largest) = self
-                .download_queue
-                .iter()
-                .enumerate()
-                .max_by_key(|(_, d)| d.entry.size)
-                .map(|(index, _)| index)
-            else {
+            let Some(first) = self.take_largest_download() else {
                 break;
             };
-            let download = self.download_queue.swap_remove(largest);
+            let mut group = vec![first];
+            if group[0].restore.is_none() && group[0].entry.size <= GROUP_FILE_MAX {
+                let mut bytes = group[0].entry.size;
+                while group.len() < GROUP_FILES {
+                    // Everything left is no larger than what the group has.
+                    let next = self
+                        .download_queue
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, d)| d.restore.is_none())
+                        .max_by_key(|(_, d)| d.entry.size)
+                        .map(|(index, d)| (index, d.entry.size));
+                    match next {
+                        Some((index, size)) if bytes + size <= GROUP_BYTES => {
+                            bytes += size;
+                            group.push(self.download_queue.swap_remove(index));
+                        }
+                        _ => break,
+                    }
+                }
+            }
             let peers: Vec<DeviceId> = self
                 .peers
                 .keys()
@@ -1513,26 +1518,40 @@ impl FolderActor {
                 peers,
                 versions: self.settings.versions.clone(),
             };
-            tracing::debug!(folder = %self.record.id, path = %download.path, peers = context.peers.len(), "download starts");
+            tracing::debug!(folder = %self.record.id, first = %group[0].path, files = group.len(), peers = context.peers.len(), "download starts");
             self.downloads_running += 1;
             let sender = self.sender.clone();
             network.runtime.spawn(async move {
-                let QueuedDownload {
-                    path,
-                    entry,
-                    expected,
-                    restore,
-                } = download;
-                let result = crate::fetch::fetch_file(context, path.clone(), entry.clone()).await;
-                let _ = sender.send(FolderCommand::Fetched {
-                    path,
-                    entry,
-                    expected,
-                    result,
-                    restore,
-                });
+                let wanted = group
+                    .iter()
+                    .map(|d| (d.path.clone(), d.entry.clone()))
+                    .collect();
+                let results = crate::fetch::fetch_files(context, wanted).await;
+                let items = group
+                    .into_iter()
+                    .zip(results)
+                    .map(|(download, result)| FetchedItem {
+                        path: download.path,
+                        entry: download.entry,
+                        expected: download.expected,
+                        result,
+                        restore: download.restore,
+                    })
+                    .collect();
+                let _ = sender.send(FolderCommand::Fetched(items));
             });
         }
+    }
+
+    /// Removes the largest queued download from the queue.
+    fn take_largest_download(&mut self) -> Option<QueuedDownload> {
+        let largest = self
+            .download_queue
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, d)| d.entry.size)
+            .map(|(index, _)| index)?;
+        Some(self.download_queue.swap_remove(largest))
     }
 
     /// Puts finished downloads into place: each is checked against the disk, renamed
