@@ -1195,6 +1195,8 @@ impl FolderActor {
             tracing::warn!(folder = %self.record.id, left = queue.len(), "planning did not settle; will retry on the next change");
             self.recorder.needs_plan.extend(queue);
         }
+        // Started once everything is planned, so that small files go in groups.
+        self.pump_downloads();
     }
 
     fn execute(
@@ -1470,7 +1472,6 @@ impl FolderActor {
             expected,
             restore,
         });
-        self.pump_downloads();
     }
 
     /// Starts queued downloads while there are free slots, largest first; small files
@@ -1767,6 +1768,7 @@ impl FolderActor {
         let mut entry = entry;
         entry.mtime_ns = now_ns();
         self.start_fetch_for(target, entry, expected, Some(reply));
+        self.pump_downloads();
     }
 }
 

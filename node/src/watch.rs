@@ -3,7 +3,8 @@
 //! notify's recommended backend (inotify on Linux) watches a folder recursively. Each
 //! event only sends its paths to the folder actor, which marks them dirty and rescans
 //! them after a debounce; the scanner alone decides what changed. Reads by anyone
-//! (including our own scanner) are not changes and are dropped here. An event that
+//! (including our own scanner) are not changes and are dropped here, and so are the
+//! events of Weft's own temp files (never scanned). An event that
 //! says events were lost, or a watcher error, asks for a full rescan.
 
 use std::path::Path;
@@ -12,7 +13,16 @@ use std::sync::mpsc;
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 
+use weft_protocol::path::TEMP_PREFIX;
+
 use crate::folder::FolderCommand;
+
+/// Whether `path` names one of Weft's temp files.
+fn is_temp_file(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| name.starts_with(TEMP_PREFIX))
+}
 
 /// A running watcher; dropping it stops watching.
 pub type Watcher = notify::RecommendedWatcher;
@@ -23,13 +33,25 @@ pub fn watch(root: &str, actor: mpsc::Sender<FolderCommand>) -> Option<Watcher> 
     let handler = move |result: notify::Result<notify::Event>| {
         let command = match result {
             Ok(event) if event.need_rescan() => FolderCommand::WatcherOverflow,
-            Ok(event) => match event.kind {
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
-                    FolderCommand::FileEvents(event.paths)
+            Ok(event) => {
+                if let EventKind::Access(kind) = event.kind
+                    && kind != AccessKind::Close(AccessMode::Write)
+                {
+                    return;
                 }
-                EventKind::Access(_) => return,
-                _ => FolderCommand::FileEvents(event.paths),
-            },
+                // Weft's own temp files are never scanned: a download's every write
+                // would otherwise wake the folder actor (its rename into place still
+                // arrives under the final name).
+                let paths: Vec<_> = event
+                    .paths
+                    .into_iter()
+                    .filter(|path| !is_temp_file(path))
+                    .collect();
+                if paths.is_empty() {
+                    return;
+                }
+                FolderCommand::FileEvents(paths)
+            }
             Err(error) => {
                 tracing::warn!(%error, "file watcher error; rescanning the folder");
                 FolderCommand::WatcherOverflow
@@ -49,4 +71,38 @@ pub fn watch(root: &str, actor: mpsc::Sender<FolderCommand>) -> Option<Watcher> 
         return None;
     }
     Some(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn temp_files_are_not_reported_and_their_rename_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sender, receiver) = mpsc::channel();
+        let root = dir.path().to_str().expect("utf-8 temp dir");
+        let _watcher = watch(root, sender).expect("watcher");
+        let temp = dir.path().join(format!("{TEMP_PREFIX}download"));
+        std::fs::write(&temp, b"partial").expect("write temp");
+        std::fs::write(dir.path().join("other.txt"), b"edit").expect("write file");
+        std::fs::rename(&temp, dir.path().join("done.txt")).expect("rename");
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !seen
+            .iter()
+            .any(|p: &std::path::PathBuf| p.ends_with("done.txt"))
+            && Instant::now() < deadline
+        {
+            if let Ok(FolderCommand::FileEvents(paths)) =
+                receiver.recv_timeout(Duration::from_millis(100))
+            {
+                seen.extend(paths);
+            }
+        }
+        assert!(seen.iter().any(|p| p.ends_with("other.txt")), "{seen:?}");
+        assert!(seen.iter().any(|p| p.ends_with("done.txt")), "{seen:?}");
+        assert!(!seen.iter().any(|p| is_temp_file(p)), "{seen:?}");
+    }
 }

@@ -16,14 +16,19 @@ use weft_protocol::wire::{ChangeSignatures, DocSync, Message};
 use weft_protocol::{BlockHash, BlockRef, DeviceId, DeviceKey, FolderId, Manifest, ManifestHash};
 use weft_tests::{NodeConfig, TestNode, connect, wait_for, weft};
 
-/// Serves wrong bytes for every block it is asked for.
-struct LyingSource;
+/// Serves wrong bytes for every block it is asked for, except the one of `honest`.
+struct LyingSource {
+    honest: Vec<u8>,
+}
 
 impl BlockSource for LyingSource {
     fn authorised(&self, _: &DeviceId, _: &FolderId) -> bool {
         true
     }
-    fn block(&self, _: &FolderId, _: &BlockHash) -> Option<Vec<u8>> {
+    fn block(&self, _: &FolderId, hash: &BlockHash) -> Option<Vec<u8>> {
+        if *hash == BlockHash::of(&self.honest) {
+            return Some(self.honest.clone());
+        }
         Some(b"these are not the bytes you are looking for".to_vec())
     }
     fn manifest(&self, _: &FolderId, _: &ManifestHash) -> Option<Manifest> {
@@ -136,6 +141,9 @@ fn a_hostile_peer_is_refused_and_honest_peers_keep_syncing() {
         .enable_all()
         .build()
         .unwrap();
+    // One file the hostile peer serves correctly: it downloads in the same group as
+    // the bad one and must not fail with it.
+    let good = vec![5u8; 3000];
     let hostile_key = DeviceKey::from_secret_bytes([66; 32]);
     let hostile_id = hostile_key.device_id();
     let listen: net::Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap();
@@ -146,7 +154,9 @@ fn a_hostile_peer_is_refused_and_honest_peers_keep_syncing() {
                 listen: vec![listen],
                 mdns: false,
             },
-            Arc::new(LyingSource),
+            Arc::new(LyingSource {
+                honest: good.clone(),
+            }),
         )
         .unwrap()
     });
@@ -203,6 +213,11 @@ fn a_hostile_peer_is_refused_and_honest_peers_keep_syncing() {
     doc.put(
         &weft_protocol::RelPath::new("bad.bin").unwrap(),
         &file_entry(hostile_id, &[7u8; 5000]),
+    )
+    .unwrap();
+    doc.put(
+        &weft_protocol::RelPath::new("good.bin").unwrap(),
+        &file_entry(hostile_id, &good),
     )
     .unwrap();
     doc.commit(0, "attack");
@@ -299,6 +314,14 @@ fn a_hostile_peer_is_refused_and_honest_peers_keep_syncing() {
     assert!(
         !root_v.join("bad.bin").exists(),
         "an unverified block was written"
+    );
+    let good_arrived = wait_for(Duration::from_secs(30), || {
+        fs::read(root_v.join("good.bin")).is_ok_and(|b| b == good)
+    });
+    assert!(
+        good_arrived.is_some(),
+        "a file downloading beside one with a bad block did not arrive:\n{}",
+        victim.log()
     );
     let log = victim.log();
     assert!(
@@ -400,7 +423,7 @@ fn an_unknown_device_learns_nothing() {
                 listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
                 mdns: false,
             },
-            Arc::new(LyingSource),
+            Arc::new(LyingSource { honest: Vec::new() }),
         )
         .unwrap()
     });
