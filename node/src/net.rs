@@ -330,11 +330,12 @@ async fn run_swarm(
                         let address = endpoint.get_remote_address().to_string();
                         tracing::info!(device = %device, %address, "connected");
                         let (sender, receiver) = mpsc::channel(CONTROL_QUEUE);
+                        let writer = Writer { device, peer: peer_id, outbox: receiver, me: sender.downgrade() };
                         handle.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(
                             device,
                             PeerState { address, name: String::new(), sender },
                         );
-                        tokio::spawn(write_control(handle.clone(), device, peer_id, receiver, device_name.clone()));
+                        tokio::spawn(write_control(handle.clone(), writer, device_name.clone()));
                         let _ = events.send(NetEvent::Connected(device));
                     }
                 }
@@ -438,13 +439,18 @@ async fn read_frame(
         .map_err(|error| error.to_string())
 }
 
-async fn write_control(
-    handle: NetHandle,
+/// The writing end of one device's control stream.
+struct Writer {
     device: DeviceId,
     peer: PeerId,
-    mut outbox: mpsc::Receiver<Message>,
-    device_name: String,
-) {
+    /// Frames to send.
+    outbox: mpsc::Receiver<Message>,
+    /// Its own channel, to tell whether it is still the device's writer.
+    me: mpsc::WeakSender<Message>,
+}
+
+async fn write_control(handle: NetHandle, mut writer: Writer, device_name: String) {
+    let (device, peer) = (writer.device, writer.peer);
     let counters = handle.shared.counters(&device);
     let mut control = handle.control.clone();
     let mut stream = match control.open_stream(peer, CONTROL_PROTOCOL).await {
@@ -460,14 +466,40 @@ async fn write_control(
         device_name,
         client_version: format!("weft {}", env!("CARGO_PKG_VERSION")),
     });
-    if write_frame(&mut stream, &hello, &counters).await.is_err() {
+    if let Err(error) = write_frame(&mut stream, &hello, &counters).await {
+        control_lost(&handle, &writer, &error);
         return;
     }
-    while let Some(message) = outbox.recv().await {
+    while let Some(message) = writer.outbox.recv().await {
         if let Err(error) = write_frame(&mut stream, &message, &counters).await {
-            tracing::debug!(device = %device, %error, "control stream closed");
+            control_lost(&handle, &writer, &error);
             return;
         }
+    }
+}
+
+/// A control frame could not be written: the device may have missed a sync message,
+/// and automerge's sync protocol would wait for an answer that never comes. If this is
+/// still the device's writer, its connections are dropped so that both sides start
+/// their syncs over on the next one (a device that restarted reaches us on a new
+/// connection while we still write into the old one until it times out).
+fn control_lost(handle: &NetHandle, writer: &Writer, error: &impl std::fmt::Display) {
+    let mine = writer.me.upgrade();
+    let current = handle
+        .shared
+        .peers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&writer.device)
+        .is_some_and(|state| {
+            mine.as_ref()
+                .is_some_and(|me| me.same_channel(&state.sender))
+        });
+    if current {
+        tracing::warn!(device = %writer.device, %error, "control stream failed; disconnecting so that syncs start over");
+        let _ = handle.commands.send(Command::Disconnect(writer.peer));
+    } else {
+        tracing::debug!(device = %writer.device, %error, "an old control stream closed");
     }
 }
 
