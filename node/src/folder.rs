@@ -420,6 +420,7 @@ pub fn start(
         refusals: HashMap::new(),
         in_flight: HashMap::new(),
         download_queue: Vec::new(),
+        small_turn: false,
         downloads_running: 0,
         deferred: VecDeque::new(),
         finished: Vec::new(),
@@ -475,6 +476,9 @@ struct FolderActor {
     /// Downloads waiting for a slot (at most [`MAX_DOWNLOADS`] run at once); the
     /// largest starts first, so big files overlap with the many small ones.
     download_queue: Vec<QueuedDownload>,
+    /// Whether the next download slot goes to a group of small files (see
+    /// [`FolderActor::pump_downloads`]).
+    small_turn: bool,
     /// Downloads running now.
     downloads_running: usize,
     /// Commands received while a batch of finished downloads was collected.
@@ -1474,37 +1478,38 @@ impl FolderActor {
         });
     }
 
-    /// Starts queued downloads while there are free slots, largest first; small files
-    /// go in groups of up to [`GROUP_FILES`] (one task, one slot).
+    /// Starts queued downloads while there are free slots: the largest file and a
+    /// group of small files (up to [`GROUP_FILES`], one task, one slot) in turn.
     fn pump_downloads(&mut self) {
         let Some(network) = self.network.clone() else {
             return;
         };
         while self.downloads_running < MAX_DOWNLOADS {
-            let Some(first) = self.take_largest_download() else {
-                break;
+            // Turn about, the largest file and a group of small ones: large files are
+            // the longest downloads, and small ones cost mostly file creation, which
+            // runs beside a large transfer rather than after it.
+            self.small_turn = !self.small_turn;
+            let group = match self.small_turn {
+                true => self.take_small_group(),
+                false => Vec::new(),
             };
-            let mut group = vec![first];
-            if group[0].restore.is_none() && group[0].entry.size <= GROUP_FILE_MAX {
-                let mut bytes = group[0].entry.size;
-                while group.len() < GROUP_FILES {
-                    // Everything left is no larger than what the group has.
-                    let next = self
-                        .download_queue
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, d)| d.restore.is_none())
-                        .max_by_key(|(_, d)| d.entry.size)
-                        .map(|(index, d)| (index, d.entry.size));
-                    match next {
-                        Some((index, size)) if bytes + size <= GROUP_BYTES => {
-                            bytes += size;
-                            group.push(self.download_queue.swap_remove(index));
-                        }
-                        _ => break,
+            let group = match group.is_empty() {
+                true => match self.take_largest_download() {
+                    Some(largest)
+                        if largest.restore.is_none() && largest.entry.size <= GROUP_FILE_MAX =>
+                    {
+                        let mut group = vec![largest];
+                        group.extend(self.take_small_group_within(
+                            GROUP_BYTES - group[0].entry.size,
+                            GROUP_FILES - 1,
+                        ));
+                        group
                     }
-                }
-            }
+                    Some(largest) => vec![largest],
+                    None => break,
+                },
+                false => group,
+            };
             let peers: Vec<DeviceId> = self
                 .peers
                 .keys()
@@ -1542,6 +1547,34 @@ impl FolderActor {
                 let _ = sender.send(FolderCommand::Fetched(items));
             });
         }
+    }
+
+    /// Removes a group of small downloads (up to [`GROUP_FILES`], [`GROUP_BYTES`]) from
+    /// the queue; empty if there is none.
+    fn take_small_group(&mut self) -> Vec<QueuedDownload> {
+        self.take_small_group_within(GROUP_BYTES, GROUP_FILES)
+    }
+
+    /// Removes up to `files` small downloads of at most `bytes` in all from the queue.
+    fn take_small_group_within(&mut self, bytes: u64, files: usize) -> Vec<QueuedDownload> {
+        let mut left = bytes;
+        let mut chosen = Vec::new();
+        for (index, download) in self.download_queue.iter().enumerate() {
+            if chosen.len() == files {
+                break;
+            }
+            let size = download.entry.size;
+            if download.restore.is_none() && size <= GROUP_FILE_MAX && size <= left {
+                left -= size;
+                chosen.push(index);
+            }
+        }
+        // Highest index first, so that each swap_remove moves an unchosen download.
+        chosen
+            .into_iter()
+            .rev()
+            .map(|index| self.download_queue.swap_remove(index))
+            .collect()
     }
 
     /// Removes the largest queued download from the queue.
