@@ -1489,27 +1489,22 @@ impl FolderActor {
             // the longest downloads, and small ones cost mostly file creation, which
             // runs beside a large transfer rather than after it.
             self.small_turn = !self.small_turn;
-            let group = match self.small_turn {
-                true => self.take_small_group(),
-                false => Vec::new(),
+            let mut group = if self.small_turn {
+                self.take_small_group()
+            } else {
+                Vec::new()
             };
-            let group = match group.is_empty() {
-                true => match self.take_largest_download() {
-                    Some(largest)
-                        if largest.restore.is_none() && largest.entry.size <= GROUP_FILE_MAX =>
-                    {
-                        let mut group = vec![largest];
-                        group.extend(self.take_small_group_within(
-                            GROUP_BYTES - group[0].entry.size,
-                            GROUP_FILES - 1,
-                        ));
-                        group
-                    }
-                    Some(largest) => vec![largest],
-                    None => break,
-                },
-                false => group,
-            };
+            if group.is_empty() {
+                let Some(largest) = self.take_largest_download() else {
+                    break;
+                };
+                let groupable = largest.restore.is_none() && largest.entry.size <= GROUP_FILE_MAX;
+                let room = GROUP_BYTES.saturating_sub(largest.entry.size);
+                group.push(largest);
+                if groupable {
+                    group.extend(self.take_small_group_within(room, GROUP_FILES - 1));
+                }
+            }
             let peers: Vec<DeviceId> = self
                 .peers
                 .keys()
