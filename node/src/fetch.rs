@@ -29,9 +29,10 @@ use crate::temp_file::TempFile;
 
 /// Blocks per request: a few MiB per round trip with the default chunk size.
 pub const BATCH_BLOCKS: usize = 8;
-/// Requests in flight per download (16 MiB with the default chunk size: with writes
-/// going straight to the disk, 4 left a large file waiting on round trips).
-pub const BATCHES_IN_FLIGHT: usize = 8;
+/// Requests in flight per download (~8 MiB with the default chunk size). 8 looked a
+/// little faster for large files but doubles what a dropped connection loses (see
+/// docs/benchmarks.md, session 6).
+pub const BATCHES_IN_FLIGHT: usize = 4;
 /// Times a block is asked for (from different peers where possible) before giving up.
 pub const BLOCK_ATTEMPTS: usize = 3;
 /// Failed requests (not missing blocks) a download survives.
