@@ -588,20 +588,16 @@ async fn request_blocks(
             continue;
         }
         for (data, places) in &writes {
-            let mut indexes: Vec<usize> = places.iter().map(|(index, _)| *index).collect();
-            indexes.dedup();
-            for index in indexes {
-                if let Some(Some(write_back)) = write_backs.get(index) {
-                    let count = places.iter().filter(|(i, _)| *i == index).count();
-                    write_back.wrote(data.len() as u64 * count as u64);
+            for (index, _) in places {
+                if let Some(Some(write_back)) = write_backs.get(*index) {
+                    write_back.wrote(data.len() as u64);
                 }
             }
         }
         // The verified blocks of one answer are written in one blocking call, which
         // also finishes the files they complete (one hand-off for a small file's whole
-        // download).
-        // The write runs while the next answers arrive; one at a time, so a file is
-        // finished only after all its writes.
+        // download). It runs while the next answers arrive; one at a time, so a file
+        // is finished only after all its writes.
         await_write(writing.take()).await;
         let downloads = downloads.clone();
         writing = Some(tokio::task::spawn_blocking(move || {
