@@ -3,10 +3,13 @@
 //!
 //! - `/weft/control/1` is one-way: each side opens one stream per peer and writes
 //!   frames on it (first a `Hello`, then document sync messages and invites); the other
-//!   side only reads. No side has to decide who opens.
-//! - `/weft/blocks/1` is one request per stream: the requester writes a
+//!   side only reads. No side has to decide who opens. A device's `Hello` on a second
+//!   stream begins a new session: it restarted, so its older connections are closed
+//!   and syncs start over ([`Sessions`]).
+//! - `/weft/blocks/1` carries requests: the requester writes a
 //!   `BlockRequest` or `ManifestRequest` frame; the responder answers each hash in
-//!   order (`Block`/`BlockMissing`, or `ManifestResponse`) and closes.
+//!   order (`Block`/`BlockMissing`, or `ManifestResponse`); a requester may send its
+//!   next request on the same stream.
 //!
 //! Frames are `weft_protocol::wire` frames. A malformed or oversized frame, or a wrong
 //! protocol version, disconnects that peer with a logged reason; nothing else is
@@ -21,7 +24,7 @@ use std::time::Duration;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{PeerId, StreamProtocol, Swarm, identify, mdns, noise, tcp, yamux};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -155,6 +158,13 @@ struct Shared {
     /// Per device, how many times a connection to it opened or closed: a kept request
     /// stream is only reused while this has not moved (it may be on a dead connection).
     connection_epochs: Mutex<HashMap<DeviceId, u64>>,
+    /// Per device, the token of the control reader whose `Hello` began its current
+    /// session (cleared when its last connection closes). A `Hello` on another stream
+    /// means the device started over: it restarted, or gave up a connection we still
+    /// hold ([`Sessions`]).
+    greetings: Mutex<HashMap<DeviceId, u64>>,
+    /// Source of control-reader tokens.
+    next_reader: AtomicU64,
 }
 
 impl Shared {
@@ -175,6 +185,8 @@ impl Shared {
 enum Command {
     Dial(PeerId, Vec<Multiaddr>),
     Disconnect(PeerId),
+    /// The device greeted us again on a new control stream: it began a new session.
+    NewSession(PeerId),
 }
 
 /// The handle the node uses to talk to the network.
@@ -312,44 +324,32 @@ async fn run_swarm(
     handle: NetHandle,
     device_name: String,
 ) {
+    let mut sessions = Sessions {
+        events,
+        handle,
+        device_name,
+        connections: HashMap::new(),
+        restarts: HashMap::new(),
+    };
     loop {
         tokio::select! {
             event = swarm.select_next_some() => match event {
                 SwarmEvent::NewListenAddr { address, .. } => {
                     tracing::info!(%address, "listening");
-                    handle.shared.listen.lock().unwrap_or_else(|p| p.into_inner()).push(address);
+                    sessions.handle.shared.listen.lock().unwrap_or_else(|p| p.into_inner()).push(address);
                 }
-                SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
                     let Ok(device) = DeviceId::try_from_peer_id(&peer_id) else {
                         tracing::warn!(%peer_id, "peer is not a Weft device; disconnecting");
                         let _ = swarm.disconnect_peer_id(peer_id);
                         continue;
                     };
-                    handle.shared.connections_changed(&device);
-                    if num_established.get() == 1 {
-                        let address = endpoint.get_remote_address().to_string();
-                        tracing::info!(device = %device, %address, "connected");
-                        let (sender, receiver) = mpsc::channel(CONTROL_QUEUE);
-                        let writer = Writer { device, peer: peer_id, outbox: receiver, me: sender.downgrade() };
-                        handle.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(
-                            device,
-                            PeerState { address, name: String::new(), sender },
-                        );
-                        tokio::spawn(write_control(handle.clone(), writer, device_name.clone()));
-                        let _ = events.send(NetEvent::Connected(device));
-                    }
+                    let address = endpoint.get_remote_address().to_string();
+                    sessions.established(&mut swarm, device, connection_id, address, num_established.get());
                 }
-                SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+                SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
                     if let Ok(device) = DeviceId::try_from_peer_id(&peer_id) {
-                        handle.shared.connections_changed(&device);
-                    }
-                    if num_established > 0 {
-                        continue;
-                    }
-                    if let Ok(device) = DeviceId::try_from_peer_id(&peer_id) {
-                        tracing::info!(device = %device, cause = ?cause, "disconnected");
-                        handle.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&device);
-                        let _ = events.send(NetEvent::Disconnected(device));
+                        sessions.closed(device, connection_id, num_established, cause.as_ref());
                     }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
@@ -359,7 +359,7 @@ async fn run_swarm(
                     }
                     for (peer, addresses) in by_peer {
                         if let Ok(device) = DeviceId::try_from_peer_id(&peer) {
-                            let _ = events.send(NetEvent::Discovered(device, addresses));
+                            let _ = sessions.events.send(NetEvent::Discovered(device, addresses));
                         }
                     }
                 }
@@ -381,9 +381,213 @@ async fn run_swarm(
                 Some(Command::Disconnect(peer)) => {
                     let _ = swarm.disconnect_peer_id(peer);
                 }
+                Some(Command::NewSession(peer)) => {
+                    if let Ok(device) = DeviceId::try_from_peer_id(&peer) {
+                        sessions.new_session(&mut swarm, device);
+                    }
+                }
                 None => break,
             },
         }
+    }
+}
+
+/// The swarm task's view of each device's connections and control session.
+///
+/// A device's session begins with its first connection: a control writer starts and
+/// the node hears `Connected`. When the device greets us again on a new stream (it
+/// restarted, or gave up a connection that we still hold: with QUIC a dead connection
+/// lingers until its idle timeout), every older connection of that device is closed —
+/// block requests would otherwise go to a random one of them, and the control writer
+/// may be writing into a dead one — and once they are gone the session starts over
+/// on the new connection: a new writer, and `Disconnected` + `Connected` for the node,
+/// so that folders restart their syncs with a peer that has forgotten them.
+struct Sessions {
+    events: mpsc::UnboundedSender<NetEvent>,
+    handle: NetHandle,
+    device_name: String,
+    /// Open connections per device, oldest first, with their remote addresses.
+    connections: HashMap<DeviceId, Vec<(ConnectionId, String)>>,
+    /// Devices whose session is starting over.
+    restarts: HashMap<DeviceId, Restart>,
+}
+
+/// A session starting over ([`Sessions`]).
+#[derive(Default)]
+struct Restart {
+    /// Older connections being closed; the new session starts when none is left.
+    closing: Vec<ConnectionId>,
+    /// The new `Hello` came before its connection was reported: close the older ones
+    /// when it is.
+    awaiting_connection: bool,
+    /// The new session's control writer, made (and the old one retired, so that its
+    /// failing on a closed connection does not disconnect the device) as the older
+    /// connections begin to close; it opens its stream once they are gone.
+    writer: Option<Writer>,
+}
+
+impl Sessions {
+    fn established(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        device: DeviceId,
+        connection: ConnectionId,
+        address: String,
+        count: u32,
+    ) {
+        self.handle.shared.connections_changed(&device);
+        self.connections
+            .entry(device)
+            .or_default()
+            .push((connection, address.clone()));
+        if count == 1 {
+            tracing::info!(device = %device, %address, "connected");
+            self.start_writer(device, address);
+            let _ = self.events.send(NetEvent::Connected(device));
+        } else if self
+            .restarts
+            .get(&device)
+            .is_some_and(|restart| restart.awaiting_connection)
+        {
+            self.close_older(swarm, device);
+        }
+    }
+
+    fn closed(
+        &mut self,
+        device: DeviceId,
+        connection: ConnectionId,
+        count: u32,
+        cause: Option<&impl std::fmt::Debug>,
+    ) {
+        self.handle.shared.connections_changed(&device);
+        if let Some(list) = self.connections.get_mut(&device) {
+            list.retain(|(id, _)| *id != connection);
+        }
+        if count == 0 {
+            tracing::info!(device = %device, ?cause, "disconnected");
+            self.connections.remove(&device);
+            self.restarts.remove(&device);
+            self.handle
+                .shared
+                .greetings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&device);
+            self.handle
+                .shared
+                .peers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&device);
+            let _ = self.events.send(NetEvent::Disconnected(device));
+            return;
+        }
+        let Some(restart) = self.restarts.get_mut(&device) else {
+            return;
+        };
+        restart.closing.retain(|id| *id != connection);
+        if !restart.closing.is_empty() || restart.awaiting_connection {
+            return;
+        }
+        let Some(restart) = self.restarts.remove(&device) else {
+            return;
+        };
+        let address = self
+            .connections
+            .get(&device)
+            .and_then(|list| list.last())
+            .map(|(_, address)| address.clone())
+            .unwrap_or_default();
+        tracing::info!(device = %device, %address, "the device started a new session");
+        let writer = match restart.writer {
+            Some(writer) => writer,
+            None => self.new_writer(device),
+        };
+        self.spawn_writer(writer, address);
+        let _ = self.events.send(NetEvent::Disconnected(device));
+        let _ = self.events.send(NetEvent::Connected(device));
+    }
+
+    /// The device greeted us on a new control stream.
+    fn new_session(&mut self, swarm: &mut Swarm<Behaviour>, device: DeviceId) {
+        let open = self.connections.get(&device).map_or(0, Vec::len);
+        if open >= 2 {
+            self.close_older(swarm, device);
+        } else {
+            // Its connection has not been reported yet (or the device opened a second
+            // control stream on the one connection it has: nothing to close then).
+            self.restarts.entry(device).or_default().awaiting_connection = true;
+        }
+    }
+
+    /// Closes every connection of `device` but the newest.
+    fn close_older(&mut self, swarm: &mut Swarm<Behaviour>, device: DeviceId) {
+        let Some(list) = self.connections.get(&device) else {
+            return;
+        };
+        let older = &list[..list.len().saturating_sub(1)];
+        let closing: Vec<ConnectionId> = older
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| swarm.close_connection(*id))
+            .collect();
+        tracing::debug!(device = %device, count = closing.len(), "closing older connections");
+        let writer = self.new_writer(device);
+        let restart = self.restarts.entry(device).or_default();
+        restart.awaiting_connection = false;
+        restart.closing = closing;
+        restart.writer.get_or_insert(writer);
+    }
+
+    /// Starts a control writer for a device's first connection.
+    fn start_writer(&self, device: DeviceId, address: String) {
+        let writer = self.new_writer(device);
+        self.spawn_writer(writer, address);
+    }
+
+    /// Makes the device's control writer: from now on messages for the device queue for
+    /// it, and the old writer (if any) ends when its channel is dropped here.
+    fn new_writer(&self, device: DeviceId) -> Writer {
+        let (sender, receiver) = mpsc::channel(CONTROL_QUEUE);
+        let writer = Writer {
+            device,
+            peer: device.to_peer_id(),
+            outbox: receiver,
+            me: sender.downgrade(),
+        };
+        let mut peers = self
+            .handle
+            .shared
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let state = peers.entry(device).or_insert_with(|| PeerState {
+            address: String::new(),
+            name: String::new(),
+            sender: sender.clone(),
+        });
+        state.sender = sender;
+        writer
+    }
+
+    /// Opens the writer's stream and starts it.
+    fn spawn_writer(&self, writer: Writer, address: String) {
+        if let Some(state) = self
+            .handle
+            .shared
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&writer.device)
+        {
+            state.address = address;
+        }
+        tokio::spawn(write_control(
+            self.handle.clone(),
+            writer,
+            self.device_name.clone(),
+        ));
     }
 }
 
@@ -481,8 +685,8 @@ async fn write_control(handle: NetHandle, mut writer: Writer, device_name: Strin
 /// A control frame could not be written: the device may have missed a sync message,
 /// and automerge's sync protocol would wait for an answer that never comes. If this is
 /// still the device's writer, its connections are dropped so that both sides start
-/// their syncs over on the next one (a device that restarted reaches us on a new
-/// connection while we still write into the old one until it times out).
+/// their syncs over on the next one. (A writer retired by a new session, [`Sessions`],
+/// fails quietly.)
 fn control_lost(handle: &NetHandle, writer: &Writer, error: &impl std::fmt::Display) {
     let mine = writer.me.upgrade();
     let current = handle
@@ -509,51 +713,110 @@ async fn accept_control(
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
 ) {
-    while let Some((peer, mut stream)) = incoming.next().await {
+    while let Some((peer, stream)) = incoming.next().await {
         let Ok(device) = DeviceId::try_from_peer_id(&peer) else {
             continue;
         };
-        let events = events.clone();
-        let shared = shared.clone();
-        let commands = commands.clone();
-        tokio::spawn(async move {
-            let counters = shared.counters(&device);
-            let mut greeted = false;
-            loop {
-                match read_frame(&mut stream, &counters).await {
-                    Ok(Some(Message::Hello(hello))) if !greeted => {
-                        if hello.protocol_version != PROTOCOL_VERSION {
-                            tracing::warn!(device = %device, version = hello.protocol_version, "unsupported protocol version; disconnecting");
-                            let _ = commands.send(Command::Disconnect(peer));
-                            return;
-                        }
-                        if let Some(state) = shared
-                            .peers
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_mut(&device)
-                        {
-                            state.name = hello.device_name.clone();
-                        }
-                        greeted = true;
-                    }
-                    Ok(Some(message)) if greeted => {
-                        let _ = events.send(NetEvent::Message(device, message));
-                    }
-                    Ok(Some(_)) => {
-                        tracing::warn!(device = %device, "first control frame was not a Hello; disconnecting");
-                        let _ = commands.send(Command::Disconnect(peer));
+        let reader = ControlReader {
+            device,
+            peer,
+            token: shared.next_reader.fetch_add(1, Ordering::Relaxed),
+            greeted: false,
+            events: events.clone(),
+            shared: shared.clone(),
+            commands: commands.clone(),
+        };
+        tokio::spawn(reader.run(stream));
+    }
+}
+
+/// The reading end of one control stream from a device.
+struct ControlReader {
+    device: DeviceId,
+    peer: PeerId,
+    /// This reader's token in [`Shared::greetings`].
+    token: u64,
+    greeted: bool,
+    events: mpsc::UnboundedSender<NetEvent>,
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl ControlReader {
+    async fn run(mut self, mut stream: libp2p::Stream) {
+        let device = self.device;
+        let counters = self.shared.counters(&device);
+        loop {
+            match read_frame(&mut stream, &counters).await {
+                Ok(Some(Message::Hello(hello))) if !self.greeted => {
+                    if hello.protocol_version != PROTOCOL_VERSION {
+                        tracing::warn!(device = %device, version = hello.protocol_version, "unsupported protocol version; disconnecting");
+                        self.disconnect();
                         return;
                     }
-                    Ok(None) => return,
-                    Err(reason) => {
-                        tracing::warn!(device = %device, %reason, "bad control frame; disconnecting");
-                        let _ = commands.send(Command::Disconnect(peer));
-                        return;
-                    }
+                    self.greet(hello.device_name);
+                }
+                Ok(Some(message)) if self.greeted => {
+                    let _ = self.events.send(NetEvent::Message(device, message));
+                }
+                Ok(Some(_)) => {
+                    tracing::warn!(device = %device, "first control frame was not a Hello; disconnecting");
+                    self.disconnect();
+                    return;
+                }
+                Ok(None) => return,
+                Err(reason) if self.superseded() => {
+                    tracing::debug!(device = %device, %reason, "a control stream of an earlier session ended");
+                    return;
+                }
+                Err(reason) => {
+                    tracing::warn!(device = %device, %reason, "bad control frame; disconnecting");
+                    self.disconnect();
+                    return;
                 }
             }
-        });
+        }
+    }
+
+    /// Records the `Hello`; a device that had greeted us already began a new session.
+    fn greet(&mut self, name: String) {
+        self.greeted = true;
+        let earlier = self
+            .shared
+            .greetings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.device, self.token);
+        if let Some(state) = self
+            .shared
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&self.device)
+        {
+            state.name = name;
+        }
+        if earlier.is_some() {
+            tracing::info!(device = %self.device, "the device greeted again on a new stream");
+            let _ = self.commands.send(Command::NewSession(self.peer));
+        }
+    }
+
+    /// True if a later `Hello` began another session (or the device's connections all
+    /// closed since this reader's): its stream ending says nothing about the current one.
+    fn superseded(&self) -> bool {
+        self.greeted
+            && self
+                .shared
+                .greetings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&self.device)
+                != Some(&self.token)
+    }
+
+    fn disconnect(&self) {
+        let _ = self.commands.send(Command::Disconnect(self.peer));
     }
 }
 

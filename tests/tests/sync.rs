@@ -335,3 +335,47 @@ fn directory_modes_sync_both_ways() {
         a.log()
     );
 }
+
+#[test]
+fn a_peer_restarted_by_kill_9_gets_a_new_session_and_the_old_connection_goes_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_a = dir.path().join("folder_a");
+    let root_b = dir.path().join("folder_b");
+    fs::create_dir_all(&root_a).unwrap();
+    fs::write(root_a.join("one.txt"), b"before the restart").unwrap();
+    let config = NodeConfig::default();
+    let a = TestNode::start(&dir.path().join("home_a"), &config);
+    let b = TestNode::start(&dir.path().join("home_b"), &config);
+    share_along(&[&a, &b], &[&root_a, &root_b], "restart");
+    wait_converged(&[&root_a, &root_b], &[&a, &b], CONVERGE);
+
+    // B dies without a word: over QUIC, A's connection to it lingers until its idle
+    // timeout (10 s) while the restarted B dials A on a new one.
+    let b_home = b.home.clone();
+    b.kill9();
+    let before_restart = a.log().len();
+    let b = TestNode::start(&b_home, &config);
+    fs::write(root_a.join("two.txt"), b"after the restart").unwrap();
+    wait_converged(&[&root_a, &root_b], &[&a, &b], CONVERGE);
+    // Past the old connection's idle timeout: its end must not take the new one down.
+    std::thread::sleep(Duration::from_secs(13));
+    fs::write(root_a.join("three.txt"), b"after the timeout").unwrap();
+    let tree = wait_converged(&[&root_a, &root_b], &[&a, &b], CONVERGE);
+    assert!(tree.contains_key("two.txt") && tree.contains_key("three.txt"));
+
+    let log = a.log();
+    let since = &log[before_restart..];
+    let dropped: Vec<&str> = since
+        .lines()
+        .filter(|line| line.contains("disconnect"))
+        .collect();
+    assert!(
+        dropped.is_empty(),
+        "A dropped B after B's restart:\n{}",
+        dropped.join("\n")
+    );
+    assert!(
+        since.contains("started a new session"),
+        "A did not notice B's new session:\n{since}"
+    );
+}
