@@ -1,7 +1,6 @@
-//! Downloading file versions into temp files.
+//! Downloading one file version into a temp file beside its destination.
 //!
-//! A temp file (`.weft/tmp/.weft.tmp.<id>` in the folder, never scanned; beside its
-//! destination if that is on another filesystem) is named from the path and the
+//! The temp file (`.weft.tmp.<id>`, never scanned) is named from the path and the
 //! manifest, so a download interrupted by a crash finds its own temp file again: blocks
 //! already in it that verify against the manifest are kept (resume), the others come
 //! from a local file that has the same block (dedup, renames, copies: never fetched)
@@ -71,44 +70,17 @@ pub struct Fetched {
     pub bytes_fetched: u64,
 }
 
-/// The folder's directory for temp files, relative to its root: inside the reserved
-/// `.weft/` (never scanned, never synced), so that downloads in progress stay out of
-/// the user's directories and no other program sees a half-written file.
-pub const TEMP_DIR: &str = ".weft/tmp";
-
 /// The temp file of a download: deterministic, so a restart resumes it.
-///
-/// It goes in [`TEMP_DIR`] when the destination's directory is on the same
-/// filesystem as the folder root (the final rename must not cross devices), and
-/// beside the destination otherwise (a filesystem mounted inside the folder).
 pub fn temp_path(root: &Path, path: &RelPath, manifest: &Manifest) -> PathBuf {
     let mut hasher = blake3::Hasher::new();
     hasher.update(path.as_str().as_bytes());
     hasher.update(manifest.hash().as_bytes());
     let id = hasher.finalize().to_hex();
-    let name = format!("{TEMP_PREFIX}{}", &id[..24]);
-    let Some(parent) = path.parent() else {
-        return root.join(TEMP_DIR).join(name);
+    let dir = match path.parent() {
+        Some(parent) => root.join(parent.as_str()),
+        None => root.to_path_buf(),
     };
-    let dir = root.join(parent.as_str());
-    if same_device(root, &dir) {
-        root.join(TEMP_DIR).join(name)
-    } else {
-        dir.join(name)
-    }
-}
-
-/// True if `dir` (or, while it does not exist yet, its nearest existing ancestor) is
-/// on the same filesystem as `root`.
-fn same_device(root: &Path, dir: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(root_device) = fs::metadata(root).map(|m| m.dev()) else {
-        return false;
-    };
-    dir.ancestors()
-        .take_while(|ancestor| ancestor.starts_with(root))
-        .find_map(|ancestor| fs::metadata(ancestor).ok())
-        .is_none_or(|m| m.dev() == root_device)
+    dir.join(format!("{TEMP_PREFIX}{}", &id[..24]))
 }
 
 fn io_error(what: &str, path: &Path, error: std::io::Error) -> String {

@@ -7,8 +7,7 @@
 //! core; a large file also overlaps cutting and hashing inside `build_manifest`).
 //!
 //! Rules, by design:
-//! - `.weft/` at the top (downloads' temp files live in `.weft/tmp`) and `.weft.tmp.*`
-//!   temp files anywhere are never scanned;
+//! - `.weft/` at the top and `.weft.tmp.*` temp files anywhere are never scanned;
 //!   `.weftignore` in the folder root holds gitignore-syntax rules (re-read before a
 //!   scan when it changed; the file itself is synced, so every device ignores alike).
 //!   A path that becomes ignored is reported removed from the local tree.
@@ -272,18 +271,7 @@ impl Scanner {
         progress.reset();
         let mut walk = Walk::default();
         match scope {
-            Scope::Full => {
-                self.walk_dir(&self.root, None, &mut walk);
-                // Downloads keep their temp files in `.weft/tmp` (crate::fetch).
-                if let Ok(entries) = fs::read_dir(self.root.join(crate::fetch::TEMP_DIR)) {
-                    walk.temp_files.extend(
-                        entries
-                            .flatten()
-                            .filter(|e| e.file_name().to_string_lossy().starts_with(TEMP_PREFIX))
-                            .map(|e| e.path()),
-                    );
-                }
-            }
+            Scope::Full => self.walk_dir(&self.root, None, &mut walk),
             Scope::Paths(paths) => {
                 for path in paths {
                     if !self.is_ignored(path, false) {

@@ -483,17 +483,9 @@ fn a_scan_removes_temp_files_unchanged_past_their_expiry_and_keeps_recent_ones()
     let root = dir.path().join("folder");
     fs::create_dir_all(root.join("sub")).unwrap();
     fs::write(root.join("sub/real.txt"), b"real").unwrap();
-    // Temp files live in `.weft/tmp`, or beside their file on another filesystem.
-    fs::create_dir_all(root.join(weft_node::fetch::TEMP_DIR)).unwrap();
     let old = root.join("sub/.weft.tmp.0123456789abcdef01234567");
-    let old_in_dir = root
-        .join(weft_node::fetch::TEMP_DIR)
-        .join(".weft.tmp.00112233445566778899aabb");
-    let fresh = root
-        .join(weft_node::fetch::TEMP_DIR)
-        .join(".weft.tmp.fedcba9876543210fedcba98");
+    let fresh = root.join(".weft.tmp.fedcba9876543210fedcba98");
     fs::write(&old, b"abandoned download").unwrap();
-    fs::write(&old_in_dir, b"abandoned download").unwrap();
     // The age that counts is since the last change (ctime), which no one can set back,
     // so the test waits past a short expiry instead of faking an old mtime.
     let expiry = Duration::from_secs(4);
@@ -515,10 +507,6 @@ fn a_scan_removes_temp_files_unchanged_past_their_expiry_and_keeps_recent_ones()
     let folder = node.add_folder(&root, "temps");
     node.scan(&folder);
     assert!(!old.exists(), "the abandoned temp file is still there");
-    assert!(
-        !old_in_dir.exists(),
-        "the abandoned temp file is still there"
-    );
     assert!(fresh.exists(), "a recent temp file was removed");
     assert_eq!(fs::read(root.join("sub/real.txt")).unwrap(), b"real");
     // Temp files are never recorded as the folder's files.

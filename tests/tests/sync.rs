@@ -144,7 +144,7 @@ fn a_download_interrupted_by_kill_9_resumes_without_refetching_verified_blocks()
         |_| {},
     )
     .unwrap();
-    let temp = fs::read_dir(root_b.join(weft_node::fetch::TEMP_DIR))
+    let temp = fs::read_dir(&root_b)
         .unwrap()
         .flatten()
         .find(|e| e.file_name().to_string_lossy().starts_with(".weft.tmp."))
