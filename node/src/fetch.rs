@@ -662,9 +662,12 @@ fn write_answer(downloads: &std::sync::Mutex<Vec<Download>>, writes: Vec<(Vec<u8
     }
 }
 
-/// Sets mode and mtime, then makes the temp file durable (data and metadata).
+/// Gives the temp file its final size, mode and mtime, then makes it durable (data
+/// and metadata).
 fn finish_temp(file: &TempFile, temp: &Path, mode: u32, mtime_ns: i64) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
+    file.truncate_to_final()
+        .map_err(|e| io_error("truncating", temp, e))?;
     let file = file.file();
     let mode = if mode & 0o777 == 0 {
         0o644

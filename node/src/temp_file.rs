@@ -49,6 +49,10 @@ pub struct TempFile {
 impl TempFile {
     /// Opens (creating) `path` for a file of `size` bytes and sizes it; keeps what it
     /// holds for the caller to verify.
+    ///
+    /// Until [`TempFile::truncate_to_final`], the file is one byte longer than the
+    /// file it becomes: a download in progress never has the finished file's size, so
+    /// nothing that compares sizes (a backup tool, a tree check) takes it for one.
     pub fn open(path: &Path, size: u64) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
@@ -56,8 +60,8 @@ impl TempFile {
             .create(true)
             .truncate(false)
             .open(path)?;
-        if file.metadata()?.len() != size {
-            file.set_len(size)?;
+        if file.metadata()?.len() != size + 1 {
+            file.set_len(size + 1)?;
         }
         let direct = if size >= DIRECT_MIN_SIZE {
             open_direct(path)
@@ -70,6 +74,11 @@ impl TempFile {
             direct_refused: AtomicBool::new(false),
             size,
         })
+    }
+
+    /// Gives the file its final size, once everything is written.
+    pub fn truncate_to_final(&self) -> io::Result<()> {
+        self.file.set_len(self.size)
     }
 
     /// The ordinary handle (reads, metadata, fsync).
@@ -204,6 +213,7 @@ mod tests {
             temp.write_at(&content[offset..offset + len], offset as u64)
                 .expect("write");
         }
+        temp.truncate_to_final().expect("truncate");
         temp.file().sync_all().expect("fsync");
         std::fs::read(&path).expect("read back")
     }
@@ -288,6 +298,9 @@ mod tests {
             temp.write_at(&data[*offset..offset + piece_len], *offset as u64)
                 .expect("write");
         }
+        // Unfinished, it never has the final size.
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), len as u64 + 1);
+        temp.truncate_to_final().expect("truncate");
         assert_eq!(std::fs::read(&path).expect("read"), data);
     }
 
