@@ -368,6 +368,10 @@ pub fn start(
             source,
         })?;
     let (scanner, ignore_problems) = Scanner::new(PathBuf::from(&record.path), record.params);
+    let scanner = {
+        let store = store.clone();
+        scanner.with_manifests(Arc::new(move |hash| store.manifest(hash).ok().flatten()))
+    };
     let shared = Arc::new(FolderShared {
         status: Mutex::new(FolderStatus {
             id: record.id.to_string(),

@@ -299,7 +299,10 @@ mod tests {
                 .expect("write");
         }
         // Unfinished, it never has the final size.
-        assert_eq!(std::fs::metadata(&path).expect("stat").len(), len as u64 + 1);
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").len(),
+            len as u64 + 1
+        );
         temp.truncate_to_final().expect("truncate");
         assert_eq!(std::fs::read(&path).expect("read"), data);
     }

@@ -1,12 +1,14 @@
 //! Chunking and hashing throughput over one 256 MiB pseudo-random buffer:
 //! raw FastCDC (cut points only), raw BLAKE3 (one pass over the buffer, as 1 MiB
-//! pieces), and Weft's chunk + hash pipeline (`build_manifest`).
+//! pieces), Weft's chunk + hash pipeline (`build_manifest`), and the re-hash of a new
+//! version after a 10-byte insert at the front (`build_manifest_like`).
 //!
 //! Run: `cargo bench -p weft-protocol --bench chunking`. The target is
 //! (chunk + hash) / (raw FastCDC) >= 0.9: hashing hidden behind chunking.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use weft_protocol::{ChunkParams, Chunker, chunk::build_manifest};
+use weft_protocol::chunk::{build_manifest, build_manifest_like};
+use weft_protocol::{ChunkParams, Chunker};
 
 const LEN: usize = 256 * 1024 * 1024;
 
@@ -48,6 +50,17 @@ fn bench(c: &mut Criterion) {
     group.bench_function("chunk+hash", |b| {
         b.iter(|| {
             build_manifest(&data[..], &params, |_| {})
+                .expect("in-memory read")
+                .blocks()
+                .len()
+        })
+    });
+    let previous = build_manifest(&data[..], &params, |_| {}).expect("in-memory read");
+    let mut inserted = b"ten bytes!".to_vec();
+    inserted.extend_from_slice(&data);
+    group.bench_function("chunk+hash like previous, after an insert", |b| {
+        b.iter(|| {
+            build_manifest_like(&inserted[..], &params, &previous, |_| {})
                 .expect("in-memory read")
                 .blocks()
                 .len()

@@ -324,6 +324,98 @@ pub fn build_manifest<R: Read>(
     })
 }
 
+/// Chunks and hashes `reader` — a new version of a file whose manifest was
+/// `previous` — into the manifest [`build_manifest`] would make, faster where the
+/// data goes on as before.
+///
+/// After a chunk that is also in `previous`, the chunk that followed it there is
+/// expected next: its bytes are hashed and compared instead of searched for cut
+/// points (BLAKE3 is ~2.5x faster than FastCDC). That gives the same cut because a
+/// content-defined cut depends only on the bytes from the chunk's start to the cut
+/// (`fastcdc` looks at most `max` bytes ahead and stops at the first match); the one
+/// exception is the previous version's last chunk, which may have been cut by the
+/// end of the stream, so it is only expected where the new stream ends with it too.
+/// Where the expectation fails, cut points are searched as usual until a chunk of
+/// `previous` turns up again. One thread; meant for large files after small edits
+/// (an insert, an append, an overwrite), where nearly every chunk is expected.
+pub fn build_manifest_like<R: Read>(
+    mut reader: R,
+    params: &ChunkParams,
+    previous: &Manifest,
+    mut progress: impl FnMut(u64),
+) -> Result<Manifest, ChunkError> {
+    let masks = params.masks();
+    let max = params.max as usize;
+    let old = previous.blocks();
+    let mut next_of: std::collections::HashMap<BlockHash, usize> =
+        std::collections::HashMap::with_capacity(old.len());
+    for (index, block) in old.iter().enumerate().rev() {
+        // The first occurrence wins: iterated backwards, it is inserted last.
+        next_of.insert(block.hash, index + 1);
+    }
+    let mut buffer = vec![0u8; segment_len(params) + max];
+    let (mut start, mut end, mut eof) = (0usize, 0usize, false);
+    let mut blocks: Vec<BlockRef> = Vec::new();
+    let mut done = 0u64;
+    // Index in `old` of the chunk expected next.
+    let mut expected = Some(0usize);
+    loop {
+        if end - start < max && !eof {
+            buffer.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+            let filled = crate::manifest::read_full(&mut reader, &mut buffer[end..])?;
+            end += filled;
+            eof = end < buffer.len();
+        }
+        if start == end {
+            break;
+        }
+        let window = &buffer[start..end];
+        let mut chunk = None;
+        if let Some(block) = expected.and_then(|index| old.get(index).map(|b| (index, b))) {
+            let (index, block) = block;
+            let len = block.len as usize;
+            let last = index + 1 == old.len();
+            let fits = if last {
+                eof && window.len() == len
+            } else {
+                window.len() >= len
+            };
+            if fits && BlockHash::of(&window[..len]) == block.hash {
+                chunk = Some((len, block.hash));
+                expected = Some(index + 1);
+            }
+        }
+        let (len, hash) = match chunk {
+            Some(found) => found,
+            None => {
+                let len = params.cut(&masks, window);
+                let hash = BlockHash::of(&window[..len]);
+                expected = next_of.get(&hash).copied();
+                (len, hash)
+            }
+        };
+        blocks.push(BlockRef {
+            hash,
+            len: len as u32,
+        });
+        if blocks.len() > MAX_MANIFEST_BLOCKS {
+            return Err(ManifestError::TooManyBlocks {
+                blocks: blocks.len(),
+            }
+            .into());
+        }
+        start += len;
+        done += len as u64;
+        if blocks.len().is_multiple_of(64) {
+            progress(done);
+        }
+    }
+    progress(done);
+    Ok(Manifest::from_blocks(blocks)?)
+}
+
 /// Hashes the chunks of cut segments, in stream order.
 #[derive(Default)]
 struct SegmentHasher {
@@ -651,6 +743,52 @@ mod tests {
         ));
     }
 
+    /// `build_manifest_like(new, manifest of old)` against `build_manifest(new)`.
+    fn assert_like_matches(old: &[u8], new: &[u8], params: ChunkParams) {
+        let previous = build_manifest(old, &params, |_| {}).unwrap();
+        let mut reported = 0;
+        let like = build_manifest_like(new, &params, &previous, |done| reported = done).unwrap();
+        assert_eq!(like, build_manifest(new, &params, |_| {}).unwrap());
+        assert_eq!(reported, new.len() as u64);
+    }
+
+    #[test]
+    fn a_manifest_built_like_the_previous_one_is_the_same_manifest() {
+        let params = small_params();
+        let old = pseudo_random(2_000_000, 3);
+        let splice = |at: usize, remove: usize, insert: &[u8]| {
+            let mut new = old[..at].to_vec();
+            new.extend_from_slice(insert);
+            new.extend_from_slice(&old[at + remove..]);
+            new
+        };
+        // Unchanged; small edits at the front, the middle, the end; appends after a
+        // last chunk cut by the end of the stream; truncations; a different file.
+        assert_like_matches(&old, &old, params);
+        assert_like_matches(&old, &splice(0, 0, b"ten bytes!"), params);
+        assert_like_matches(&old, &splice(1_000_000, 4096, &[7u8; 4096]), params);
+        assert_like_matches(&old, &splice(1_999_990, 10, b""), params);
+        assert_like_matches(
+            &old,
+            &splice(2_000_000, 0, &pseudo_random(300_000, 4)),
+            params,
+        );
+        assert_like_matches(&old, &splice(2_000_000, 0, b"x"), params);
+        assert_like_matches(&old, &old[..1_500_000], params);
+        assert_like_matches(&old, &old[..10], params);
+        assert_like_matches(&old, b"", params);
+        assert_like_matches(b"", &old, params);
+        assert_like_matches(&old, &pseudo_random(2_000_000, 5), params);
+        // Repeated chunks (zeroes cut at max) and a chunk that moved.
+        let zeroes = vec![0u8; 700_000];
+        let mut moved = zeroes.clone();
+        moved.extend_from_slice(&old[..300_000]);
+        assert_like_matches(&zeroes, &moved, params);
+        let mut swapped = old[1_000_000..].to_vec();
+        swapped.extend_from_slice(&old[..1_000_000]);
+        assert_like_matches(&old, &swapped, params);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
         #[test]
@@ -671,6 +809,26 @@ mod tests {
             let manifest = build_manifest(Dribble { data: &data, steps, call: 0 }, &params, |_| {}).unwrap();
             let piped: Vec<usize> = manifest.blocks().iter().map(|b| b.len as usize).collect();
             prop_assert_eq!(piped, expected);
+        }
+
+        #[test]
+        fn building_like_a_previous_version_changes_nothing(
+            seed in any::<u64>(),
+            len in 0usize..600_000,
+            edits in proptest::collection::vec((any::<u32>(), 0usize..5_000, 0usize..5_000), 0..4),
+        ) {
+            let old = pseudo_random(len, seed);
+            let mut new = old.clone();
+            for (at, remove, insert) in edits {
+                let at = at as usize % (new.len() + 1);
+                let remove = remove.min(new.len() - at);
+                let filler = pseudo_random(insert, seed ^ at as u64);
+                new.splice(at..at + remove, filler);
+            }
+            let params = small_params();
+            let previous = build_manifest(&old[..], &params, |_| {}).unwrap();
+            let like = build_manifest_like(&new[..], &params, &previous, |_| {}).unwrap();
+            prop_assert_eq!(like, build_manifest(&new[..], &params, |_| {}).unwrap());
         }
     }
 }

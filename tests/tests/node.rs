@@ -186,6 +186,8 @@ fn a_rescan_alone_finds_every_change_with_the_watcher_off() {
     let root = dir.path().join("folder");
     write_tree(&root, 20, 5_000, 10);
     fs::write(root.join("keep.txt"), b"keep").unwrap();
+    let large = pseudo_random(5 * 1024 * 1024, 11);
+    fs::write(root.join("large.bin"), &large).unwrap();
     let config = NodeConfig {
         watch: false,
         ..NodeConfig::default()
@@ -200,12 +202,21 @@ fn a_rescan_alone_finds_every_change_with_the_watcher_off() {
     fs::rename(root.join("d000/f5.bin"), root.join("moved.bin")).unwrap();
     fs::create_dir_all(root.join("newdir/inner")).unwrap();
     fs::write(root.join("newdir/inner/n.txt"), b"new").unwrap();
+    // A large file after a small edit is re-hashed like its previous version: the
+    // manifest must be the one a fresh chunking gives (checked below).
+    let mut edited = b"ten bytes!".to_vec();
+    edited.extend_from_slice(&large[..3 * 1024 * 1024]);
+    edited.extend_from_slice(&pseudo_random(4096, 12));
+    edited.extend_from_slice(&large[3 * 1024 * 1024 + 4096..]);
+    edited.extend_from_slice(&pseudo_random(100_000, 13));
+    fs::write(root.join("large.bin"), &edited).unwrap();
     // With the watcher off nothing notices until a scan.
     std::thread::sleep(Duration::from_millis(400));
     assert!(recorded(&node, &folder).contains_key("d000/f4.bin"));
     let result = node.scan(&folder);
-    // Modify, delete, rename (a removal and an addition), and a new dir, dir and file.
-    assert_eq!(result[&folder]["changes"], 7, "{result}");
+    // Modify (two), delete, rename (a removal and an addition), and a new dir, dir and
+    // file.
+    assert_eq!(result[&folder]["changes"], 8, "{result}");
     let tree = recorded(&node, &folder);
     assert_files_match(&tree, &expected_files(&root));
     assert_eq!(tree["newdir/inner"].kind, EntryKind::Directory);
