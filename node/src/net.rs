@@ -159,9 +159,8 @@ struct Shared {
     /// stream is only reused while this has not moved (it may be on a dead connection).
     connection_epochs: Mutex<HashMap<DeviceId, u64>>,
     /// Per device, the token of the control reader whose `Hello` began its current
-    /// session (cleared when its last connection closes). A `Hello` on another stream
-    /// means the device started over: it restarted, or gave up a connection we still
-    /// hold ([`Sessions`]).
+    /// session (cleared when its last connection closes). Written only by the swarm
+    /// task ([`Sessions`]), in order with connection events; readers read it.
     greetings: Mutex<HashMap<DeviceId, u64>>,
     /// Source of control-reader tokens.
     next_reader: AtomicU64,
@@ -185,8 +184,8 @@ impl Shared {
 enum Command {
     Dial(PeerId, Vec<Multiaddr>),
     Disconnect(PeerId),
-    /// The device greeted us again on a new control stream: it began a new session.
-    NewSession(PeerId),
+    /// A control reader (its token) got the device's `Hello` ([`Sessions`]).
+    Greeted(PeerId, u64),
 }
 
 /// The handle the node uses to talk to the network.
@@ -345,7 +344,7 @@ async fn run_swarm(
                         continue;
                     };
                     let address = endpoint.get_remote_address().to_string();
-                    sessions.established(&mut swarm, device, connection_id, address, num_established.get());
+                    sessions.established(device, connection_id, address, num_established.get());
                 }
                 SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
                     if let Ok(device) = DeviceId::try_from_peer_id(&peer_id) {
@@ -381,9 +380,9 @@ async fn run_swarm(
                 Some(Command::Disconnect(peer)) => {
                     let _ = swarm.disconnect_peer_id(peer);
                 }
-                Some(Command::NewSession(peer)) => {
+                Some(Command::Greeted(peer, token)) => {
                     if let Ok(device) = DeviceId::try_from_peer_id(&peer) {
-                        sessions.new_session(&mut swarm, device);
+                        sessions.greeted(&mut swarm, device, token);
                     }
                 }
                 None => break,
@@ -395,13 +394,16 @@ async fn run_swarm(
 /// The swarm task's view of each device's connections and control session.
 ///
 /// A device's session begins with its first connection: a control writer starts and
-/// the node hears `Connected`. When the device greets us again on a new stream (it
+/// the node hears `Connected`. Each `Hello` a control reader receives is reported here
+/// ([`Command::Greeted`]), in order with the connection events. A second `Hello` means the device started over (it
 /// restarted, or gave up a connection that we still hold: with QUIC a dead connection
-/// lingers until its idle timeout), every older connection of that device is closed —
-/// block requests would otherwise go to a random one of them, and the control writer
-/// may be writing into a dead one — and once they are gone the session starts over
-/// on the new connection: a new writer, and `Disconnected` + `Connected` for the node,
-/// so that folders restart their syncs with a peer that has forgotten them.
+/// lingers until its idle timeout). Then the node hears `Disconnected`, every
+/// connection of the device but the newest is closed — block requests would otherwise
+/// go to a random one of them, and the control writer may be writing into a dead one —
+/// and once they are gone the session starts over: a new writer (made at once, so that
+/// the old one failing on a closed connection does not disconnect the device) and
+/// `Connected`, so that folders restart their syncs with a peer that has forgotten
+/// them.
 struct Sessions {
     events: mpsc::UnboundedSender<NetEvent>,
     handle: NetHandle,
@@ -413,23 +415,17 @@ struct Sessions {
 }
 
 /// A session starting over ([`Sessions`]).
-#[derive(Default)]
 struct Restart {
-    /// Older connections being closed; the new session starts when none is left.
+    /// Connections of the previous session being closed; the new session starts when
+    /// none is left.
     closing: Vec<ConnectionId>,
-    /// The new `Hello` came before its connection was reported: close the older ones
-    /// when it is.
-    awaiting_connection: bool,
-    /// The new session's control writer, made (and the old one retired, so that its
-    /// failing on a closed connection does not disconnect the device) as the older
-    /// connections begin to close; it opens its stream once they are gone.
-    writer: Option<Writer>,
+    /// The new session's control writer; it opens its stream once `closing` is empty.
+    writer: Writer,
 }
 
 impl Sessions {
     fn established(
         &mut self,
-        swarm: &mut Swarm<Behaviour>,
         device: DeviceId,
         connection: ConnectionId,
         address: String,
@@ -444,12 +440,6 @@ impl Sessions {
             tracing::info!(device = %device, %address, "connected");
             self.start_writer(device, address);
             let _ = self.events.send(NetEvent::Connected(device));
-        } else if self
-            .restarts
-            .get(&device)
-            .is_some_and(|restart| restart.awaiting_connection)
-        {
-            self.close_older(swarm, device);
         }
     }
 
@@ -483,13 +473,66 @@ impl Sessions {
             let _ = self.events.send(NetEvent::Disconnected(device));
             return;
         }
-        let Some(restart) = self.restarts.get_mut(&device) else {
+        if let Some(restart) = self.restarts.get_mut(&device) {
+            restart.closing.retain(|id| *id != connection);
+            if restart.closing.is_empty() {
+                self.finish_restart(device);
+            }
+        }
+    }
+
+    /// A control reader got the device's `Hello`.
+    fn greeted(&mut self, swarm: &mut Swarm<Behaviour>, device: DeviceId, token: u64) {
+        let Some(open) = self
+            .connections
+            .get(&device)
+            .filter(|list| !list.is_empty())
+        else {
+            // Its connections closed meanwhile: a stale reader.
             return;
         };
-        restart.closing.retain(|id| *id != connection);
-        if !restart.closing.is_empty() || restart.awaiting_connection {
+        // Every connection but the newest: the restarted device dialed that one, and
+        // the ones before it (the ones of its previous life, a simultaneous dial's
+        // second one) may be dead while they linger. (Should it have dialed twice and
+        // greeted on the older of its two new connections, that one's end restarts
+        // the device's connections once more.)
+        let older: Vec<ConnectionId> = open[..open.len() - 1].iter().map(|(id, _)| *id).collect();
+        let earlier = self
+            .handle
+            .shared
+            .greetings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(device, token);
+        if earlier.is_none() {
             return;
         }
+        tracing::info!(device = %device, "the device greeted again on a new stream: a new session");
+        let _ = self.events.send(NetEvent::Disconnected(device));
+        let closing: Vec<ConnectionId> = older
+            .into_iter()
+            .filter(|id| swarm.close_connection(*id))
+            .collect();
+        tracing::debug!(device = %device, count = closing.len(), "closing older connections");
+        match self.restarts.get_mut(&device) {
+            // A restart already under way keeps its writer and waits for these too.
+            Some(restart) => restart.closing.extend(closing),
+            None => {
+                let writer = self.new_writer(device);
+                self.restarts.insert(device, Restart { closing, writer });
+            }
+        }
+        if self
+            .restarts
+            .get(&device)
+            .is_some_and(|restart| restart.closing.is_empty())
+        {
+            self.finish_restart(device);
+        }
+    }
+
+    /// The previous session's connections are gone: the new session's writer starts.
+    fn finish_restart(&mut self, device: DeviceId) {
         let Some(restart) = self.restarts.remove(&device) else {
             return;
         };
@@ -499,45 +542,9 @@ impl Sessions {
             .and_then(|list| list.last())
             .map(|(_, address)| address.clone())
             .unwrap_or_default();
-        tracing::info!(device = %device, %address, "the device started a new session");
-        let writer = match restart.writer {
-            Some(writer) => writer,
-            None => self.new_writer(device),
-        };
-        self.spawn_writer(writer, address);
-        let _ = self.events.send(NetEvent::Disconnected(device));
+        tracing::info!(device = %device, %address, "the device's new session starts");
+        self.spawn_writer(restart.writer, address);
         let _ = self.events.send(NetEvent::Connected(device));
-    }
-
-    /// The device greeted us on a new control stream.
-    fn new_session(&mut self, swarm: &mut Swarm<Behaviour>, device: DeviceId) {
-        let open = self.connections.get(&device).map_or(0, Vec::len);
-        if open >= 2 {
-            self.close_older(swarm, device);
-        } else {
-            // Its connection has not been reported yet (or the device opened a second
-            // control stream on the one connection it has: nothing to close then).
-            self.restarts.entry(device).or_default().awaiting_connection = true;
-        }
-    }
-
-    /// Closes every connection of `device` but the newest.
-    fn close_older(&mut self, swarm: &mut Swarm<Behaviour>, device: DeviceId) {
-        let Some(list) = self.connections.get(&device) else {
-            return;
-        };
-        let older = &list[..list.len().saturating_sub(1)];
-        let closing: Vec<ConnectionId> = older
-            .iter()
-            .map(|(id, _)| *id)
-            .filter(|id| swarm.close_connection(*id))
-            .collect();
-        tracing::debug!(device = %device, count = closing.len(), "closing older connections");
-        let writer = self.new_writer(device);
-        let restart = self.restarts.entry(device).or_default();
-        restart.awaiting_connection = false;
-        restart.closing = closing;
-        restart.writer.get_or_insert(writer);
     }
 
     /// Starts a control writer for a device's first connection.
@@ -734,7 +741,7 @@ async fn accept_control(
 struct ControlReader {
     device: DeviceId,
     peer: PeerId,
-    /// This reader's token in [`Shared::greetings`].
+    /// This reader's token in [`Shared::greetings`] (tokens only grow).
     token: u64,
     greeted: bool,
     events: mpsc::UnboundedSender<NetEvent>,
@@ -757,6 +764,10 @@ impl ControlReader {
                     self.greet(hello.device_name);
                 }
                 Ok(Some(message)) if self.greeted => {
+                    if self.superseded() {
+                        tracing::debug!(device = %device, "a message on a control stream of an earlier session; dropped");
+                        continue;
+                    }
                     let _ = self.events.send(NetEvent::Message(device, message));
                 }
                 Ok(Some(_)) => {
@@ -778,15 +789,9 @@ impl ControlReader {
         }
     }
 
-    /// Records the `Hello`; a device that had greeted us already began a new session.
+    /// Records the device's name and tells the swarm task ([`Sessions::greeted`]).
     fn greet(&mut self, name: String) {
         self.greeted = true;
-        let earlier = self
-            .shared
-            .greetings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(self.device, self.token);
         if let Some(state) = self
             .shared
             .peers
@@ -796,23 +801,18 @@ impl ControlReader {
         {
             state.name = name;
         }
-        if earlier.is_some() {
-            tracing::info!(device = %self.device, "the device greeted again on a new stream");
-            let _ = self.commands.send(Command::NewSession(self.peer));
-        }
+        let _ = self.commands.send(Command::Greeted(self.peer, self.token));
     }
 
-    /// True if a later `Hello` began another session (or the device's connections all
-    /// closed since this reader's): its stream ending says nothing about the current one.
+    /// True if a later reader's `Hello` began another session: what comes on this
+    /// stream, or its end, says nothing about the current one.
     fn superseded(&self) -> bool {
-        self.greeted
-            && self
-                .shared
-                .greetings
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&self.device)
-                != Some(&self.token)
+        self.shared
+            .greetings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&self.device)
+            .is_some_and(|current| *current > self.token)
     }
 
     fn disconnect(&self) {

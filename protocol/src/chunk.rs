@@ -330,14 +330,22 @@ pub fn build_manifest<R: Read>(
 ///
 /// After a chunk that is also in `previous`, the chunk that followed it there is
 /// expected next: its bytes are hashed and compared instead of searched for cut
-/// points (BLAKE3 is ~2.5x faster than FastCDC). That gives the same cut because a
-/// content-defined cut depends only on the bytes from the chunk's start to the cut
-/// (`fastcdc` looks at most `max` bytes ahead and stops at the first match); the one
-/// exception is the previous version's last chunk, which may have been cut by the
-/// end of the stream, so it is only expected where the new stream ends with it too.
+/// points (BLAKE3 is ~2.5x faster than FastCDC). An expected chunk is only taken where
+/// FastCDC would cut it too:
+/// - fastcdc decides a cut at length `L` from the bytes up to and including byte `L`
+///   (the first byte of the next chunk), and only tests `L` if at least two bytes
+///   follow; so a chunk ended by a content-defined cut is taken once the chunk after it
+///   in `previous` (at least 2 bytes long) is found right behind it as well;
+/// - a chunk of `max` bytes (no cut found) depends on its own bytes only;
+/// - the previous version's last chunk may have been cut by the end of the stream, so
+///   it is only taken where the new stream ends with it too.
+///
 /// Where the expectation fails, cut points are searched as usual until a chunk of
-/// `previous` turns up again. One thread; meant for large files after small edits
-/// (an insert, an append, an overwrite), where nearly every chunk is expected.
+/// `previous` turns up again; after [`LIKE_GIVE_UP_CHUNKS`] `max`-size chunks' worth of
+/// bytes without one, the rest goes to [`build_manifest`] (two threads). `previous` must come from these chunk parameters
+/// for the result to be canonical; a chunk it has that fastcdc could not make (longer
+/// than `max`, or shorter than `min` before the end) is never expected. Whatever
+/// `previous` holds, every block of the result is hashed from the stream's bytes.
 pub fn build_manifest_like<R: Read>(
     mut reader: R,
     params: &ChunkParams,
@@ -345,7 +353,7 @@ pub fn build_manifest_like<R: Read>(
     mut progress: impl FnMut(u64),
 ) -> Result<Manifest, ChunkError> {
     let masks = params.masks();
-    let max = params.max as usize;
+    let (min, max) = (params.min as usize, params.max as usize);
     let old = previous.blocks();
     let mut next_of: std::collections::HashMap<BlockHash, usize> =
         std::collections::HashMap::with_capacity(old.len());
@@ -353,14 +361,21 @@ pub fn build_manifest_like<R: Read>(
         // The first occurrence wins: iterated backwards, it is inserted last.
         next_of.insert(block.hash, index + 1);
     }
-    let mut buffer = vec![0u8; segment_len(params) + max];
+    // Room for an expected chunk and the one that confirms it (2 * max), read in
+    // segments.
+    let mut buffer = vec![0u8; segment_len(params) + 2 * max];
     let (mut start, mut end, mut eof) = (0usize, 0usize, false);
     let mut blocks: Vec<BlockRef> = Vec::new();
+    // Stream offset of `start`.
     let mut done = 0u64;
+    let mut since_hit = 0u64;
     // Index in `old` of the chunk expected next.
     let mut expected = Some(0usize);
+    // An expected chunk already verified (as the confirmation of the one before it):
+    // (index in `old`, stream offset).
+    let mut verified: Option<(usize, u64)> = None;
     loop {
-        if end - start < max && !eof {
+        if end - start < 2 * max && !eof {
             buffer.copy_within(start..end, 0);
             end -= start;
             start = 0;
@@ -371,28 +386,57 @@ pub fn build_manifest_like<R: Read>(
         if start == end {
             break;
         }
+        if since_hit >= LIKE_GIVE_UP_CHUNKS * max as u64 {
+            // Little of the old version is left: the two-thread pipeline from here (a
+            // chunk boundary, so its cuts are the ones a whole-stream pass makes).
+            let rest = build_manifest((&buffer[start..end]).chain(reader), params, |bytes| {
+                progress(done + bytes)
+            })?;
+            blocks.extend_from_slice(rest.blocks());
+            return Ok(Manifest::from_blocks(blocks)?);
+        }
         let window = &buffer[start..end];
-        let mut chunk = None;
-        if let Some(block) = expected.and_then(|index| old.get(index).map(|b| (index, b))) {
-            let (index, block) = block;
+        // Old chunk `index` is at `at` in the window (and is one fastcdc could make).
+        let matches = |index: usize, at: usize| -> bool {
+            let block = old[index];
             let len = block.len as usize;
-            let last = index + 1 == old.len();
-            let fits = if last {
-                eof && window.len() == len
-            } else {
-                window.len() >= len
-            };
-            if fits && BlockHash::of(&window[..len]) == block.hash {
-                chunk = Some((len, block.hash));
-                expected = Some(index + 1);
+            let possible = len <= max && (index + 1 == old.len() || len >= min);
+            possible
+                && window
+                    .get(at..at + len)
+                    .is_some_and(|data| BlockHash::of(data) == block.hash)
+        };
+        // ... and may end there: the old last chunk only at the end of the stream.
+        let may_end = |index: usize, at: usize| -> bool {
+            index + 1 < old.len() || (eof && at + old[index].len as usize == window.len())
+        };
+        let mut taken = None;
+        if let Some(index) = expected.filter(|&index| index < old.len()) {
+            let len = old[index].len as usize;
+            let here = verified == Some((index, done)) || (may_end(index, 0) && matches(index, 0));
+            if here {
+                let confirmed = if len == max || index + 1 == old.len() {
+                    true
+                } else if old[index + 1].len >= 2 && matches(index + 1, len) {
+                    verified = may_end(index + 1, len).then_some((index + 1, done + len as u64));
+                    true
+                } else {
+                    false
+                };
+                if confirmed {
+                    taken = Some((len, old[index].hash));
+                    expected = Some(index + 1);
+                    since_hit = 0;
+                }
             }
         }
-        let (len, hash) = match chunk {
-            Some(found) => found,
+        let (len, hash) = match taken {
+            Some(taken) => taken,
             None => {
                 let len = params.cut(&masks, window);
                 let hash = BlockHash::of(&window[..len]);
                 expected = next_of.get(&hash).copied();
+                since_hit += len as u64;
                 (len, hash)
             }
         };
@@ -415,6 +459,11 @@ pub fn build_manifest_like<R: Read>(
     progress(done);
     Ok(Manifest::from_blocks(blocks)?)
 }
+
+/// How much [`build_manifest_like`] chunks without finding a chunk of the previous
+/// version (in `max`-size chunks: 32 MiB with the default parameters) before it hands
+/// the rest of the stream to [`build_manifest`].
+pub const LIKE_GIVE_UP_CHUNKS: u64 = 32;
 
 /// Hashes the chunks of cut segments, in stream order.
 #[derive(Default)]
@@ -787,6 +836,39 @@ mod tests {
         let mut swapped = old[1_000_000..].to_vec();
         swapped.extend_from_slice(&old[..1_000_000]);
         assert_like_matches(&old, &swapped, params);
+        // Past LIKE_GIVE_UP_CHUNKS max-size chunks of new data, the rest goes to the
+        // two-thread pipeline from a chunk boundary.
+        let mut grown = pseudo_random(40 * params.max() as usize, 6);
+        grown.extend_from_slice(&old);
+        assert_like_matches(&old, &grown, params);
+    }
+
+    /// fastcdc decides a cut from the byte after it: edits that start exactly at an old
+    /// chunk boundary, and streams that end one byte past one, must still cut as a
+    /// fresh chunking does.
+    #[test]
+    fn edits_at_chunk_boundaries_cut_as_a_fresh_chunking_does() {
+        let params = small_params();
+        let old = pseudo_random(600_000, 8);
+        let previous = build_manifest(&old[..], &params, |_| {}).unwrap();
+        let boundaries: Vec<usize> = previous
+            .blocks_with_offsets()
+            .map(|(offset, block)| offset as usize + block.len as usize)
+            .collect();
+        for &at in &boundaries[..boundaries.len() - 1] {
+            for edit in [&b"!"[..], &b"an insert"[..]] {
+                let mut inserted = old[..at].to_vec();
+                inserted.extend_from_slice(edit);
+                inserted.extend_from_slice(&old[at..]);
+                assert_like_matches(&old, &inserted, params);
+                let mut overwritten = old.clone();
+                overwritten[at..at + edit.len()].copy_from_slice(edit);
+                assert_like_matches(&old, &overwritten, params);
+            }
+            for extra in 1..3 {
+                assert_like_matches(&old, &old[..at + extra], params);
+            }
+        }
     }
 
     proptest! {
