@@ -395,9 +395,9 @@ async fn run_swarm(
 ///
 /// A device's session begins with its first connection: a control writer starts and
 /// the node hears `Connected`. Each `Hello` a control reader receives is reported here
-/// ([`Command::Greeted`]), in order with the connection events. A second `Hello` means the device started over (it
-/// restarted, or gave up a connection that we still hold: with QUIC a dead connection
-/// lingers until its idle timeout). Then the node hears `Disconnected`, every
+/// ([`Command::Greeted`]), in order with the connection events. A second `Hello` means
+/// the device started over (it restarted, or gave up a connection that we still hold:
+/// with QUIC a dead connection lingers until its idle timeout). Then the node hears `Disconnected`, every
 /// connection of the device but the newest is closed — block requests would otherwise
 /// go to a random one of them, and the control writer may be writing into a dead one —
 /// and once they are gone the session starts over: a new writer (made at once, so that
