@@ -615,6 +615,34 @@ async fn write_frame(
     Ok(())
 }
 
+/// Writes a [`Message::Block`] frame: its head, then the bytes from where they are
+/// (the frame [`write_frame`] would write, without copying the block into it).
+async fn write_block_frame(
+    stream: &mut libp2p::Stream,
+    request_id: u64,
+    hash: BlockHash,
+    data: &[u8],
+    counters: &Counters,
+) -> Result<(), String> {
+    let head = wire::BlockHead {
+        request_id,
+        hash,
+        data_len: data.len(),
+    }
+    .encode_frame_head()
+    .map_err(|error| error.to_string())?;
+    for part in [&head[..], data] {
+        stream
+            .write_all(part)
+            .await
+            .map_err(|error| error.to_string())?;
+    }
+    counters
+        .bytes_out
+        .fetch_add((head.len() + data.len()) as u64, Ordering::Relaxed);
+    Ok(())
+}
+
 /// Reads one frame; `Ok(None)` at a clean end of stream.
 async fn read_frame(
     stream: &mut libp2p::Stream,
@@ -637,17 +665,44 @@ async fn read_frame(
         filled += read;
     }
     let len = wire::frame_len(header).map_err(|error| error.to_string())?;
-    let mut payload = vec![0u8; len];
+    let ended = |error: std::io::Error| format!("stream ended inside a frame: {error}");
+    // A block's bytes are read straight into the block's buffer (no frame-sized copy);
+    // anything else, or a block frame that does not add up, is decoded whole.
+    let mut head = [0u8; wire::BLOCK_HEAD_MAX];
+    let peeked = len.min(wire::BLOCK_HEAD_MAX);
     stream
-        .read_exact(&mut payload)
+        .read_exact(&mut head[..peeked])
         .await
-        .map_err(|error| format!("stream ended inside a frame: {error}"))?;
+        .map_err(ended)?;
+    let message = match wire::BlockHead::parse(&head[..peeked]) {
+        Some((block, head_len))
+            if head_len + block.data_len == len
+                && block.data_len <= weft_protocol::manifest::MAX_BLOCK_LEN as usize =>
+        {
+            let mut data = vec![0u8; block.data_len];
+            let (start, rest) = data.split_at_mut(peeked - head_len);
+            start.copy_from_slice(&head[head_len..peeked]);
+            stream.read_exact(rest).await.map_err(ended)?;
+            Message::Block(Block {
+                request_id: block.request_id,
+                hash: block.hash,
+                data,
+            })
+        }
+        _ => {
+            let mut payload = vec![0u8; len];
+            payload[..peeked].copy_from_slice(&head[..peeked]);
+            stream
+                .read_exact(&mut payload[peeked..])
+                .await
+                .map_err(ended)?;
+            wire::decode_payload(&payload).map_err(|error| error.to_string())?
+        }
+    };
     counters
         .bytes_in
         .fetch_add((FRAME_HEADER_LEN + len) as u64, Ordering::Relaxed);
-    wire::decode_payload(&payload)
-        .map(Some)
-        .map_err(|error| error.to_string())
+    Ok(Some(message))
 }
 
 /// The writing end of one device's control stream.
@@ -916,18 +971,18 @@ async fn serve_one(
                 };
                 let mut blocks = blocks.into_iter();
                 for hash in group {
-                    let message = match blocks.next().flatten() {
-                        Some(data) => Message::Block(Block {
-                            request_id,
-                            hash: *hash,
-                            data,
-                        }),
-                        None => Message::BlockMissing(BlockMissing {
-                            request_id,
-                            hash: *hash,
-                        }),
-                    };
-                    write_frame(stream, &message, counters).await?;
+                    match blocks.next().flatten() {
+                        Some(data) => {
+                            write_block_frame(stream, request_id, *hash, &data, counters).await?;
+                        }
+                        None => {
+                            let missing = Message::BlockMissing(BlockMissing {
+                                request_id,
+                                hash: *hash,
+                            });
+                            write_frame(stream, &missing, counters).await?;
+                        }
+                    }
                 }
             }
         }

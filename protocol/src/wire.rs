@@ -370,6 +370,69 @@ pub fn decode_payload(payload: &[u8]) -> Result<Message, WireError> {
     Ok(message)
 }
 
+/// Index of [`Message::Block`] among the variants (postcard's enum tag).
+const BLOCK_VARIANT: u32 = 5;
+
+/// Most bytes a [`Message::Block`] payload has before the block's bytes: the variant,
+/// the request ID, the hash and the length, varints at their longest.
+pub const BLOCK_HEAD_MAX: usize = 5 + 10 + crate::hash::HASH_LEN + 10;
+
+/// Everything of a [`Message::Block`] but its bytes: what comes before them in the
+/// payload. A receiver parses it to read the bytes straight into the block's own
+/// buffer, and a sender sends it in front of bytes it already holds, so that a block
+/// is not copied into (or out of) a frame-sized buffer on either side. The frames are
+/// the ones [`encode`] and [`decode_payload`] make and read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockHead {
+    /// Echo of the request's ID.
+    pub request_id: u64,
+    /// The hash that was asked for.
+    pub hash: BlockHash,
+    /// Length of the block's bytes.
+    pub data_len: usize,
+}
+
+impl BlockHead {
+    /// Parses the head at the start of a payload: the head and its length in bytes.
+    /// `None` if the payload is not a block, or `bytes` ends inside the head; such a
+    /// payload is for [`decode_payload`], which says what is wrong with it.
+    pub fn parse(bytes: &[u8]) -> Option<(Self, usize)> {
+        let (variant, rest) = postcard::take_from_bytes::<u32>(bytes).ok()?;
+        if variant != BLOCK_VARIANT {
+            return None;
+        }
+        let (request_id, rest) = postcard::take_from_bytes::<u64>(rest).ok()?;
+        let (hash, rest) = postcard::take_from_bytes::<BlockHash>(rest).ok()?;
+        let (data_len, rest) = postcard::take_from_bytes::<u64>(rest).ok()?;
+        let head = Self {
+            request_id,
+            hash,
+            data_len: usize::try_from(data_len).ok()?,
+        };
+        Some((head, bytes.len() - rest.len()))
+    }
+
+    /// The frame header and the head of this block's frame: followed by the block's
+    /// `data_len` bytes, they are the frame [`encode`] makes of the whole message.
+    pub fn encode_frame_head(&self) -> Result<Vec<u8>, WireError> {
+        check_limit("data", self.data_len, MAX_BLOCK_LEN as usize)?;
+        let mut head = vec![0u8; FRAME_HEADER_LEN];
+        let fields = (
+            BLOCK_VARIANT,
+            self.request_id,
+            self.hash,
+            self.data_len as u64,
+        );
+        postcard::to_io(&fields, &mut head)
+            .map_err(|error| WireError::Malformed(error.to_string()))?;
+        let payload_len = head.len() - FRAME_HEADER_LEN + self.data_len;
+        let header = u32::try_from(payload_len)
+            .map_err(|_| WireError::FrameTooLarge { len: payload_len })?;
+        head[..FRAME_HEADER_LEN].copy_from_slice(&header.to_le_bytes());
+        Ok(head)
+    }
+}
+
 /// Decodes the first frame in `buffer`.
 pub fn decode(buffer: &[u8]) -> Result<Decoded, WireError> {
     let Some(header) = buffer.first_chunk::<FRAME_HEADER_LEN>() else {
@@ -654,6 +717,69 @@ mod tests {
                 Ok(Decoded::Incomplete { .. }) => prop_assert!(false, "complete frame reported incomplete"),
                 Err(_) => {}
             }
+        }
+    }
+
+    #[test]
+    fn a_block_head_and_its_bytes_are_the_frame_encode_makes() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        for (request_id, len) in [
+            (0, 0),
+            (7, 1),
+            (u64::MAX, 127),
+            (300, 128),
+            (1 << 40, data.len()),
+        ] {
+            let block = Block {
+                request_id,
+                hash: BlockHash([request_id as u8; 32]),
+                data: data[..len].to_vec(),
+            };
+            let frame = encode(&Message::Block(block.clone())).unwrap();
+            let head = BlockHead {
+                request_id,
+                hash: block.hash,
+                data_len: len,
+            };
+            let mut parts = head.encode_frame_head().unwrap();
+            assert!(parts.len() <= FRAME_HEADER_LEN + BLOCK_HEAD_MAX);
+            parts.extend_from_slice(&block.data);
+            assert_eq!(parts, frame);
+            let (parsed, head_len) = BlockHead::parse(&frame[FRAME_HEADER_LEN..]).unwrap();
+            assert_eq!(parsed, head);
+            assert_eq!(&frame[FRAME_HEADER_LEN + head_len..], &block.data[..]);
+        }
+    }
+
+    #[test]
+    fn block_heads_are_refused_where_they_do_not_fit() {
+        let head = BlockHead {
+            request_id: 1,
+            hash: BlockHash([1; 32]),
+            data_len: MAX_BLOCK_LEN as usize + 1,
+        };
+        assert!(matches!(
+            head.encode_frame_head(),
+            Err(WireError::Limit { .. })
+        ));
+        // Not a block, or a head cut short: left to `decode_payload`.
+        let missing = encode(&Message::BlockMissing(BlockMissing {
+            request_id: 1,
+            hash: BlockHash([1; 32]),
+        }))
+        .unwrap();
+        assert_eq!(BlockHead::parse(&missing[FRAME_HEADER_LEN..]), None);
+        let frame = encode(&Message::Block(Block {
+            request_id: 1,
+            hash: BlockHash([2; 32]),
+            data: vec![3; 10],
+        }))
+        .unwrap();
+        for cut in 0..FRAME_HEADER_LEN + 35 {
+            assert_eq!(
+                BlockHead::parse(&frame[FRAME_HEADER_LEN..cut.max(FRAME_HEADER_LEN)]),
+                None
+            );
         }
     }
 }
