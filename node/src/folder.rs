@@ -41,6 +41,9 @@ pub const MAX_DEBOUNCE_FACTOR: u32 = 5;
 pub const BATCH_CHANGES: usize = 2_000;
 /// Longest wait before a pending batch is committed and offered to peers.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// A scan's first batch is committed (and offered to peers) after this already: a
+/// peer waiting for a new folder starts fetching its first (small) files sooner.
+pub const FIRST_BATCH_INTERVAL: Duration = Duration::from_millis(50);
 /// Files downloading at once per folder: enough to hide round trips with many small
 /// files, few enough to bound memory, streams and open temp files.
 pub const MAX_DOWNLOADS: usize = 32;
@@ -399,7 +402,7 @@ pub fn start(
         None
     };
     let mut actor = FolderActor {
-        scanner,
+        scanner: Arc::new(scanner),
         recorder: Recorder {
             folder: record.id.clone(),
             store,
@@ -461,7 +464,8 @@ pub struct Network {
 }
 
 struct FolderActor {
-    scanner: Scanner,
+    /// Shared with the scan in progress only (see [`FolderActor::scan`]).
+    scanner: Arc<Scanner>,
     recorder: Recorder,
     record: FolderRecord,
     network: Option<Network>,
@@ -547,19 +551,19 @@ impl FolderActor {
                     self.overflow = true;
                     self.touch();
                 }
-                Ok(FolderCommand::PeerConnected(device)) => self.peer_connected(device),
-                Ok(FolderCommand::PeerDisconnected(device)) => {
-                    self.peers.remove(&device);
-                    self.assemblies.remove(&device);
-                    self.pending_signatures.remove(&device);
+                Ok(FolderCommand::PeerConnected(device)) => {
+                    self.peer_connected(device, Plan::Now);
                 }
+                Ok(FolderCommand::PeerDisconnected(device)) => self.peer_disconnected(device),
                 Ok(FolderCommand::ChangeSignatures(device, signed)) => {
                     self.change_signatures(device, signed);
                 }
                 Ok(FolderCommand::SyncMessagePart(device, bytes)) => {
                     self.sync_message_part(device, &bytes);
                 }
-                Ok(FolderCommand::SyncMessage(device, bytes)) => self.sync_message(device, bytes),
+                Ok(FolderCommand::SyncMessage(device, bytes)) => {
+                    self.sync_message(device, bytes, Plan::Now);
+                }
                 Ok(FolderCommand::Fetched(_)) => {}
                 Ok(FolderCommand::Versions { path, reply }) => {
                     let _ = reply.send(self.versions(&path));
@@ -570,12 +574,7 @@ impl FolderActor {
                     to,
                     reply,
                 }) => self.restore(path, version, to, reply),
-                Ok(FolderCommand::UpdateRecord(record)) => {
-                    self.recorder.mode = record.mode;
-                    self.peers
-                        .retain(|device, _| record.devices.iter().any(|(d, _)| d == device));
-                    self.record = record;
-                }
+                Ok(FolderCommand::UpdateRecord(record)) => self.update_record(record),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             let now = Instant::now();
@@ -665,7 +664,10 @@ impl FolderActor {
 
     fn scan(&mut self, scope: Scope) -> ScanResult {
         let started = Instant::now();
-        let ignore_problems = self.scanner.refresh_ignore();
+        // Only a scan in progress holds another reference, and none is in progress.
+        let ignore_problems = Arc::get_mut(&mut self.scanner)
+            .map(Scanner::refresh_ignore)
+            .unwrap_or_default();
         let full = matches!(scope, Scope::Full);
         let folder = self.recorder.folder.to_string();
         self.recorder
@@ -739,28 +741,31 @@ impl FolderActor {
             });
             let mut batch = Vec::new();
             let mut last_commit = Instant::now();
-            let recorder = &mut self.recorder;
-            let peers = &mut self.peers;
-            let network = &self.network;
-            let summary = self
-                .scanner
-                .scan(&scope, &previous, &shared.progress, &mut |change| {
-                    batch.push(change);
-                    if batch.len() >= BATCH_CHANGES || last_commit.elapsed() >= BATCH_INTERVAL {
-                        recorder.commit(std::mem::take(&mut batch), &previous);
-                        last_commit = Instant::now();
-                        // Offer each committed batch at once: peers start fetching
-                        // while the rest of a long scan goes on.
-                        if recorder.published
-                            && let Some(network) = network
-                        {
-                            recorder.published = false;
-                            for (device, state) in peers.iter_mut() {
-                                send_sync_to(network, recorder, *device, state);
-                            }
-                        }
+            let mut interval = FIRST_BATCH_INTERVAL;
+            let scanner = Arc::clone(&self.scanner);
+            let actor = &mut *self;
+            let summary = scanner.scan(&scope, &previous, &shared.progress, &mut |change| {
+                batch.push(change);
+                // A peer's message is answered with everything hashed so far.
+                let command = actor.command_during_scan();
+                if batch.len() >= BATCH_CHANGES
+                    || last_commit.elapsed() >= interval
+                    || command.is_some()
+                {
+                    actor.recorder.commit(std::mem::take(&mut batch), &previous);
+                    last_commit = Instant::now();
+                    interval = BATCH_INTERVAL;
+                    // Offer each committed batch at once: peers start fetching while
+                    // the rest of a long scan goes on.
+                    if actor.recorder.published {
+                        actor.recorder.published = false;
+                        actor.broadcast();
                     }
-                });
+                }
+                if let Some(command) = command {
+                    actor.exchange_during_scan(command);
+                }
+            });
             self.recorder.commit(batch, &previous);
             drop(stop_ticker);
             summary
@@ -923,12 +928,21 @@ fn parents_are_directories(root: &std::path::Path, path: &RelPath) -> bool {
     true
 }
 
+/// When the paths a command touches are planned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    /// At once.
+    Now,
+    /// After the scan in progress ([`FolderActor::exchange_during_scan`]).
+    AfterScan,
+}
+
 impl FolderActor {
     fn root(&self) -> PathBuf {
         PathBuf::from(&self.record.path)
     }
 
-    fn peer_connected(&mut self, device: DeviceId) {
+    fn peer_connected(&mut self, device: DeviceId, plan: Plan) {
         if !self.record.devices.iter().any(|(d, _)| *d == device) {
             return;
         }
@@ -937,7 +951,73 @@ impl FolderActor {
         self.send_sync(device);
         // Downloads that failed for want of a peer may succeed now.
         let failed: Vec<RelPath> = std::mem::take(&mut self.failed).into_iter().collect();
-        self.plan_paths(failed);
+        self.plan(failed, plan);
+    }
+
+    /// Plans `paths` now, or after the scan in progress.
+    fn plan(&mut self, paths: Vec<RelPath>, plan: Plan) {
+        match plan {
+            Plan::Now => self.plan_paths(paths),
+            Plan::AfterScan => self.recorder.needs_plan.extend(paths),
+        }
+    }
+
+    /// Between the batches of a scan: handles the peers' sync messages (and the
+    /// commands that go with them: connections, signatures, the folder's record) in
+    /// their order, so that a peer gets the batches
+    /// committed so far at once rather than after the whole scan. The first other
+    /// command waits for the end of the scan, and everything after it too, so no
+    /// command overtakes another. The paths that received changes touch are planned
+    /// after the scan: nothing is written to the folder while it is being scanned.
+    fn exchange_during_scan(&mut self, first: FolderCommand) {
+        let mut next = Some(first);
+        while let Some(command) = next {
+            match command {
+                FolderCommand::PeerConnected(device) => {
+                    self.peer_connected(device, Plan::AfterScan);
+                }
+                FolderCommand::PeerDisconnected(device) => self.peer_disconnected(device),
+                FolderCommand::UpdateRecord(record) => self.update_record(record),
+                FolderCommand::ChangeSignatures(device, signed) => {
+                    self.change_signatures(device, signed);
+                }
+                FolderCommand::SyncMessagePart(device, bytes) => {
+                    self.sync_message_part(device, &bytes);
+                }
+                FolderCommand::SyncMessage(device, bytes) => {
+                    self.sync_message(device, bytes, Plan::AfterScan);
+                }
+                other => {
+                    self.deferred.push_back(other);
+                    return;
+                }
+            }
+            next = self.command_during_scan();
+        }
+    }
+
+    /// A command that arrived during a scan, if none waits for its end already (see
+    /// [`Self::exchange_during_scan`]).
+    fn command_during_scan(&mut self) -> Option<FolderCommand> {
+        if self.deferred.is_empty() {
+            self.receiver.try_recv().ok()
+        } else {
+            None
+        }
+    }
+
+    /// The folder's record changed (shared with another device, say).
+    fn update_record(&mut self, record: FolderRecord) {
+        self.recorder.mode = record.mode;
+        self.peers
+            .retain(|device, _| record.devices.iter().any(|(d, _)| d == device));
+        self.record = record;
+    }
+
+    fn peer_disconnected(&mut self, device: DeviceId) {
+        self.peers.remove(&device);
+        self.assemblies.remove(&device);
+        self.pending_signatures.remove(&device);
     }
 
     fn send_sync(&mut self, device: DeviceId) {
@@ -1004,7 +1084,7 @@ impl FolderActor {
         }
     }
 
-    fn sync_message(&mut self, device: DeviceId, bytes: Vec<u8>) {
+    fn sync_message(&mut self, device: DeviceId, bytes: Vec<u8>, plan: Plan) {
         if !self.shared_with(&device) {
             return;
         }
@@ -1080,7 +1160,7 @@ impl FolderActor {
             }
         }
         if !changed.is_empty() {
-            self.plan_paths(changed);
+            self.plan(changed, plan);
         }
     }
 

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
@@ -358,8 +358,7 @@ impl Scanner {
                 });
             }
         }
-        // Big files first, so that the last worker is not left alone with a giant.
-        to_hash.sort_by_key(|item| std::cmp::Reverse(item.entry.size));
+        to_hash.sort_by_key(|item| item.entry.size);
         self.hash_files(to_hash, previous, progress, &mut summary, sink);
         summary
     }
@@ -375,16 +374,15 @@ impl Scanner {
         if files.is_empty() {
             return;
         }
-        let next = AtomicUsize::new(0);
+        let order = HashOrder::new(files.len());
         let (sender, receiver) = mpsc::channel::<Result<LocalChange, Problem>>();
         std::thread::scope(|scope| {
-            for _ in 0..self.workers.min(files.len()) {
+            for worker in 0..self.workers.min(files.len()) {
                 let sender = sender.clone();
                 let files = &files;
-                let next = &next;
+                let order = &order;
                 scope.spawn(move || {
-                    loop {
-                        let index = next.fetch_add(1, Ordering::Relaxed);
+                    while let Some(index) = order.take(worker == 0) {
                         let Some(item) = files.get(index) else { break };
                         let like = previous.get(&item.path).and_then(|p| p.manifest);
                         let result = self.hash_file(item, like, progress);
@@ -657,5 +655,63 @@ pub(crate) fn entry_from_metadata(
         inode,
         manifest: None,
         symlink_target,
+    }
+}
+
+/// The order in which a scan's files (sorted by size, smallest first) are hashed:
+/// the first worker takes the largest file left, the others the smallest. Small
+/// files are then recorded, and offered to peers, in the first batch of a scan (a
+/// new peer starts fetching at once) rather than after every large file, and the
+/// largest files still start at once, so no worker is left alone with a giant at the
+/// end. Every index is taken exactly once.
+struct HashOrder {
+    /// `(next from the small end, one past the next from the large end)`.
+    ends: std::sync::Mutex<(usize, usize)>,
+}
+
+impl HashOrder {
+    fn new(len: usize) -> Self {
+        Self {
+            ends: std::sync::Mutex::new((0, len)),
+        }
+    }
+
+    /// The next index to hash, from the large end or the small one; `None` once every
+    /// index has been taken.
+    fn take(&self, largest: bool) -> Option<usize> {
+        let mut ends = self
+            .ends
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (small, large) = &mut *ends;
+        if *small >= *large {
+            return None;
+        }
+        if largest {
+            *large -= 1;
+            Some(*large)
+        } else {
+            *small += 1;
+            Some(*small - 1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hash_order_takes_every_file_once_from_both_ends() {
+        let order = HashOrder::new(5);
+        let taken: Vec<Option<usize>> = [true, false, false, true, false, true, false]
+            .into_iter()
+            .map(|largest| order.take(largest))
+            .collect();
+        assert_eq!(
+            taken,
+            [Some(4), Some(0), Some(1), Some(3), Some(2), None, None]
+        );
+        assert_eq!(HashOrder::new(0).take(true), None);
     }
 }

@@ -380,3 +380,64 @@ fn a_peer_restarted_by_kill_9_gets_a_new_session_and_the_old_connection_goes_qui
         "A did not notice B's new session:\n{since}"
     );
 }
+
+/// Milliseconds since the Unix epoch (the clock of the nodes' `last_scan_ms`).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+/// Whether `root` holds a regular file (Weft's temp files aside) anywhere below it.
+fn holds_a_file(root: &std::path::Path) -> bool {
+    let Ok(entries) = fs::read_dir(root) else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let name = entry.file_name();
+        match entry.file_type() {
+            Ok(kind) if kind.is_dir() => holds_a_file(&entry.path()),
+            Ok(kind) => kind.is_file() && !name.to_string_lossy().starts_with(".weft"),
+            Err(_) => false,
+        }
+    })
+}
+
+#[test]
+fn a_peer_gets_the_first_files_of_a_long_first_scan_before_the_scan_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_a = dir.path().join("folder_a");
+    let root_b = dir.path().join("folder_b");
+    write_tree(&root_a, 12_000, 3_000, 41);
+    // No watcher on A: its first scan is the folder's only one.
+    let quiet = NodeConfig {
+        watch: false,
+        ..NodeConfig::default()
+    };
+    let a = TestNode::start(&dir.path().join("home_a"), &quiet);
+    let b = TestNode::start(&dir.path().join("home_b"), &NodeConfig::default());
+    share_along(&[&a, &b], &[&root_a, &root_b], "long");
+    let arrived = wait_for(CONVERGE, || holds_a_file(&root_b));
+    assert!(arrived.is_some(), "nothing reached B:\n{}", b.log());
+    let first_file_ms = now_ms();
+    // A's scan ended after B had a file: A answered B between its scan batches.
+    let scanned = wait_for(CONVERGE, || {
+        a.status()
+            .folders
+            .iter()
+            .any(|f| f.id == "long" && f.scans >= 1)
+    });
+    assert!(scanned.is_some(), "A's scan never finished:\n{}", a.log());
+    let folder = a.status().folders.into_iter().find(|f| f.id == "long");
+    let scan_end_ms = folder.map_or(0, |f| f.last_scan_ms);
+    assert!(
+        first_file_ms < scan_end_ms,
+        "B's first file came {} ms after A's scan ended",
+        first_file_ms.saturating_sub(scan_end_ms)
+    );
+    let paths = [root_a.as_path(), root_b.as_path()];
+    let tree = wait_converged(&paths, &[&a, &b], CONVERGE);
+    assert!(tree.len() > 12_000, "{} paths", tree.len());
+}
