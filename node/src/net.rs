@@ -88,6 +88,19 @@ pub trait BlockSource: Send + Sync + 'static {
     fn authorised(&self, device: &DeviceId, folder: &FolderId) -> bool;
     /// A block of `folder`, read and verified from a local file.
     fn block(&self, folder: &FolderId, hash: &BlockHash) -> Option<Vec<u8>>;
+    /// The blocks `device` asked for, in order (`None`: missing or refused); empty if
+    /// `device` may not read `folder`. A source may look the folder up once for all.
+    fn blocks(
+        &self,
+        device: &DeviceId,
+        folder: &FolderId,
+        hashes: &[BlockHash],
+    ) -> Vec<Option<Vec<u8>>> {
+        if !self.authorised(device, folder) {
+            return Vec::new();
+        }
+        hashes.iter().map(|hash| self.block(folder, hash)).collect()
+    }
     /// A manifest of `folder`.
     fn manifest(&self, folder: &FolderId, hash: &ManifestHash) -> Option<Manifest>;
 }
@@ -957,17 +970,9 @@ async fn serve_one(
                     let source = source.clone();
                     let folder = folder.clone();
                     let group = group.to_vec();
-                    tokio::task::spawn_blocking(move || {
-                        if !source.authorised(&device, &folder) {
-                            return Vec::new();
-                        }
-                        group
-                            .iter()
-                            .map(|hash| source.block(&folder, hash))
-                            .collect()
-                    })
-                    .await
-                    .unwrap_or_default()
+                    tokio::task::spawn_blocking(move || source.blocks(&device, &folder, &group))
+                        .await
+                        .unwrap_or_default()
                 };
                 let mut blocks = blocks.into_iter();
                 for hash in group {

@@ -152,6 +152,34 @@ struct StoreSource {
     store: Arc<Store>,
 }
 
+impl StoreSource {
+    /// A block of the folder at `root`, read from a local file that the block index
+    /// says holds it, and verified (the file may have changed since it was indexed).
+    fn read_block(
+        &self,
+        root: &Path,
+        folder: &FolderId,
+        hash: &weft_protocol::BlockHash,
+    ) -> Option<Vec<u8>> {
+        use std::io::{Read, Seek};
+        let locations = self.store.block_locations(hash).ok()?;
+        locations
+            .into_iter()
+            .filter(|location| &location.folder == folder)
+            .find_map(|location| {
+                let mut file = std::fs::File::open(root.join(location.path.as_str())).ok()?;
+                file.seek(std::io::SeekFrom::Start(location.offset)).ok()?;
+                // `read_to_end` fills the buffer without zeroing it first.
+                let len = usize::try_from(location.len).ok()?;
+                let mut data = Vec::with_capacity(len);
+                file.take(u64::from(location.len))
+                    .read_to_end(&mut data)
+                    .ok()?;
+                (data.len() == len && weft_protocol::BlockHash::of(&data) == *hash).then_some(data)
+            })
+    }
+}
+
 impl crate::net::BlockSource for StoreSource {
     fn authorised(&self, device: &DeviceId, folder: &FolderId) -> bool {
         self.store
@@ -172,19 +200,28 @@ impl crate::net::BlockSource for StoreSource {
             .into_iter()
             .find(|f| &f.id == folder)?
             .path;
-        let locations = self.store.block_locations(hash).ok()?;
-        locations
-            .into_iter()
-            .filter(|location| &location.folder == folder)
-            .find_map(|location| {
-                use std::os::unix::fs::FileExt;
-                let file =
-                    std::fs::File::open(Path::new(&root).join(location.path.as_str())).ok()?;
-                let mut data = vec![0u8; location.len as usize];
-                file.read_exact_at(&mut data, location.offset).ok()?;
-                // The file may have changed since it was indexed.
-                (weft_protocol::BlockHash::of(&data) == *hash).then_some(data)
-            })
+        self.read_block(Path::new(&root), folder, hash)
+    }
+
+    fn blocks(
+        &self,
+        device: &DeviceId,
+        folder: &FolderId,
+        hashes: &[weft_protocol::BlockHash],
+    ) -> Vec<Option<Vec<u8>>> {
+        // One look at the folder records for the whole group.
+        let Some(root) = self.store.folders().ok().and_then(|folders| {
+            folders
+                .into_iter()
+                .find(|f| &f.id == folder && f.devices.iter().any(|(d, _)| d == device))
+                .map(|f| f.path)
+        }) else {
+            return Vec::new();
+        };
+        hashes
+            .iter()
+            .map(|hash| self.read_block(Path::new(&root), folder, hash))
+            .collect()
     }
 
     fn manifest(
