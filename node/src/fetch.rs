@@ -666,6 +666,15 @@ fn write_answer(downloads: &std::sync::Mutex<Vec<Download>>, writes: Vec<(Vec<u8
 /// and metadata).
 fn finish_temp(file: &TempFile, temp: &Path, mode: u32, mtime_ns: i64) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
+    // A large file's data, and the metadata that maps it, go to the disk while it still
+    // has its in-progress size: then the complete size shows (to anything that lists
+    // the tree) only for the short final sync of the size, mode and mtime, not for the
+    // long first one (15-20 ms for 256 MiB on the bench machine).
+    if file.size() >= crate::temp_file::DIRECT_MIN_SIZE {
+        file.file()
+            .sync_data()
+            .map_err(|e| io_error("syncing", temp, e))?;
+    }
     file.truncate_to_final()
         .map_err(|e| io_error("truncating", temp, e))?;
     let file = file.file();

@@ -76,6 +76,11 @@ impl TempFile {
         })
     }
 
+    /// The final size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Gives the file its final size, once everything is written.
     pub fn truncate_to_final(&self) -> io::Result<()> {
         self.file.set_len(self.size)
