@@ -155,7 +155,11 @@ fn prepare_locally(
     manifest: &Manifest,
 ) -> Result<(TempFile, Missing), String> {
     if let Some(parent) = temp.parent() {
-        fs::create_dir_all(parent).map_err(|e| io_error("creating", parent, e))?;
+        // Usually there: a lookup, where `mkdir` would take the directory's lock
+        // (which every file created in it takes too) to find it exists.
+        if !parent.is_dir() {
+            fs::create_dir_all(parent).map_err(|e| io_error("creating", parent, e))?;
+        }
     }
     let existing_len = fs::metadata(temp).map(|m| m.len()).unwrap_or(0);
     let file = TempFile::open(temp, manifest.size()).map_err(|e| io_error("opening", temp, e))?;
@@ -507,14 +511,25 @@ async fn request_blocks(
     let mut queue: Vec<Vec<BlockHash>> = order.chunks(BATCH_BLOCKS).map(<[_]>::to_vec).collect();
     queue.reverse();
     let mut round = 0usize;
+    // A block one peer did not have is asked of the next peer, not of whichever peer
+    // the rotation gives (with two peers of which one lacks it, the rotation could ask
+    // the same one three times and give the block up).
+    let mut next_peer: HashMap<BlockHash, usize> = HashMap::new();
     let mut stream_failures = 0usize;
     let mut in_flight = futures::stream::FuturesUnordered::new();
     let mut writing = None;
     loop {
         while in_flight.len() < BATCHES_IN_FLIGHT {
             let Some(batch) = queue.pop() else { break };
-            let peer = context.peers[round % context.peers.len()];
-            round += 1;
+            let index = match batch.as_slice() {
+                [hash] => next_peer.get(hash).copied(),
+                _ => None,
+            }
+            .unwrap_or_else(|| {
+                round += 1;
+                round - 1
+            });
+            let peer = context.peers[index % context.peers.len()];
             let net = context.net.clone();
             let folder = context.folder.clone();
             in_flight.push(async move {
@@ -567,7 +582,13 @@ async fn request_blocks(
                 queue.push(batch);
             }
         }
+        let after = context
+            .peers
+            .iter()
+            .position(|device| *device == peer)
+            .map_or(0, |index| index + 1);
         for hash in retry {
+            next_peer.insert(hash, after);
             let tries = attempts.entry(hash).or_insert(0);
             *tries += 1;
             if *tries >= BLOCK_ATTEMPTS.max(context.peers.len()) {

@@ -1721,7 +1721,9 @@ impl FolderActor {
                 replan.push(path);
                 continue;
             }
-            if let Some(parent) = absolute.parent() {
+            if let Some(parent) = absolute.parent()
+                && !parent.is_dir()
+            {
                 let _ = std::fs::create_dir_all(parent);
             }
             if let Some(old) = &expected
