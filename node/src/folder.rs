@@ -964,11 +964,11 @@ impl FolderActor {
 
     /// Between the batches of a scan: handles the peers' sync messages (and the
     /// commands that go with them: connections, signatures, the folder's record) in
-    /// their order, so that a peer gets the batches
-    /// committed so far at once rather than after the whole scan. The first other
-    /// command waits for the end of the scan, and everything after it too, so no
-    /// command overtakes another. The paths that received changes touch are planned
-    /// after the scan: nothing is written to the folder while it is being scanned.
+    /// their order, so that a peer gets the batches committed so far at once rather
+    /// than after the whole scan. The first other command waits for the end of the
+    /// scan, and everything after it too, so no command overtakes another. The paths
+    /// that received changes touch are planned after the scan: nothing is written to
+    /// the folder while it is being scanned.
     fn exchange_during_scan(&mut self, first: FolderCommand) {
         let mut next = Some(first);
         while let Some(command) = next {
