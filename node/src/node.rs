@@ -153,6 +153,20 @@ struct StoreSource {
 }
 
 impl StoreSource {
+    /// Where `folder` is on disk, if the node has it (and, given a device, shares it
+    /// with that device).
+    fn folder_root(&self, folder: &FolderId, device: Option<&DeviceId>) -> Option<String> {
+        self.store
+            .folders()
+            .ok()?
+            .into_iter()
+            .find(|f| {
+                &f.id == folder
+                    && device.is_none_or(|device| f.devices.iter().any(|(d, _)| d == device))
+            })
+            .map(|f| f.path)
+    }
+
     /// A block of the folder at `root`, read from a local file that the block index
     /// says holds it, and verified (the file may have changed since it was indexed).
     fn read_block(
@@ -182,24 +196,11 @@ impl StoreSource {
 
 impl crate::net::BlockSource for StoreSource {
     fn authorised(&self, device: &DeviceId, folder: &FolderId) -> bool {
-        self.store
-            .folders()
-            .map(|folders| {
-                folders
-                    .iter()
-                    .any(|f| &f.id == folder && f.devices.iter().any(|(d, _)| d == device))
-            })
-            .unwrap_or(false)
+        self.folder_root(folder, Some(device)).is_some()
     }
 
     fn block(&self, folder: &FolderId, hash: &weft_protocol::BlockHash) -> Option<Vec<u8>> {
-        let root = self
-            .store
-            .folders()
-            .ok()?
-            .into_iter()
-            .find(|f| &f.id == folder)?
-            .path;
+        let root = self.folder_root(folder, None)?;
         self.read_block(Path::new(&root), folder, hash)
     }
 
@@ -210,12 +211,7 @@ impl crate::net::BlockSource for StoreSource {
         hashes: &[weft_protocol::BlockHash],
     ) -> Vec<Option<Vec<u8>>> {
         // One look at the folder records for the whole group.
-        let Some(root) = self.store.folders().ok().and_then(|folders| {
-            folders
-                .into_iter()
-                .find(|f| &f.id == folder && f.devices.iter().any(|(d, _)| d == device))
-                .map(|f| f.path)
-        }) else {
+        let Some(root) = self.folder_root(folder, Some(device)) else {
             return Vec::new();
         };
         hashes
