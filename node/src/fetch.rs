@@ -638,15 +638,17 @@ async fn await_write(write: Option<tokio::task::JoinHandle<()>>) {
 }
 
 /// Writes one answer's verified blocks to every place that wants them and finishes the
-/// downloads whose last block this was.
+/// downloads whose last block this was. Each download's blocks go in one call, so that
+/// blocks next to each other in its file are written together.
 fn write_answer(downloads: &std::sync::Mutex<Vec<Download>>, writes: Vec<(Vec<u8>, Places)>) {
     let mut downloads = downloads
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut completed = Vec::new();
-    for (data, places) in writes {
+    let mut blocks_of: BTreeMap<usize, Vec<(u64, &[u8])>> = BTreeMap::new();
+    for (data, places) in &writes {
         let mut previous = None;
-        for (index, offset) in places {
+        for &(index, offset) in places {
             let Some(download) = downloads.get_mut(index) else {
                 continue;
             };
@@ -659,13 +661,19 @@ fn write_answer(downloads: &std::sync::Mutex<Vec<Download>>, writes: Vec<(Vec<u8
                     completed.push(index);
                 }
             }
-            if download.error.is_some() {
-                continue;
-            }
-            let Some(file) = &download.file else { continue };
-            if let Err(error) = file.write_at(&data, offset) {
-                download.error = Some(io_error("writing", &download.temp, error));
-            }
+            blocks_of.entry(index).or_default().push((offset, data));
+        }
+    }
+    for (index, mut blocks) in blocks_of {
+        let Some(download) = downloads.get_mut(index) else {
+            continue;
+        };
+        if download.error.is_some() {
+            continue;
+        }
+        let Some(file) = &download.file else { continue };
+        if let Err(error) = file.write_blocks(&mut blocks) {
+            download.error = Some(io_error("writing", &download.temp, error));
         }
     }
     for index in completed {

@@ -10,28 +10,34 @@
 //! Weft's buffers to the disk; small files, other systems and filesystems that refuse
 //! direct I/O use ordinary writes.
 //!
-//! In direct mode a write's whole [`SECTOR`]-aligned sectors are copied into the
-//! thread's aligned buffer and written with `O_DIRECT`; its first and last partial
-//! sectors (a block's edges, which it shares with the blocks beside it) are written
-//! through the page cache, where the kernel merges them. Linux keeps the two kinds of
-//! write coherent, the final fsync makes both durable, and a process killed in the
-//! middle loses nothing it wrote (an interrupted download resumes from the file).
+//! In direct mode the blocks of one answer that follow one another in the file are
+//! written as one run: the run's whole [`SECTOR`]-aligned sectors are copied into one of
+//! a few shared aligned buffers and written with `O_DIRECT` (each direct write waits for
+//! the disk, so a few large ones beat many small ones); its first and last partial
+//! sectors (which it shares with the blocks beside it) are written through the page
+//! cache, where the kernel merges them. Linux keeps the two kinds of write coherent, the
+//! final fsync makes both durable, and a process killed in the middle loses nothing it
+//! wrote (an interrupted download resumes from the file).
 //! Writes must not overlap (a file's blocks do not).
 
-use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 
 /// Alignment of direct writes (file offset, length, memory): the largest logical block
 /// size of common disks, a multiple of the usual 512.
 pub const SECTOR: usize = 4096;
 /// Files from this size on are written with direct I/O.
 pub const DIRECT_MIN_SIZE: u64 = 1024 * 1024;
-/// Largest direct write: bounds each blocking thread's aligned buffer.
-const DIRECT_PIECE: usize = 256 * 1024;
+/// Largest direct write: bounds each blocking thread's aligned buffer (an answer of
+/// [`crate::fetch::BATCH_BLOCKS`] average blocks is one write).
+const DIRECT_PIECE: usize = 4 * 1024 * 1024;
+/// Aligned buffers for direct writes that exist at once (a writer waits for a free
+/// one): bounds their memory, and a few large writes at a time keep the disk busy.
+const DIRECT_BUFFERS: usize = 4;
 
 /// An open temp file of a known final size.
 pub struct TempFile {
@@ -100,23 +106,61 @@ impl TempFile {
     /// Writes `data` at `offset`, directly in direct mode. Writes must not overlap one
     /// another.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        self.check_range(data, offset)?;
-        let Some(direct) = self.direct.as_ref().filter(|_| self.is_direct()) else {
-            return self.file.write_all_at(data, offset);
-        };
-        let (sector, end) = (SECTOR as u64, offset + data.len() as u64);
-        let first_whole = offset.div_ceil(sector) * sector;
-        let end_whole = end / sector * sector;
-        if first_whole >= end_whole {
-            return self.file.write_all_at(data, offset);
-        }
-        let head = (first_whole - offset) as usize;
-        let whole = (end_whole - first_whole) as usize;
-        self.file.write_all_at(&data[..head], offset)?;
-        self.write_direct(direct, &data[head..head + whole], first_whole)?;
-        self.file.write_all_at(&data[head + whole..], end_whole)
+        self.write_blocks(&mut [(offset, data)])
     }
 
+    /// Writes each `(offset, data)`, directly in direct mode: blocks that follow one
+    /// another in the file are written as one run, so that the disk gets a few large
+    /// writes rather than two small ones per block (each direct write waits for the
+    /// disk; an answer's 8 blocks took 20 of them, 5-6 ms for 2.5 MiB, against ~1.5 ms
+    /// as one). The blocks must not overlap one another or earlier writes; they are
+    /// sorted by offset here.
+    pub fn write_blocks(&self, blocks: &mut [(u64, &[u8])]) -> io::Result<()> {
+        for (offset, data) in blocks.iter() {
+            self.check_range(data, *offset)?;
+        }
+        blocks.sort_unstable_by_key(|(offset, _)| *offset);
+        let mut rest: &[(u64, &[u8])] = blocks;
+        while !rest.is_empty() {
+            let mut len = 1;
+            while let Some((offset, _)) = rest.get(len)
+                && run_end(&rest[..len]) == *offset
+            {
+                len += 1;
+            }
+            let (run, after) = rest.split_at(len);
+            self.write_run(run)?;
+            rest = after;
+        }
+        Ok(())
+    }
+
+    /// Writes a run of contiguous blocks: its whole sectors directly (in direct mode),
+    /// its partial first and last sectors through the page cache.
+    fn write_run(&self, run: &[(u64, &[u8])]) -> io::Result<()> {
+        let (start, end) = (run[0].0, run_end(run));
+        let Some(direct) = self.direct.as_ref().filter(|_| self.is_direct()) else {
+            return self.write_cached_range(run, start, end);
+        };
+        let sector = SECTOR as u64;
+        let first_whole = start.div_ceil(sector) * sector;
+        let end_whole = end / sector * sector;
+        if first_whole >= end_whole {
+            return self.write_cached_range(run, start, end);
+        }
+        self.write_cached_range(run, start, first_whole)?;
+        self.write_direct(direct, run, first_whole, end_whole)?;
+        self.write_cached_range(run, end_whole, end)
+    }
+
+    /// Writes the bytes of `run` between file offsets `from` and `to` through the page
+    /// cache.
+    fn write_cached_range(&self, run: &[(u64, &[u8])], from: u64, to: u64) -> io::Result<()> {
+        for (offset, data) in slices(run, from, to) {
+            self.file.write_all_at(data, offset)?;
+        }
+        Ok(())
+    }
     /// Writes `data` at `offset` through the page cache in any mode: for local copies,
     /// which run at memory speed from a cached source (a small edit to a large file
     /// copies almost all of it; synchronous direct writes made that 2-3 times slower).
@@ -135,31 +179,67 @@ impl TempFile {
         }
     }
 
-    /// Writes whole sectors through the aligned buffer; falls back to the ordinary
+    /// Writes the whole sectors of `run` between `from` and `to` (both aligned) through
+    /// the aligned buffer, [`DIRECT_PIECE`] at a time; falls back to the ordinary
     /// handle for good if the filesystem refuses.
-    fn write_direct(&self, direct: &File, data: &[u8], offset: u64) -> io::Result<()> {
-        for (n, piece) in data.chunks(DIRECT_PIECE).enumerate() {
-            let at = offset + (n * DIRECT_PIECE) as u64;
-            let written = with_aligned(piece.len(), |aligned| {
-                aligned.copy_from_slice(piece);
+    fn write_direct(
+        &self,
+        direct: &File,
+        run: &[(u64, &[u8])],
+        from: u64,
+        to: u64,
+    ) -> io::Result<()> {
+        let mut at = from;
+        while at < to {
+            let piece_end = to.min(at + DIRECT_PIECE as u64);
+            let written = with_aligned((piece_end - at) as usize, |aligned| {
+                let mut filled = 0;
+                for (_, data) in slices(run, at, piece_end) {
+                    aligned[filled..filled + data.len()].copy_from_slice(data);
+                    filled += data.len();
+                }
                 direct.write_all_at(aligned, at)
             });
             match written {
-                Some(Ok(())) => {}
+                Some(Ok(())) => at = piece_end,
                 Some(Err(error)) if error.raw_os_error() != Some(EINVAL) => return Err(error),
                 // Refused (an alignment this filesystem does not accept) or no aligned
                 // buffer: the rest goes through the page cache.
                 _ => {
                     if !self.direct_refused.swap(true, Ordering::AcqRel) {
-                        tracing::debug!(%offset, "direct write refused; writing through the page cache");
+                        tracing::debug!(offset = %at, "direct write refused; writing through the page cache");
                     }
-                    let done = n * DIRECT_PIECE;
-                    return self.file.write_all_at(&data[done..], at);
+                    return self.write_cached_range(run, at, to);
                 }
             }
         }
         Ok(())
     }
+}
+
+/// The file offset just past a run of contiguous blocks.
+fn run_end(run: &[(u64, &[u8])]) -> u64 {
+    run.last()
+        .map_or(0, |(offset, data)| offset + data.len() as u64)
+}
+
+/// The parts of a run's blocks between file offsets `from` and `to`, each with its
+/// offset, in order.
+fn slices<'a>(
+    run: &'a [(u64, &'a [u8])],
+    from: u64,
+    to: u64,
+) -> impl Iterator<Item = (u64, &'a [u8])> + 'a {
+    run.iter().filter_map(move |&(offset, data)| {
+        let start = from.max(offset);
+        let end = to.min(offset + data.len() as u64);
+        (start < end).then(|| {
+            (
+                start,
+                &data[(start - offset) as usize..(end - offset) as usize],
+            )
+        })
+    })
 }
 
 #[cfg(target_os = "linux")]
@@ -184,21 +264,64 @@ fn open_direct(_path: &Path) -> Option<File> {
     None
 }
 
-/// Runs `f` on a [`SECTOR`]-aligned buffer of `len` bytes (the thread's, reused), or
-/// returns `None` if none can be had.
+/// Runs `f` on a [`SECTOR`]-aligned buffer of `len` bytes (at most [`DIRECT_PIECE`];
+/// one of the [`DIRECT_BUFFERS`] shared ones, waiting for one to be free), or returns
+/// `None` if none can be had.
 fn with_aligned<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
-    thread_local! {
-        static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    let pool = AlignedPool::get();
+    let mut buffer = pool.take();
+    if buffer.len() < len + SECTOR {
+        buffer.resize(len + SECTOR, 0);
     }
-    BUFFER.with(|cell| {
-        let mut buffer = cell.try_borrow_mut().ok()?;
-        if buffer.len() < len + SECTOR {
-            buffer.resize(len + SECTOR, 0);
+    let start = buffer.as_ptr().align_offset(SECTOR);
+    let result = start
+        .checked_add(len)
+        .and_then(|end| buffer.get_mut(start..end))
+        .map(f);
+    pool.give(buffer);
+    result
+}
+
+/// The shared buffers of [`with_aligned`]: free ones, and how many exist.
+struct AlignedPool {
+    state: Mutex<(Vec<Vec<u8>>, usize)>,
+    freed: Condvar,
+}
+
+impl AlignedPool {
+    fn get() -> &'static Self {
+        static POOL: OnceLock<AlignedPool> = OnceLock::new();
+        POOL.get_or_init(|| Self {
+            state: Mutex::new((Vec::new(), 0)),
+            freed: Condvar::new(),
+        })
+    }
+
+    /// A free buffer, a new one while fewer than [`DIRECT_BUFFERS`] exist, or the next
+    /// one given back.
+    fn take(&self) -> Vec<u8> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(buffer) = state.0.pop() {
+                return buffer;
+            }
+            if state.1 < DIRECT_BUFFERS {
+                state.1 += 1;
+                return Vec::new();
+            }
+            state = self
+                .freed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
         }
-        let start = buffer.as_ptr().align_offset(SECTOR);
-        let aligned = buffer.get_mut(start..start.checked_add(len)?)?;
-        Some(f(aligned))
-    })
+    }
+
+    fn give(&self, buffer: Vec<u8>) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.0.push(buffer);
+        drop(state);
+        self.freed.notify_one();
+    }
 }
 
 #[cfg(test)]
@@ -271,6 +394,56 @@ mod tests {
                 "interleaved, {len}"
             );
         }
+    }
+
+    #[test]
+    fn answers_of_contiguous_and_scattered_blocks_make_the_exact_file() {
+        // Blocks written an answer at a time: runs of neighbours (merged into one direct
+        // write), gaps, blocks smaller than a sector, answers in any order.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let len = 9 * 1024 * 1024 + 777;
+        let data = content(len);
+        let blocks = pieces(len);
+        let path = dir.path().join("t");
+        let temp = TempFile::open(&path, len as u64).expect("open");
+        if !temp.is_direct() {
+            eprintln!("no direct I/O on this filesystem: testing ordinary writes only");
+        }
+        // Answers of 8 blocks with every third block held back to a later answer,
+        // last answer first, each answer's blocks shuffled.
+        let (held, rest): (Vec<_>, Vec<_>) =
+            blocks.iter().enumerate().partition(|(i, _)| i % 3 == 1);
+        let mut answers: Vec<Vec<(usize, usize)>> = rest
+            .chunks(8)
+            .chain(held.chunks(8))
+            .map(|answer| answer.iter().map(|(_, piece)| **piece).collect())
+            .collect();
+        answers.reverse();
+        for (n, answer) in answers.iter_mut().enumerate() {
+            let turn = n % answer.len().max(1);
+            answer.rotate_left(turn);
+            let mut writes: Vec<(u64, &[u8])> = answer
+                .iter()
+                .map(|&(offset, len)| (offset as u64, &data[offset..offset + len]))
+                .collect();
+            temp.write_blocks(&mut writes).expect("write");
+        }
+        temp.truncate_to_final().expect("truncate");
+        temp.file().sync_all().expect("fsync");
+        assert_eq!(std::fs::read(&path).expect("read back"), data);
+        // A write past the end fails before anything of its answer is written.
+        let temp = TempFile::open(&dir.path().join("u"), 10_000).expect("open");
+        let ones = [1u8; 5000];
+        assert!(
+            temp.write_blocks(&mut [(0, &ones[..]), (6000, &ones[..])])
+                .is_err()
+        );
+        assert!(
+            std::fs::read(dir.path().join("u"))
+                .expect("read")
+                .iter()
+                .all(|b| *b == 0)
+        );
     }
 
     #[test]
