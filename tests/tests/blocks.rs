@@ -1,20 +1,42 @@
 //! Block requests between two real network stacks in one process (real libp2p over
 //! TCP on 127.0.0.1): many requests made at once share streams, every caller gets
-//! exactly its own blocks back, and requests one after the other reuse one stream.
+//! exactly its own blocks back, requests one after the other reuse one stream, and a
+//! download asks a block one peer lacks of the next peer.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use weft_node::net::{self, BlockSource, NetConfig, NetHandle};
-use weft_protocol::{BlockHash, DeviceId, DeviceKey, FolderId, Manifest, ManifestHash};
+use weft_protocol::document::{Content, Entry, EntryKind};
+use weft_protocol::{
+    BlockHash, BlockRef, DeviceId, DeviceKey, FolderId, Manifest, ManifestHash, RelPath,
+};
 use weft_tests::wait_for;
 
-/// Serves blocks from memory and counts requests (one authorisation per request).
+/// Serves blocks (and optionally one manifest) from memory, counts requests (one
+/// authorisation per request) and records every block asked for.
 struct Blocks {
     blocks: HashMap<BlockHash, Vec<u8>>,
     requests: AtomicUsize,
+    asked: Mutex<Vec<BlockHash>>,
+    manifest: Mutex<Option<Manifest>>,
+}
+
+impl Blocks {
+    fn new(blocks: HashMap<BlockHash, Vec<u8>>) -> Self {
+        Self {
+            blocks,
+            requests: AtomicUsize::new(0),
+            asked: Mutex::new(Vec::new()),
+            manifest: Mutex::new(None),
+        }
+    }
+
+    fn asked(&self) -> Vec<BlockHash> {
+        self.asked.lock().unwrap().clone()
+    }
 }
 
 impl BlockSource for Blocks {
@@ -23,10 +45,12 @@ impl BlockSource for Blocks {
         true
     }
     fn block(&self, _: &FolderId, hash: &BlockHash) -> Option<Vec<u8>> {
+        self.asked.lock().unwrap().push(*hash);
         self.blocks.get(hash).cloned()
     }
-    fn manifest(&self, _: &FolderId, _: &ManifestHash) -> Option<Manifest> {
-        None
+    fn manifest(&self, _: &FolderId, hash: &ManifestHash) -> Option<Manifest> {
+        let manifest = self.manifest.lock().unwrap();
+        manifest.clone().filter(|m| m.hash() == *hash)
     }
 }
 
@@ -65,22 +89,14 @@ fn connected_pair(seed: u8, contents: &[Vec<u8>]) -> Pair {
         .enable_all()
         .build()
         .unwrap();
-    let server_source = Arc::new(Blocks {
-        blocks: contents
+    let server_source = Arc::new(Blocks::new(
+        contents
             .iter()
             .map(|c| (BlockHash::of(c), c.clone()))
             .collect(),
-        requests: AtomicUsize::new(0),
-    });
+    ));
     let server = start(&runtime, seed, server_source.clone());
-    let client = start(
-        &runtime,
-        seed + 1,
-        Arc::new(Blocks {
-            blocks: HashMap::new(),
-            requests: AtomicUsize::new(0),
-        }),
-    );
+    let client = start(&runtime, seed + 1, Arc::new(Blocks::new(HashMap::new())));
     let server_id = DeviceKey::from_secret_bytes([seed; 32]).device_id();
     let client_id = DeviceKey::from_secret_bytes([seed + 1; 32]).device_id();
     let listening = wait_for(Duration::from_secs(10), || {
@@ -194,4 +210,92 @@ fn requests_one_after_the_other_reuse_one_stream() {
         seen.requests_in, seen.request_streams_in
     );
     pair.runtime.shutdown_timeout(Duration::from_secs(1));
+}
+
+#[test]
+fn a_block_one_peer_lacks_is_asked_of_the_next_peer_and_never_again_of_that_one() {
+    // The client downloads a file of 40 blocks from two peers: the first it asks has
+    // none of them, the second has all. Every block the first lacked must be asked of
+    // the second next, and the first must never be asked for a block twice (a retry
+    // that followed the rotation could ask it three times and give the block up).
+    let contents = numbered_blocks(40);
+    let Pair {
+        runtime,
+        server_source: full_source,
+        client,
+        server_id: full_id,
+        ..
+    } = connected_pair(51, &contents);
+    let empty_source = Arc::new(Blocks::new(HashMap::new()));
+    let empty = start(&runtime, 60, empty_source.clone());
+    let empty_id = DeviceKey::from_secret_bytes([60; 32]).device_id();
+    let listening = wait_for(Duration::from_secs(10), || {
+        !empty.listen_addresses().is_empty()
+    });
+    assert!(listening.is_some(), "the second server does not listen");
+    client.dial(&empty_id, empty.listen_addresses());
+    let up = wait_for(Duration::from_secs(30), || client.is_connected(&empty_id));
+    assert!(
+        up.is_some(),
+        "client could not connect to the second server"
+    );
+
+    let manifest = Manifest::from_blocks(
+        contents
+            .iter()
+            .map(|c| BlockRef {
+                hash: BlockHash::of(c),
+                len: c.len() as u32,
+            })
+            .collect(),
+    )
+    .unwrap();
+    *full_source.manifest.lock().unwrap() = Some(manifest.clone());
+    let home = tempfile::tempdir().unwrap();
+    let store = weft_node::store::Store::open(&home.path().join("store.redb"), [1; 8]).unwrap();
+    let root = home.path().join("folder");
+    std::fs::create_dir_all(&root).unwrap();
+    let entry = Entry {
+        kind: EntryKind::File,
+        deleted: false,
+        size: manifest.size(),
+        mtime_ns: 1_000_000_000,
+        mode: 0o644,
+        content: Content::for_manifest(&manifest),
+        author: full_id,
+    };
+    let context = weft_node::fetch::FetchContext {
+        net: client.clone(),
+        store: Arc::new(store),
+        folder: FolderId::new("shared").unwrap(),
+        root: root.clone(),
+        // The peer without the blocks first: the first requests go to it.
+        peers: vec![empty_id, full_id],
+        versions: None,
+    };
+    let path = RelPath::new("file.bin").unwrap();
+    let mut results = runtime.block_on(weft_node::fetch::fetch_files(context, vec![(path, entry)]));
+    let fetched = results.pop().unwrap().expect("the download failed");
+    assert_eq!(std::fs::read(&fetched.temp).unwrap(), contents.concat());
+
+    let lacked = empty_source.asked();
+    assert!(
+        !lacked.is_empty(),
+        "the peer without the blocks was never asked"
+    );
+    let mut once = std::collections::HashSet::new();
+    for hash in &lacked {
+        assert!(
+            once.insert(*hash),
+            "the peer that lacks block {hash} was asked for it twice"
+        );
+    }
+    let served = full_source.asked();
+    for hash in &lacked {
+        assert!(
+            served.contains(hash),
+            "block {hash} was not asked of the other peer"
+        );
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
 }
