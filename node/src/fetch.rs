@@ -212,8 +212,42 @@ fn prepare_locally(
     Ok((file, missing))
 }
 
+/// Most bytes read from a local file at once by [`copy_local_blocks`].
+const LOCAL_RUN_MAX: u64 = 1024 * 1024;
+
+/// Blocks that follow one another both in the download and in one local file: read
+/// with one read, verified block by block.
+struct LocalRun {
+    /// The local file (relative to the folder root).
+    path: RelPath,
+    /// Where the run starts in the local file.
+    from: u64,
+    /// Its blocks: (offset in the download, block).
+    blocks: Vec<(u64, weft_protocol::BlockRef)>,
+    len: u64,
+}
+
+impl LocalRun {
+    /// Whether `block`, at `offset` in the download and at `location` in a local file,
+    /// continues this run.
+    fn continues(&self, offset: u64, location: &crate::store::BlockLocation) -> bool {
+        let Some((last_offset, last)) = self.blocks.last() else {
+            return false;
+        };
+        location.path == self.path
+            && location.offset == self.from + self.len
+            && offset == last_offset + u64::from(last.len)
+            && self.len + u64::from(location.len) <= LOCAL_RUN_MAX
+    }
+}
+
 /// One worker's share of [`prepare_locally`]: keeps verified blocks already in the temp
 /// file, copies blocks found in local files; returns the blocks still missing.
+///
+/// A block found in a local file usually has its neighbours there too, right after it
+/// (an edited file's previous version, a renamed or copied file): such runs are read
+/// with one read of up to [`LOCAL_RUN_MAX`] and written with one write, rather than a
+/// file open, a read and a write per block.
 fn copy_local_blocks(
     context: &FetchContext,
     temp: &Path,
@@ -224,6 +258,7 @@ fn copy_local_blocks(
 ) -> Result<Vec<(BlockHash, u64)>, String> {
     let mut missing = Vec::new();
     let mut buffer = Vec::new();
+    let mut run: Option<LocalRun> = None;
     for (offset, block) in blocks {
         let offset = *offset;
         // Resume: a block already in the temp file is kept if it verifies.
@@ -236,31 +271,121 @@ fn copy_local_blocks(
             }
         }
         // Dedup: the block is in a local file.
-        let local = context
+        let locations: Vec<crate::store::BlockLocation> = context
             .store
             .block_locations(&block.hash)
             .unwrap_or_default()
             .into_iter()
-            .filter(|location| location.folder == context.folder)
-            .find_map(|location| {
-                read_verified(
-                    &context.root.join(location.path.as_str()),
-                    location.offset,
-                    block.len,
-                    &block.hash,
-                )
-            })
-            .or_else(|| context.versions.as_ref().and_then(|v| v.block(&block.hash)));
-        match local {
-            Some(data) => {
-                file.write_cached_at(&data, offset)
-                    .map_err(|e| io_error("writing", temp, e))?;
-                write_back.wrote(data.len() as u64);
-            }
-            None => missing.push((block.hash, offset)),
+            .filter(|location| location.folder == context.folder && location.len == block.len)
+            .collect();
+        if let Some(current) = &mut run
+            && let Some(location) = locations.iter().find(|l| current.continues(offset, l))
+        {
+            current.len += u64::from(location.len);
+            current.blocks.push((offset, *block));
+            continue;
+        }
+        if let Some(done) = run.take() {
+            copy_run(context, temp, file, done, write_back, &mut missing)?;
+        }
+        run = locations.into_iter().next().map(|location| LocalRun {
+            path: location.path,
+            from: location.offset,
+            blocks: vec![(offset, *block)],
+            len: u64::from(location.len),
+        });
+        if run.is_none() {
+            copy_block(context, temp, file, offset, block, write_back, &mut missing)?;
         }
     }
+    if let Some(done) = run.take() {
+        copy_run(context, temp, file, done, write_back, &mut missing)?;
+    }
     Ok(missing)
+}
+
+/// Copies a [`LocalRun`] into the temp file: one read, each block verified; a block
+/// that does not verify (the local file changed) is looked for elsewhere
+/// ([`copy_block`]).
+///
+/// The local file is opened for each run, as it was for each block before runs: with
+/// one handle kept across runs (and so, likely, the kernel's sequential readahead on
+/// it), the first edit after a sync, whose previous version was written with direct
+/// I/O and is not in the page cache, took twice as long to rebuild (0.42-0.62 s
+/// instead of 0.22-0.25 s for a 256 MiB file).
+fn copy_run(
+    context: &FetchContext,
+    temp: &Path,
+    file: &TempFile,
+    run: LocalRun,
+    write_back: &WriteBack,
+    missing: &mut Vec<(BlockHash, u64)>,
+) -> Result<(), String> {
+    let mut data = vec![0u8; run.len as usize];
+    let read = File::open(context.root.join(run.path.as_str()))
+        .and_then(|source| source.read_exact_at(&mut data, run.from))
+        .is_ok();
+    let mut at = 0usize;
+    let mut verified: Vec<(u64, &[u8])> = Vec::with_capacity(run.blocks.len());
+    for (offset, block) in &run.blocks {
+        let len = block.len as usize;
+        match data.get(at..at + len) {
+            Some(bytes) if read && BlockHash::of(bytes) == block.hash => {
+                verified.push((*offset, bytes));
+            }
+            _ => copy_block(context, temp, file, *offset, block, write_back, missing)?,
+        }
+        at += len;
+    }
+    if let (Some((start, _)), true) = (verified.first(), verified.len() == run.blocks.len()) {
+        // The whole run verified: one write.
+        file.write_cached_at(&data, *start)
+            .map_err(|e| io_error("writing", temp, e))?;
+    } else {
+        for (offset, bytes) in &verified {
+            file.write_cached_at(bytes, *offset)
+                .map_err(|e| io_error("writing", temp, e))?;
+        }
+    }
+    write_back.wrote(verified.iter().map(|(_, bytes)| bytes.len() as u64).sum());
+    Ok(())
+}
+
+/// Copies one block into the temp file from any local file or kept version that has
+/// it, or adds it to `missing`.
+fn copy_block(
+    context: &FetchContext,
+    temp: &Path,
+    file: &TempFile,
+    offset: u64,
+    block: &weft_protocol::BlockRef,
+    write_back: &WriteBack,
+    missing: &mut Vec<(BlockHash, u64)>,
+) -> Result<(), String> {
+    let local = context
+        .store
+        .block_locations(&block.hash)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|location| location.folder == context.folder)
+        .find_map(|location| {
+            read_verified(
+                &context.root.join(location.path.as_str()),
+                location.offset,
+                block.len,
+                &block.hash,
+            )
+        })
+        .or_else(|| context.versions.as_ref().and_then(|v| v.block(&block.hash)));
+    match local {
+        Some(data) => {
+            file.write_cached_at(&data, offset)
+                .map_err(|e| io_error("writing", temp, e))?;
+            write_back.wrote(data.len() as u64);
+        }
+        None => missing.push((block.hash, offset)),
+    }
+    Ok(())
 }
 
 /// Starts writing a large download or local copy back to disk while it runs (every

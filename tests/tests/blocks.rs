@@ -299,3 +299,85 @@ fn a_block_one_peer_lacks_is_asked_of_the_next_peer_and_never_again_of_that_one(
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
 }
+
+#[test]
+fn blocks_in_a_local_file_are_copied_and_one_that_no_longer_verifies_is_fetched() {
+    // The client's folder holds `old.bin` with the same 40 blocks as the file it
+    // downloads, as its index says, except that block 5 changed on disk since it was
+    // indexed. The download copies the other 39 from `old.bin` (read in runs of
+    // neighbours) and asks the peer for block 5 alone.
+    let contents = numbered_blocks(40);
+    let Pair {
+        runtime,
+        server_source,
+        client,
+        server_id,
+        ..
+    } = connected_pair(71, &contents);
+    let manifest = Manifest::from_blocks(
+        contents
+            .iter()
+            .map(|c| BlockRef {
+                hash: BlockHash::of(c),
+                len: c.len() as u32,
+            })
+            .collect(),
+    )
+    .unwrap();
+    *server_source.manifest.lock().unwrap() = Some(manifest.clone());
+    let folder = FolderId::new("shared").unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let root = home.path().join("folder");
+    std::fs::create_dir_all(&root).unwrap();
+    let mut on_disk = contents.clone();
+    on_disk[5] = vec![b'x'; contents[5].len()];
+    std::fs::write(root.join("old.bin"), on_disk.concat()).unwrap();
+    let store = weft_node::store::Store::open(&home.path().join("store.redb"), [1; 8]).unwrap();
+    store
+        .commit_scan_batch(
+            &folder,
+            &[weft_node::store::LocalChange::Upsert {
+                path: RelPath::new("old.bin").unwrap(),
+                entry: weft_node::store::LocalEntry {
+                    kind: EntryKind::File,
+                    size: manifest.size(),
+                    mtime_ns: 1,
+                    mode: 0o644,
+                    inode: 1,
+                    manifest: Some(manifest.hash()),
+                    symlink_target: None,
+                },
+                manifest: Some(manifest.clone()),
+            }],
+            b"",
+        )
+        .unwrap();
+    let entry = Entry {
+        kind: EntryKind::File,
+        deleted: false,
+        size: manifest.size(),
+        mtime_ns: 1_000_000_000,
+        mode: 0o644,
+        content: Content::for_manifest(&manifest),
+        author: server_id,
+    };
+    let context = weft_node::fetch::FetchContext {
+        net: client.clone(),
+        store: Arc::new(store),
+        folder,
+        root,
+        peers: vec![server_id],
+        versions: None,
+    };
+    let path = RelPath::new("new.bin").unwrap();
+    let mut results = runtime.block_on(weft_node::fetch::fetch_files(context, vec![(path, entry)]));
+    let fetched = results.pop().unwrap().expect("the download failed");
+    assert_eq!(std::fs::read(&fetched.temp).unwrap(), contents.concat());
+    assert_eq!(
+        server_source.asked(),
+        vec![BlockHash::of(&contents[5])],
+        "only the block that changed locally should come from the peer"
+    );
+    assert_eq!(fetched.bytes_fetched, contents[5].len() as u64);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}
