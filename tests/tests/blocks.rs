@@ -240,42 +240,19 @@ fn a_block_one_peer_lacks_is_asked_of_the_next_peer_and_never_again_of_that_one(
         "client could not connect to the second server"
     );
 
-    let manifest = Manifest::from_blocks(
-        contents
-            .iter()
-            .map(|c| BlockRef {
-                hash: BlockHash::of(c),
-                len: c.len() as u32,
-            })
-            .collect(),
-    )
-    .unwrap();
+    let manifest = manifest_of(&contents);
     *full_source.manifest.lock().unwrap() = Some(manifest.clone());
     let home = tempfile::tempdir().unwrap();
     let store = weft_node::store::Store::open(&home.path().join("store.redb"), [1; 8]).unwrap();
-    let root = home.path().join("folder");
-    std::fs::create_dir_all(&root).unwrap();
-    let entry = Entry {
-        kind: EntryKind::File,
-        deleted: false,
-        size: manifest.size(),
-        mtime_ns: 1_000_000_000,
-        mode: 0o644,
-        content: Content::for_manifest(&manifest),
-        author: full_id,
-    };
-    let context = weft_node::fetch::FetchContext {
-        net: client.clone(),
-        store: Arc::new(store),
-        folder: FolderId::new("shared").unwrap(),
-        root: root.clone(),
-        // The peer without the blocks first: the first requests go to it.
-        peers: vec![empty_id, full_id],
-        versions: None,
-    };
-    let path = RelPath::new("file.bin").unwrap();
-    let mut results = runtime.block_on(weft_node::fetch::fetch_files(context, vec![(path, entry)]));
-    let fetched = results.pop().unwrap().expect("the download failed");
+    // The peer without the blocks first: the first requests go to it.
+    let fetched = download(
+        &runtime,
+        &client,
+        store,
+        &home.path().join("folder"),
+        vec![empty_id, full_id],
+        &manifest,
+    );
     assert_eq!(std::fs::read(&fetched.temp).unwrap(), contents.concat());
 
     let lacked = empty_source.asked();
@@ -314,16 +291,7 @@ fn blocks_in_a_local_file_are_copied_and_one_that_no_longer_verifies_is_fetched(
         server_id,
         ..
     } = connected_pair(71, &contents);
-    let manifest = Manifest::from_blocks(
-        contents
-            .iter()
-            .map(|c| BlockRef {
-                hash: BlockHash::of(c),
-                len: c.len() as u32,
-            })
-            .collect(),
-    )
-    .unwrap();
+    let manifest = manifest_of(&contents);
     *server_source.manifest.lock().unwrap() = Some(manifest.clone());
     let folder = FolderId::new("shared").unwrap();
     let home = tempfile::tempdir().unwrap();
@@ -352,26 +320,7 @@ fn blocks_in_a_local_file_are_copied_and_one_that_no_longer_verifies_is_fetched(
             b"",
         )
         .unwrap();
-    let entry = Entry {
-        kind: EntryKind::File,
-        deleted: false,
-        size: manifest.size(),
-        mtime_ns: 1_000_000_000,
-        mode: 0o644,
-        content: Content::for_manifest(&manifest),
-        author: server_id,
-    };
-    let context = weft_node::fetch::FetchContext {
-        net: client.clone(),
-        store: Arc::new(store),
-        folder,
-        root,
-        peers: vec![server_id],
-        versions: None,
-    };
-    let path = RelPath::new("new.bin").unwrap();
-    let mut results = runtime.block_on(weft_node::fetch::fetch_files(context, vec![(path, entry)]));
-    let fetched = results.pop().unwrap().expect("the download failed");
+    let fetched = download(&runtime, &client, store, &root, vec![server_id], &manifest);
     assert_eq!(std::fs::read(&fetched.temp).unwrap(), contents.concat());
     assert_eq!(
         server_source.asked(),
@@ -380,4 +329,51 @@ fn blocks_in_a_local_file_are_copied_and_one_that_no_longer_verifies_is_fetched(
     );
     assert_eq!(fetched.bytes_fetched, contents[5].len() as u64);
     runtime.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// The manifest of a file made of `contents`, one block each.
+fn manifest_of(contents: &[Vec<u8>]) -> Manifest {
+    Manifest::from_blocks(
+        contents
+            .iter()
+            .map(|c| BlockRef {
+                hash: BlockHash::of(c),
+                len: c.len() as u32,
+            })
+            .collect(),
+    )
+    .unwrap()
+}
+
+/// Downloads `new.bin` with `manifest` into `root` (folder `shared`) through
+/// `fetch_files`, from `peers` in that order; panics if it fails.
+fn download(
+    runtime: &tokio::runtime::Runtime,
+    client: &NetHandle,
+    store: weft_node::store::Store,
+    root: &std::path::Path,
+    peers: Vec<DeviceId>,
+    manifest: &Manifest,
+) -> weft_node::fetch::Fetched {
+    std::fs::create_dir_all(root).unwrap();
+    let entry = Entry {
+        kind: EntryKind::File,
+        deleted: false,
+        size: manifest.size(),
+        mtime_ns: 1_000_000_000,
+        mode: 0o644,
+        content: Content::for_manifest(manifest),
+        author: peers[0],
+    };
+    let context = weft_node::fetch::FetchContext {
+        net: client.clone(),
+        store: Arc::new(store),
+        folder: FolderId::new("shared").unwrap(),
+        root: root.to_path_buf(),
+        peers,
+        versions: None,
+    };
+    let path = RelPath::new("new.bin").unwrap();
+    let mut results = runtime.block_on(weft_node::fetch::fetch_files(context, vec![(path, entry)]));
+    results.pop().unwrap().expect("the download failed")
 }
