@@ -295,7 +295,17 @@ fn copy_local_blocks(
             len: u64::from(location.len),
         });
         if run.is_none() {
-            copy_block(context, temp, file, offset, block, write_back, &mut missing)?;
+            // No local file has it (looked up above): a kept version, or a peer.
+            let place = (offset, *block);
+            copy_block(
+                context,
+                temp,
+                file,
+                &place,
+                Some(Vec::new()),
+                write_back,
+                &mut missing,
+            )?;
         }
     }
     if let Some(done) = run.take() {
@@ -333,7 +343,15 @@ fn copy_run(
             Some(bytes) if read && BlockHash::of(bytes) == block.hash => {
                 verified.push((*offset, bytes));
             }
-            _ => copy_block(context, temp, file, *offset, block, write_back, missing)?,
+            _ => copy_block(
+                context,
+                temp,
+                file,
+                &(*offset, *block),
+                None,
+                write_back,
+                missing,
+            )?,
         }
         at += len;
     }
@@ -351,21 +369,25 @@ fn copy_run(
     Ok(())
 }
 
-/// Copies one block into the temp file from any local file or kept version that has
-/// it, or adds it to `missing`.
+/// Copies one block (at its offset in the download) into the temp file from any local
+/// file (`locations`, looked up here if `None`) or kept version that has it, or adds it
+/// to `missing`.
 fn copy_block(
     context: &FetchContext,
     temp: &Path,
     file: &TempFile,
-    offset: u64,
-    block: &weft_protocol::BlockRef,
+    &(offset, block): &(u64, weft_protocol::BlockRef),
+    locations: Option<Vec<crate::store::BlockLocation>>,
     write_back: &WriteBack,
     missing: &mut Vec<(BlockHash, u64)>,
 ) -> Result<(), String> {
-    let local = context
-        .store
-        .block_locations(&block.hash)
-        .unwrap_or_default()
+    let locations = locations.unwrap_or_else(|| {
+        context
+            .store
+            .block_locations(&block.hash)
+            .unwrap_or_default()
+    });
+    let local = locations
         .into_iter()
         .filter(|location| location.folder == context.folder)
         .find_map(|location| {
