@@ -1428,7 +1428,14 @@ impl FolderActor {
                 }
                 let removed = match expected.kind {
                     EntryKind::Directory => std::fs::remove_dir(&absolute),
-                    _ => std::fs::remove_file(&absolute),
+                    _ => {
+                        let held = crate::release::hold_if_large(&absolute, expected.size);
+                        let removed = std::fs::remove_file(&absolute);
+                        if let Some(held) = held {
+                            crate::release::release_later(held);
+                        }
+                        removed
+                    }
                 };
                 match removed {
                     Ok(()) => {}
@@ -1671,6 +1678,8 @@ impl FolderActor {
     /// over its path, and recorded (with the manifest it was verified against, so it is
     /// not hashed again); the whole batch is one store transaction.
     fn finish_downloads(&mut self, batch: Vec<FetchedItem>) {
+        let started = Instant::now();
+        let files = batch.len();
         let root = self.root();
         let mut changes = Vec::new();
         let mut previous = std::collections::BTreeMap::new();
@@ -1740,7 +1749,15 @@ impl FolderActor {
                 }
                 continue;
             }
-            if let Err(error) = std::fs::rename(&fetched.temp, &absolute) {
+            // A large old version is freed off this thread (`release`).
+            let held = expected
+                .as_ref()
+                .and_then(|old| crate::release::hold_if_large(&absolute, old.size));
+            let renamed = std::fs::rename(&fetched.temp, &absolute);
+            if let Some(held) = held {
+                crate::release::release_later(held);
+            }
+            if let Err(error) = renamed {
                 tracing::warn!(folder = %self.record.id, %path, %error, "cannot move the downloaded file into place");
                 match restore {
                     Some(reply) => {
@@ -1771,9 +1788,11 @@ impl FolderActor {
                 Err(_) => replan.push(path),
             }
         }
+        let renamed_ms = started.elapsed().as_millis();
         if !changes.is_empty() {
             self.recorder.commit(changes, &previous);
         }
+        tracing::debug!(folder = %self.record.id, files, renamed_ms, total_ms = started.elapsed().as_millis(), "downloads put into place");
         for (reply, path) in replies {
             let _ = reply.send(Ok(path));
         }

@@ -21,6 +21,7 @@ pub mod folder;
 pub mod home;
 pub mod net;
 pub mod node;
+pub mod release;
 pub mod scan;
 pub mod store;
 pub mod temp_file;

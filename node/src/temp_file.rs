@@ -60,6 +60,18 @@ impl TempFile {
     /// file it becomes: a download in progress never has the finished file's size, so
     /// nothing that compares sizes (a backup tool, a tree check) takes it for one.
     pub fn open(path: &Path, size: u64) -> io::Result<Self> {
+        Self::open_with(path, size, size >= DIRECT_MIN_SIZE)
+    }
+
+    /// [`TempFile::open`] without direct I/O: every write goes through the page cache.
+    /// For a download that is mostly a local copy (written through the page cache)
+    /// whose remaining blocks are fetched while the copy runs, so that the two kinds of
+    /// write never meet in one file at once.
+    pub fn open_buffered(path: &Path, size: u64) -> io::Result<Self> {
+        Self::open_with(path, size, false)
+    }
+
+    fn open_with(path: &Path, size: u64, direct: bool) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -69,11 +81,7 @@ impl TempFile {
         if file.metadata()?.len() != size + 1 {
             file.set_len(size + 1)?;
         }
-        let direct = if size >= DIRECT_MIN_SIZE {
-            open_direct(path)
-        } else {
-            None
-        };
+        let direct = if direct { open_direct(path) } else { None };
         Ok(Self {
             file,
             direct,

@@ -86,6 +86,11 @@ impl VersionStore {
         Ok(stored)
     }
 
+    /// Whether a block is kept (unverified: [`VersionStore::block`] checks it).
+    pub fn contains(&self, hash: &BlockHash) -> bool {
+        self.block_path(hash).is_file()
+    }
+
     /// A kept block, verified.
     pub fn block(&self, hash: &BlockHash) -> Option<Vec<u8>> {
         let data = fs::read(self.block_path(hash)).ok()?;
@@ -156,6 +161,8 @@ mod tests {
             "deduplicated"
         );
         assert_eq!(store.block(&BlockHash::of(b"world")).unwrap(), b"world");
+        assert!(store.contains(&BlockHash::of(b"world")));
+        assert!(!store.contains(&BlockHash::of(b"other")));
         // A block that no longer matches the file is not kept.
         let stale = Manifest::from_blocks(vec![BlockRef {
             hash: BlockHash::of(b"other"),

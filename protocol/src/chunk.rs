@@ -374,6 +374,13 @@ pub fn build_manifest_like<R: Read>(
     // An expected chunk already verified (as the confirmation of the one before it):
     // (index in `old`, stream offset).
     let mut verified: Option<(usize, u64)> = None;
+    // Expected chunks hashed ahead, on two threads: (index in `old`, stream offset) ->
+    // whether the bytes there are that chunk.
+    let mut ahead: std::collections::HashMap<(usize, u64), bool> = std::collections::HashMap::new();
+    // How many chunks to hash ahead: doubled after a run that held throughout, back to
+    // the minimum after one that broke, so that hashing ahead never costs more than
+    // twice the chunks it finds (a version whose old chunks come in short runs).
+    let mut depth = AHEAD_MIN_CHUNKS;
     loop {
         if end - start < 2 * max && !eof {
             buffer.copy_within(start..end, 0);
@@ -396,15 +403,42 @@ pub fn build_manifest_like<R: Read>(
             return Ok(Manifest::from_blocks(blocks)?);
         }
         let window = &buffer[start..end];
+        // The first expected chunk whose hash is not known yet: the expected one, or
+        // the one after it if that was verified already (as a confirmation).
+        let unknown = expected.filter(|&index| index < old.len()).map(|index| {
+            if verified == Some((index, done)) {
+                (index + 1, old[index].len as usize)
+            } else {
+                (index, 0)
+            }
+        });
+        if let Some((index, at)) = unknown
+            && index < old.len()
+            && !ahead.contains_key(&(index, done + at as u64))
+        {
+            // A run of the previous version is expected here: hash the chunks that
+            // would follow in the window at once, split over two threads (the
+            // sequential checks below then look them up). A run that breaks wastes at
+            // most as much hashing as the runs before it found.
+            ahead = hash_expected_run(window, at, &old[index..], index, done, depth);
+            depth = if !ahead.is_empty() && ahead.values().all(|&hashed| hashed) {
+                (depth * 2).min(AHEAD_MAX_CHUNKS)
+            } else {
+                AHEAD_MIN_CHUNKS
+            };
+        }
         // Old chunk `index` is at `at` in the window (and is one fastcdc could make).
         let matches = |index: usize, at: usize| -> bool {
             let block = old[index];
             let len = block.len as usize;
             let possible = len <= max && (index + 1 == old.len() || len >= min);
             possible
-                && window
-                    .get(at..at + len)
-                    .is_some_and(|data| BlockHash::of(data) == block.hash)
+                && match ahead.get(&(index, done + at as u64)) {
+                    Some(&hashed) => hashed,
+                    None => window
+                        .get(at..at + len)
+                        .is_some_and(|data| BlockHash::of(data) == block.hash),
+                }
         };
         // ... and may end there: the old last chunk only at the end of the stream.
         let may_end = |index: usize, at: usize| -> bool {
@@ -458,6 +492,63 @@ pub fn build_manifest_like<R: Read>(
     }
     progress(done);
     Ok(Manifest::from_blocks(blocks)?)
+}
+
+/// Fewest chunks [`hash_expected_run`] splits over two threads (fewer: a thread costs
+/// more than it saves).
+const AHEAD_MIN_CHUNKS: usize = 4;
+/// Most chunks hashed ahead at once (bounded by the window anyway).
+const AHEAD_MAX_CHUNKS: usize = 64;
+
+/// For [`build_manifest_like`]: whether `window` (at stream offset `done`) holds the
+/// chunks `run` (from index `first` of the previous manifest) one after the other from
+/// `at` on, for as many of them as fit in the window, at most `depth`:
+/// `(index, stream offset) -> matches`.
+/// The hashing is split over this thread and one more; a run too short to be worth a
+/// thread gives an empty map (the caller hashes as it goes).
+fn hash_expected_run(
+    window: &[u8],
+    mut at: usize,
+    run: &[BlockRef],
+    first: usize,
+    done: u64,
+    depth: usize,
+) -> std::collections::HashMap<(usize, u64), bool> {
+    let mut ranges = Vec::new();
+    for block in run.iter().take(depth) {
+        let len = block.len as usize;
+        if at + len > window.len() {
+            break;
+        }
+        ranges.push((at, len));
+        at += len;
+    }
+    if ranges.len() < AHEAD_MIN_CHUNKS {
+        return std::collections::HashMap::new();
+    }
+    let hash = |&(at, len): &(usize, usize)| BlockHash::of(&window[at..at + len]);
+    let half = ranges.len() / 2;
+    let hashes: Vec<BlockHash> = std::thread::scope(|scope| {
+        let second = std::thread::Builder::new()
+            .name("weft-like-hash".into())
+            .spawn_scoped(scope, || {
+                ranges[half..].iter().map(hash).collect::<Vec<_>>()
+            });
+        let mut hashes: Vec<BlockHash> = ranges[..half].iter().map(hash).collect();
+        match second.ok().map(|thread| thread.join()) {
+            Some(Ok(rest)) => hashes.extend(rest),
+            // No second thread (or it died): the rest here.
+            _ => hashes.extend(ranges[half..].iter().map(hash)),
+        }
+        hashes
+    });
+    ranges
+        .iter()
+        .zip(hashes)
+        .zip(run)
+        .enumerate()
+        .map(|(k, ((&(at, _), hash), block))| ((first + k, done + at as u64), hash == block.hash))
+        .collect()
 }
 
 /// How much [`build_manifest_like`] chunks without finding a chunk of the previous

@@ -21,6 +21,8 @@ struct Blocks {
     blocks: HashMap<BlockHash, Vec<u8>>,
     requests: AtomicUsize,
     asked: Mutex<Vec<BlockHash>>,
+    /// The hashes of each block request, in order.
+    batches: Mutex<Vec<Vec<BlockHash>>>,
     manifest: Mutex<Option<Manifest>>,
 }
 
@@ -30,6 +32,7 @@ impl Blocks {
             blocks,
             requests: AtomicUsize::new(0),
             asked: Mutex::new(Vec::new()),
+            batches: Mutex::new(Vec::new()),
             manifest: Mutex::new(None),
         }
     }
@@ -47,6 +50,18 @@ impl BlockSource for Blocks {
     fn block(&self, _: &FolderId, hash: &BlockHash) -> Option<Vec<u8>> {
         self.asked.lock().unwrap().push(*hash);
         self.blocks.get(hash).cloned()
+    }
+    fn blocks(
+        &self,
+        device: &DeviceId,
+        folder: &FolderId,
+        hashes: &[BlockHash],
+    ) -> Vec<Option<Vec<u8>>> {
+        self.batches.lock().unwrap().push(hashes.to_vec());
+        if !self.authorised(device, folder) {
+            return Vec::new();
+        }
+        hashes.iter().map(|hash| self.block(folder, hash)).collect()
     }
     fn manifest(&self, _: &FolderId, hash: &ManifestHash) -> Option<Manifest> {
         let manifest = self.manifest.lock().unwrap();
@@ -328,6 +343,86 @@ fn blocks_in_a_local_file_are_copied_and_one_that_no_longer_verifies_is_fetched(
         "only the block that changed locally should come from the peer"
     );
     assert_eq!(fetched.bytes_fetched, contents[5].len() as u64);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}
+
+#[test]
+fn a_large_edit_fetches_its_new_blocks_while_the_rest_is_copied_locally() {
+    // A 48 MiB file (the size from which the local copy and the fetching of new blocks
+    // overlap): its first block is new (no local file has it), block 100 changed on
+    // disk since `old.bin` was indexed, the other 190 are in `old.bin`. The new block
+    // is asked for at once, in a request of its own, while the copy runs; block 100
+    // once the copy has found it changed, in a second request. Nothing else is asked.
+    let count = 192usize;
+    let mut contents: Vec<Vec<u8>> = (0..count)
+        .map(|i| {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(&(i as u64).to_le_bytes());
+            let mut block = vec![0u8; 256 * 1024];
+            hasher.finalize_xof().fill(&mut block);
+            block
+        })
+        .collect();
+    let old_contents = contents.clone();
+    contents[0] = vec![b'n'; 256 * 1024 + 10];
+    assert!(
+        contents.iter().map(Vec::len).sum::<usize>() as u64 >= weft_node::fetch::OVERLAP_MIN_SIZE
+    );
+    let Pair {
+        runtime,
+        server_source,
+        client,
+        server_id,
+        ..
+    } = connected_pair(81, &contents);
+    let manifest = manifest_of(&contents);
+    let old_manifest = manifest_of(&old_contents);
+    *server_source.manifest.lock().unwrap() = Some(manifest.clone());
+    let folder = FolderId::new("shared").unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let root = home.path().join("folder");
+    std::fs::create_dir_all(&root).unwrap();
+    let mut on_disk = old_contents.clone();
+    on_disk[100] = vec![b'x'; old_contents[100].len()];
+    std::fs::write(root.join("old.bin"), on_disk.concat()).unwrap();
+    let store = weft_node::store::Store::open(&home.path().join("store.redb"), [1; 8]).unwrap();
+    store
+        .commit_scan_batch(
+            &folder,
+            &[weft_node::store::LocalChange::Upsert {
+                path: RelPath::new("old.bin").unwrap(),
+                entry: weft_node::store::LocalEntry {
+                    kind: EntryKind::File,
+                    size: old_manifest.size(),
+                    mtime_ns: 1,
+                    mode: 0o644,
+                    inode: 1,
+                    manifest: Some(old_manifest.hash()),
+                    symlink_target: None,
+                },
+                manifest: Some(old_manifest.clone()),
+            }],
+            b"",
+        )
+        .unwrap();
+    let fetched = download(&runtime, &client, store, &root, vec![server_id], &manifest);
+    assert!(
+        std::fs::read(&fetched.temp).unwrap() == contents.concat(),
+        "the downloaded file differs from the version"
+    );
+    assert_eq!(
+        *server_source.batches.lock().unwrap(),
+        vec![
+            vec![BlockHash::of(&contents[0])],
+            vec![BlockHash::of(&contents[100])]
+        ],
+        "the new block is asked for alone while the local copy runs, the changed one after \
+         it; nothing else comes from the peer"
+    );
+    assert_eq!(
+        fetched.bytes_fetched,
+        (contents[0].len() + contents[100].len()) as u64
+    );
     runtime.shutdown_timeout(Duration::from_secs(1));
 }
 
