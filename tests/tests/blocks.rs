@@ -308,33 +308,11 @@ fn blocks_in_a_local_file_are_copied_and_one_that_no_longer_verifies_is_fetched(
     } = connected_pair(71, &contents);
     let manifest = manifest_of(&contents);
     *server_source.manifest.lock().unwrap() = Some(manifest.clone());
-    let folder = FolderId::new("shared").unwrap();
     let home = tempfile::tempdir().unwrap();
     let root = home.path().join("folder");
-    std::fs::create_dir_all(&root).unwrap();
     let mut on_disk = contents.clone();
     on_disk[5] = vec![b'x'; contents[5].len()];
-    std::fs::write(root.join("old.bin"), on_disk.concat()).unwrap();
-    let store = weft_node::store::Store::open(&home.path().join("store.redb"), [1; 8]).unwrap();
-    store
-        .commit_scan_batch(
-            &folder,
-            &[weft_node::store::LocalChange::Upsert {
-                path: RelPath::new("old.bin").unwrap(),
-                entry: weft_node::store::LocalEntry {
-                    kind: EntryKind::File,
-                    size: manifest.size(),
-                    mtime_ns: 1,
-                    mode: 0o644,
-                    inode: 1,
-                    manifest: Some(manifest.hash()),
-                    symlink_target: None,
-                },
-                manifest: Some(manifest.clone()),
-            }],
-            b"",
-        )
-        .unwrap();
+    let store = indexed_local_file(home.path(), &on_disk, &manifest);
     let fetched = download(&runtime, &client, store, &root, vec![server_id], &manifest);
     assert_eq!(std::fs::read(&fetched.temp).unwrap(), contents.concat());
     assert_eq!(
@@ -378,33 +356,11 @@ fn a_large_edit_fetches_its_new_blocks_while_the_rest_is_copied_locally() {
     let manifest = manifest_of(&contents);
     let old_manifest = manifest_of(&old_contents);
     *server_source.manifest.lock().unwrap() = Some(manifest.clone());
-    let folder = FolderId::new("shared").unwrap();
     let home = tempfile::tempdir().unwrap();
     let root = home.path().join("folder");
-    std::fs::create_dir_all(&root).unwrap();
     let mut on_disk = old_contents.clone();
     on_disk[100] = vec![b'x'; old_contents[100].len()];
-    std::fs::write(root.join("old.bin"), on_disk.concat()).unwrap();
-    let store = weft_node::store::Store::open(&home.path().join("store.redb"), [1; 8]).unwrap();
-    store
-        .commit_scan_batch(
-            &folder,
-            &[weft_node::store::LocalChange::Upsert {
-                path: RelPath::new("old.bin").unwrap(),
-                entry: weft_node::store::LocalEntry {
-                    kind: EntryKind::File,
-                    size: old_manifest.size(),
-                    mtime_ns: 1,
-                    mode: 0o644,
-                    inode: 1,
-                    manifest: Some(old_manifest.hash()),
-                    symlink_target: None,
-                },
-                manifest: Some(old_manifest.clone()),
-            }],
-            b"",
-        )
-        .unwrap();
+    let store = indexed_local_file(home.path(), &on_disk, &old_manifest);
     let fetched = download(&runtime, &client, store, &root, vec![server_id], &manifest);
     assert!(
         std::fs::read(&fetched.temp).unwrap() == contents.concat(),
@@ -424,6 +380,39 @@ fn a_large_edit_fetches_its_new_blocks_while_the_rest_is_copied_locally() {
         (contents[0].len() + contents[100].len()) as u64
     );
     runtime.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// A store in `home` whose folder `shared` (at `home/folder`) holds `old.bin`, written
+/// from `on_disk` and indexed as `manifest` (which it may no longer match).
+fn indexed_local_file(
+    home: &std::path::Path,
+    on_disk: &[Vec<u8>],
+    manifest: &Manifest,
+) -> weft_node::store::Store {
+    let root = home.join("folder");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("old.bin"), on_disk.concat()).unwrap();
+    let store = weft_node::store::Store::open(&home.join("store.redb"), [1; 8]).unwrap();
+    store
+        .commit_scan_batch(
+            &FolderId::new("shared").unwrap(),
+            &[weft_node::store::LocalChange::Upsert {
+                path: RelPath::new("old.bin").unwrap(),
+                entry: weft_node::store::LocalEntry {
+                    kind: EntryKind::File,
+                    size: manifest.size(),
+                    mtime_ns: 1,
+                    mode: 0o644,
+                    inode: 1,
+                    manifest: Some(manifest.hash()),
+                    symlink_target: None,
+                },
+                manifest: Some(manifest.clone()),
+            }],
+            b"",
+        )
+        .unwrap();
+    store
 }
 
 /// The manifest of a file made of `contents`, one block each.
