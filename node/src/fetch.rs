@@ -656,8 +656,8 @@ pub const OVERLAP_MIN_SIZE: u64 = EARLY_SYNC_BYTES;
 /// group, which is prepared as usual.
 ///
 /// An edit to a large file is mostly a local copy of its previous version (~0.15 s for
-/// 256 MiB on the bench machine), and the new blocks came over the network only after
-/// it (another 20-60 ms).
+/// 256 MiB on the bench machine); its new blocks were asked for only once the copy was
+/// done.
 fn plan_overlap(context: &FetchContext, downloads: &mut [Download]) -> Option<(Missing, Located)> {
     let [download] = downloads else {
         return None;
