@@ -158,7 +158,7 @@ fn prepare_locally(
     temp: &Path,
     manifest: &Manifest,
 ) -> Result<(TempFile, Missing), String> {
-    let (file, existing_len) = open_temp(temp, manifest, TempFile::open)?;
+    let (file, existing_len) = open_temp(temp, manifest)?;
     let missing = copy_locally(
         context,
         temp,
@@ -176,7 +176,6 @@ fn prepare_locally(
 fn open_temp(
     temp: &Path,
     manifest: &Manifest,
-    open: fn(&Path, u64) -> std::io::Result<TempFile>,
 ) -> Result<(TempFile, u64), String> {
     if let Some(parent) = temp.parent() {
         // Usually there: a lookup, where `mkdir` would take the directory's lock
@@ -186,7 +185,7 @@ fn open_temp(
         }
     }
     let existing_len = fs::metadata(temp).map(|m| m.len()).unwrap_or(0);
-    let file = open(temp, manifest.size()).map_err(|e| io_error("opening", temp, e))?;
+    let file = TempFile::open(temp, manifest.size()).map_err(|e| io_error("opening", temp, e))?;
     Ok((file, existing_len))
 }
 
@@ -214,7 +213,7 @@ fn copy_locally(
         return Ok(Missing::new());
     }
     let workers = copy_workers().min(blocks.len().div_ceil(64).max(1));
-    let write_back = WriteBack::new(file.file());
+    let write_back = WriteBack::new(file);
     let share = blocks.len().div_ceil(workers).max(1);
     let parts: Vec<Result<Vec<(BlockHash, u64)>, String>> = if workers == 1 {
         // Most files: no thread for a few blocks.
@@ -438,11 +437,11 @@ fn copy_run(
     }
     if let (Some((start, _)), true) = (verified.first(), verified.len() == run.blocks.len()) {
         // The whole run verified: one write.
-        file.write_cached_at(data, *start)
+        file.write_at(data, *start)
             .map_err(|e| io_error("writing", temp, e))?;
     } else {
         for (offset, bytes) in &verified {
-            file.write_cached_at(bytes, *offset)
+            file.write_at(bytes, *offset)
                 .map_err(|e| io_error("writing", temp, e))?;
         }
     }
@@ -482,7 +481,7 @@ fn copy_block(
         .or_else(|| context.versions.as_ref().and_then(|v| v.block(&block.hash)));
     match local {
         Some(data) => {
-            file.write_cached_at(&data, offset)
+            file.write_at(&data, offset)
                 .map_err(|e| io_error("writing", temp, e))?;
             write_back.wrote(data.len() as u64);
         }
@@ -502,9 +501,12 @@ struct WriteBack {
 }
 
 impl WriteBack {
-    fn new(file: &File) -> Self {
+    /// For `file`; one written directly has nothing to write back and gets none.
+    fn new(file: &TempFile) -> Self {
         Self {
-            file: file.try_clone().ok().map(Arc::new),
+            file: (!file.is_direct())
+                .then(|| file.file().try_clone().ok().map(Arc::new))
+                .flatten(),
             unsynced: std::sync::atomic::AtomicU64::new(0),
             running: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
@@ -702,7 +704,7 @@ fn plan_overlap(context: &FetchContext, downloads: &mut [Download]) -> Option<(M
         // All local, or a plain download (direct writes serve that better).
         return None;
     }
-    let (file, _) = open_temp(&download.temp, &download.manifest, TempFile::open_buffered).ok()?;
+    let (file, _) = open_temp(&download.temp, &download.manifest).ok()?;
     download.file = Some(Arc::new(file));
     // The blocks to fetch, plus the local copy as one more.
     download.waiting = elsewhere.len() + 1;
@@ -886,8 +888,8 @@ async fn request_blocks(
                 download
                     .file
                     .as_ref()
-                    .filter(|file| !file.is_direct() && download.manifest.size() > EARLY_SYNC_BYTES)
-                    .map(|file| WriteBack::new(file.file()))
+                    .filter(|_| download.manifest.size() > EARLY_SYNC_BYTES)
+                    .map(|file| WriteBack::new(file))
             })
             .collect()
     };
