@@ -171,12 +171,9 @@ fn prepare_locally(
     Ok((file, missing))
 }
 
-/// Opens (creating its directory if need be) the temp file of a download with `open`;
+/// Opens (creating its directory if need be) the temp file of a download;
 /// returns it and the length it had (blocks of an interrupted download are in it).
-fn open_temp(
-    temp: &Path,
-    manifest: &Manifest,
-) -> Result<(TempFile, u64), String> {
+fn open_temp(temp: &Path, manifest: &Manifest) -> Result<(TempFile, u64), String> {
     if let Some(parent) = temp.parent() {
         // Usually there: a lookup, where `mkdir` would take the directory's lock
         // (which every file created in it takes too) to find it exists.
