@@ -654,8 +654,8 @@ pub const OVERLAP_MIN_SIZE: u64 = EARLY_SYNC_BYTES;
 /// (by the block index and the version store: no file is read). `None` for any other
 /// group, which is prepared as usual.
 ///
-/// An edit to a large file is mostly a local copy of its previous version (~0.15 s for
-/// 256 MiB on the bench machine); its new blocks were asked for only once the copy was
+/// An edit to a large file is mostly a local copy of its previous version (0.15-0.7 s for
+/// 256 MiB on the bench machines); its new blocks were asked for only once the copy was
 /// done.
 fn plan_overlap(context: &FetchContext, downloads: &mut [Download]) -> Option<(Missing, Located)> {
     let [download] = downloads else {

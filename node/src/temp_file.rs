@@ -10,10 +10,10 @@
 //! Weft's buffers to the disk; small files, other systems and filesystems that refuse
 //! direct I/O use ordinary writes. That holds for local copies too (a small edit to a
 //! large file copies almost all of it from the previous version): through the page
-//! cache, B's rebuild of a 256 MiB file after a 10-byte insert took 0.36-0.85 s and
-//! 0.5-1.4 CPU-s on the bench machine, with direct writes 0.31-0.53 s and 0.2-0.35
-//! CPU-s (the source, itself written directly, is then read from the disk: ~0.18 s of
-//! reads for 256 MiB, which the kernel's readahead overlaps with the writes).
+//! cache, B's rebuild of a 256 MiB file after a 10-byte insert took 0.36-0.85 s
+//! (median 0.48) and 0.53-1.38 CPU-s (median 0.76) on the bench machine, with direct
+//! writes 0.31-0.76 s (median 0.44) and 0.21-0.81 CPU-s (median 0.26). The source,
+//! itself written directly, is then read from the disk (docs/benchmarks.md, session 11).
 //!
 //! In direct mode the blocks of one answer that follow one another in the file are
 //! written as one run: the run's whole [`SECTOR`]-aligned sectors are copied into one of
