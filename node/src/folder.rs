@@ -2,10 +2,12 @@
 //! share of the store, and turns scans into committed local changes.
 //!
 //! Commands arrive on a channel ([`FolderHandle`]): scan requests from the API, file
-//! events from the watcher, shutdown. File events only mark paths dirty; after a quiet
-//! time (`debounce_ms`, at most [`MAX_DEBOUNCE_FACTOR`] times that after the first event)
-//! the dirty paths are rescanned. More than [`MAX_DIRTY_PATHS`] dirty paths, or a watcher
-//! overflow, fall back to a full scan, as does the periodic full rescan.
+//! events from the watcher, shutdown. File events only mark paths dirty
+//! ([`crate::dirty`]): a finished change (a closed file, a rename, a delete) is rescanned
+//! after a few milliseconds, one still being written after a quiet time (`debounce_ms`),
+//! each at most [`crate::dirty::MAX_DEBOUNCE_FACTOR`] debounce periods after its first
+//! event. Too many dirty paths, or a watcher overflow, fall back to a full scan, as does
+//! the periodic full rescan.
 //!
 //! Every batch of changes becomes one document change and one store transaction
 //! ([`crate::store::Store::commit_scan_batch`]), so a crash loses at most the batch in
@@ -24,6 +26,7 @@ use weft_protocol::sync_parts::{self, SyncAssembly};
 use weft_protocol::wire::{ChangeSignatures, MAX_SIGNED_CHANGES, Message};
 use weft_protocol::{DeviceId, DeviceKey, FolderId, RelPath, Signature};
 
+use crate::dirty::{Change, DirtyPaths, Due};
 use crate::engine::{
     self, Action, FolderMode, LocalEntry, PathView, Remote, SyncedEntry, publish_entry, remote_of,
     tombstone,
@@ -33,10 +36,6 @@ use crate::net::NetHandle;
 use crate::scan::{Problem, ScanProgress, Scanner, Scope};
 use crate::store::{FolderRecord, LocalChange, Store, StoreError};
 
-/// Dirty paths beyond which a full scan is cheaper than a scan of each path.
-pub const MAX_DIRTY_PATHS: usize = 10_000;
-/// A burst of events delays its scan by at most this many debounce periods.
-pub const MAX_DEBOUNCE_FACTOR: u32 = 5;
 /// Changes per store transaction during a scan (also committed every [`BATCH_INTERVAL`]).
 pub const BATCH_CHANGES: usize = 2_000;
 /// Longest wait before a pending batch is committed and offered to peers.
@@ -224,8 +223,14 @@ pub enum FolderCommand {
         /// Where to send the result.
         reply: Option<mpsc::Sender<ScanResult>>,
     },
-    /// The watcher saw these absolute paths change.
-    FileEvents(Vec<PathBuf>),
+    /// The watcher saw these absolute paths change; `change` says whether the event
+    /// marks the change as complete.
+    FileEvents {
+        /// Absolute paths.
+        paths: Vec<PathBuf>,
+        /// Settled or still open.
+        change: Change,
+    },
     /// The watcher lost events; rescan everything.
     WatcherOverflow,
     /// A device that shares this folder connected.
@@ -433,12 +438,9 @@ pub fn start(
         finished: Vec::new(),
         finished_since: None,
         failed: BTreeSet::new(),
+        dirty: DirtyPaths::new(settings.debounce),
         settings,
         receiver,
-        dirty: BTreeSet::new(),
-        overflow: false,
-        first_dirty: None,
-        last_event: None,
         _watcher: watcher,
     };
     let thread = std::thread::Builder::new()
@@ -498,10 +500,7 @@ struct FolderActor {
     failed: BTreeSet<RelPath>,
     settings: FolderSettings,
     receiver: mpsc::Receiver<FolderCommand>,
-    dirty: BTreeSet<RelPath>,
-    overflow: bool,
-    first_dirty: Option<Instant>,
-    last_event: Option<Instant>,
+    dirty: DirtyPaths,
     _watcher: Option<crate::watch::Watcher>,
 }
 
@@ -514,7 +513,8 @@ impl FolderActor {
         let mut last_retry = Instant::now();
         loop {
             let mut deadline = self
-                .dirty_deadline()
+                .dirty
+                .deadline()
                 .map_or(next_full, |d| d.min(next_full));
             if !self.failed.is_empty() {
                 deadline = deadline.min(last_retry + RETRY_INTERVAL);
@@ -546,11 +546,8 @@ impl FolderActor {
                         let _ = reply.send(result);
                     }
                 }
-                Ok(FolderCommand::FileEvents(paths)) => self.mark_dirty(paths),
-                Ok(FolderCommand::WatcherOverflow) => {
-                    self.overflow = true;
-                    self.touch();
-                }
+                Ok(FolderCommand::FileEvents { paths, change }) => self.mark_dirty(paths, change),
+                Ok(FolderCommand::WatcherOverflow) => self.dirty.mark_full(Instant::now()),
                 Ok(FolderCommand::PeerConnected(device)) => {
                     self.peer_connected(device, Plan::Now);
                 }
@@ -578,17 +575,14 @@ impl FolderActor {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             let now = Instant::now();
-            if self.dirty_deadline().is_some_and(|d| d <= now) {
-                let scope = if self.overflow {
-                    Scope::Full
-                } else {
-                    Scope::Paths(collapse(std::mem::take(&mut self.dirty)))
-                };
-                self.dirty.clear();
-                self.overflow = false;
-                self.first_dirty = None;
-                self.last_event = None;
-                self.scan(scope);
+            match self.dirty.take_due(now) {
+                Some(Due::Full) => {
+                    self.scan(Scope::Full);
+                }
+                Some(Due::Paths(paths)) => {
+                    self.scan(Scope::Paths(collapse(paths)));
+                }
+                None => {}
             }
             if now >= next_full {
                 self.scan(Scope::Full);
@@ -628,37 +622,18 @@ impl FolderActor {
         self.settings.full_rescan_interval.mul_f64(factor)
     }
 
-    fn touch(&mut self) {
+    fn mark_dirty(&mut self, paths: Vec<PathBuf>, change: Change) {
         let now = Instant::now();
-        self.first_dirty.get_or_insert(now);
-        self.last_event = Some(now);
-    }
-
-    fn dirty_deadline(&self) -> Option<Instant> {
-        let (first, last) = (self.first_dirty?, self.last_event?);
-        let quiet = last + self.settings.debounce;
-        let cap = first + self.settings.debounce * MAX_DEBOUNCE_FACTOR;
-        Some(quiet.min(cap))
-    }
-
-    fn mark_dirty(&mut self, paths: Vec<PathBuf>) {
         for absolute in paths {
             match self.scanner.relative(&absolute) {
                 Some(path) if !self.scanner.is_ignored(&path, false) => {
-                    self.dirty.insert(path);
+                    self.dirty.mark(path, change, now);
                 }
                 Some(_) => {}
                 // The root itself (or an unusable name): only a full scan can tell.
-                None if absolute == self.scanner.root() => self.overflow = true,
+                None if absolute == self.scanner.root() => self.dirty.mark_full(now),
                 None => {}
             }
-        }
-        if self.dirty.len() > MAX_DIRTY_PATHS {
-            self.overflow = true;
-            self.dirty.clear();
-        }
-        if !self.dirty.is_empty() || self.overflow {
-            self.touch();
         }
     }
 

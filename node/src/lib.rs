@@ -14,6 +14,7 @@ pub mod client;
 pub mod coalescer;
 pub mod config;
 pub mod daemon;
+pub mod dirty;
 pub mod engine;
 pub mod events;
 pub mod fetch;

@@ -2,20 +2,37 @@
 //!
 //! notify's recommended backend (inotify on Linux) watches a folder recursively. Each
 //! event only sends its paths to the folder actor, which marks them dirty and rescans
-//! them after a debounce; the scanner alone decides what changed. Reads by anyone
-//! (including our own scanner) are not changes and are dropped here, and so are the
-//! events of Weft's own temp files (never scanned). An event that
-//! says events were lost, or a watcher error, asks for a full rescan.
+//! them after a debounce; the scanner alone decides what changed. Each event also says
+//! whether the change is complete ([`change_of`]): a file closed after writing, a
+//! rename, a delete or a new directory is rescanned at once, anything else after the
+//! debounce ([`crate::dirty`]). Reads by anyone (including our own scanner) are not
+//! changes and are dropped here, and so are the events of Weft's own temp files (never
+//! scanned). An event that says events were lost, or a watcher error, asks for a full
+//! rescan.
 
 use std::path::Path;
 use std::sync::mpsc;
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 
 use weft_protocol::path::TEMP_PREFIX;
 
+use crate::dirty::Change;
 use crate::folder::FolderCommand;
+
+/// Whether an event of this kind says its change is complete. Only kinds that say so
+/// for sure are [`Change::Settled`]; a platform whose watcher reports less (no close
+/// events) falls back to the debounce.
+pub fn change_of(kind: &EventKind) -> Change {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Modify(ModifyKind::Name(_))
+        | EventKind::Remove(_)
+        | EventKind::Create(CreateKind::Folder) => Change::Settled,
+        _ => Change::Open,
+    }
+}
 
 /// Whether `path` names one of Weft's temp files.
 fn is_temp_file(path: &Path) -> bool {
@@ -50,7 +67,10 @@ pub fn watch(root: &str, actor: mpsc::Sender<FolderCommand>) -> Option<Watcher> 
                 if paths.is_empty() {
                     return;
                 }
-                FolderCommand::FileEvents(paths)
+                FolderCommand::FileEvents {
+                    paths,
+                    change: change_of(&event.kind),
+                }
             }
             Err(error) => {
                 tracing::warn!(%error, "file watcher error; rescanning the folder");
@@ -95,7 +115,7 @@ mod tests {
             .any(|p: &std::path::PathBuf| p.ends_with("done.txt"))
             && Instant::now() < deadline
         {
-            if let Ok(FolderCommand::FileEvents(paths)) =
+            if let Ok(FolderCommand::FileEvents { paths, .. }) =
                 receiver.recv_timeout(Duration::from_millis(100))
             {
                 seen.extend(paths);
@@ -104,5 +124,59 @@ mod tests {
         assert!(seen.iter().any(|p| p.ends_with("other.txt")), "{seen:?}");
         assert!(seen.iter().any(|p| p.ends_with("done.txt")), "{seen:?}");
         assert!(!seen.iter().any(|p| is_temp_file(p)), "{seen:?}");
+    }
+
+    /// The events of `name` until `until` holds for them (or 5 s pass).
+    fn events_of(
+        receiver: &mpsc::Receiver<FolderCommand>,
+        name: &str,
+        until: impl Fn(&[Change]) -> bool,
+    ) -> Vec<Change> {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !until(&seen) && Instant::now() < deadline {
+            if let Ok(FolderCommand::FileEvents { paths, change }) =
+                receiver.recv_timeout(Duration::from_millis(50))
+                && paths.iter().any(|p| p.ends_with(name))
+            {
+                seen.push(change);
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn writes_to_an_open_file_are_open_and_its_close_or_rename_settles_it() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        let (sender, receiver) = mpsc::channel();
+        let root = dir.path().to_str().expect("utf-8 temp dir");
+        let _watcher = watch(root, sender).expect("watcher");
+        // A file still being written: its events are open, and stay so while it is.
+        let mut file = std::fs::File::create(dir.path().join("growing.log")).expect("create");
+        file.write_all(b"first line\n").expect("write");
+        let open = events_of(&receiver, "growing.log", |seen| seen.len() >= 2);
+        assert!(!open.is_empty(), "no event for the write");
+        assert!(open.iter().all(|&c| c == Change::Open), "{open:?}");
+        // Closed: settled.
+        drop(file);
+        let closed = events_of(&receiver, "growing.log", |seen| {
+            seen.contains(&Change::Settled)
+        });
+        assert_eq!(closed.last(), Some(&Change::Settled), "{closed:?}");
+        // An atomic save (written elsewhere, renamed in): settled.
+        let staged = outside.path().join("draft");
+        std::fs::write(&staged, b"saved").expect("write draft");
+        std::fs::rename(&staged, dir.path().join("saved.txt")).expect("rename in");
+        let saved = events_of(&receiver, "saved.txt", |seen| !seen.is_empty());
+        assert_eq!(saved, vec![Change::Settled]);
+        // A delete and a new directory: settled.
+        std::fs::remove_file(dir.path().join("saved.txt")).expect("delete");
+        let deleted = events_of(&receiver, "saved.txt", |seen| !seen.is_empty());
+        assert_eq!(deleted, vec![Change::Settled]);
+        std::fs::create_dir(dir.path().join("new-dir")).expect("mkdir");
+        let made = events_of(&receiver, "new-dir", |seen| !seen.is_empty());
+        assert_eq!(made, vec![Change::Settled]);
     }
 }
