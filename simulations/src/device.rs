@@ -388,7 +388,7 @@ impl Device {
         self.after_changes();
     }
 
-    /// The watcher's debounce expired: scan the dirty paths.
+    /// The scan delay after a user's change expired: scan the dirty paths.
     pub fn scan_dirty(&mut self, now: i64) {
         self.now = now;
         let dirty = std::mem::take(&mut self.dirty);

@@ -26,8 +26,11 @@ use crate::rng::Rng;
 /// 2026-11-27 09:03:04 UTC: the simulated clock's start.
 const EPOCH_NS: i64 = 1_795_770_184 * 1_000_000_000;
 const MS: i64 = 1_000_000;
-/// Watcher debounce (the node's default).
-const DEBOUNCE: i64 = 200 * MS;
+/// Delay from a user's change to the scan of its paths: the model's changes are complete
+/// when made (whole files written, renames, deletes), which the node rescans after
+/// [`weft_node::dirty::SETTLED_QUIET`] (a file still being written would wait for the
+/// 200 ms debounce instead).
+const SCAN_DELAY: i64 = weft_node::dirty::SETTLED_QUIET.as_millis() as i64 * MS;
 /// Full rescan interval (the node's is an hour; shorter here to exercise it).
 const FULL_SCAN: i64 = 30_000 * MS;
 /// Failed downloads are retried this often (the node's RETRY_INTERVAL).
@@ -890,7 +893,7 @@ impl World {
         }
         if !self.scan_pending[index] {
             self.scan_pending[index] = true;
-            self.schedule(DEBOUNCE, Event::ScanDirty(index));
+            self.schedule(SCAN_DELAY, Event::ScanDirty(index));
         }
     }
 
