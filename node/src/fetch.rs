@@ -158,7 +158,7 @@ fn prepare_locally(
     temp: &Path,
     manifest: &Manifest,
 ) -> Result<(TempFile, Missing), String> {
-    let (file, existing_len) = open_temp(temp, manifest)?;
+    let (file, existing_len) = open_temp(&context.root, temp, manifest)?;
     let missing = copy_locally(
         context,
         temp,
@@ -171,9 +171,41 @@ fn prepare_locally(
     Ok((file, missing))
 }
 
-/// Opens (creating its directory if need be) the temp file of a download;
-/// returns it and the length it had (blocks of an interrupted download are in it).
-fn open_temp(temp: &Path, manifest: &Manifest) -> Result<(TempFile, u64), String> {
+/// Refuses a temp file whose directory inside the folder `root` is reached through a
+/// symlink or a file. The download was planned when its parents were directories, but a
+/// change applied since (a remote directory replaced by a symlink, say to `/etc`) may
+/// have made one a symlink: opening the temp file, and making its missing directories,
+/// would then write outside the folder. Below a missing directory nothing can be a
+/// symlink yet, so the walk stops there.
+fn check_parents(root: &Path, temp: &Path) -> Result<(), String> {
+    let relative = temp
+        .strip_prefix(root)
+        .map_err(|_| format!("refused: {} is outside the folder", temp.display()))?;
+    let mut dir = root.to_path_buf();
+    let mut components: Vec<_> = relative.components().collect();
+    components.pop();
+    for component in components {
+        dir.push(component);
+        match fs::symlink_metadata(&dir) {
+            Ok(metadata) if metadata.file_type().is_dir() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "refused: {} is a symlink or file on this device",
+                    dir.display()
+                ));
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => return Err(io_error("checking", &dir, error)),
+        }
+    }
+    Ok(())
+}
+
+/// Opens (creating its directory if need be) the temp file of a download inside the
+/// folder `root` ([`check_parents`] first); returns it and the length it had (blocks of
+/// an interrupted download are in it).
+fn open_temp(root: &Path, temp: &Path, manifest: &Manifest) -> Result<(TempFile, u64), String> {
+    check_parents(root, temp)?;
     if let Some(parent) = temp.parent() {
         // Usually there: a lookup, where `mkdir` would take the directory's lock
         // (which every file created in it takes too) to find it exists.
@@ -701,7 +733,7 @@ fn plan_overlap(context: &FetchContext, downloads: &mut [Download]) -> Option<(M
         // All local, or a plain download (direct writes serve that better).
         return None;
     }
-    let (file, _) = open_temp(&download.temp, &download.manifest).ok()?;
+    let (file, _) = open_temp(&context.root, &download.temp, &download.manifest).ok()?;
     download.file = Some(Arc::new(file));
     // The blocks to fetch, plus the local copy as one more.
     download.waiting = elsewhere.len() + 1;
@@ -1105,4 +1137,42 @@ fn finish_temp(file: &TempFile, temp: &Path, mode: u32, mtime_ns: i64) -> Result
     file.set_modified(mtime)
         .map_err(|e| io_error("setting mtime of", temp, e))?;
     file.sync_all().map_err(|e| io_error("syncing", temp, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_protocol::BlockRef;
+
+    #[test]
+    fn a_temp_file_is_never_opened_through_a_symlink_or_file_parent() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        let manifest = Manifest::from_blocks(vec![BlockRef {
+            hash: BlockHash::of(b"data"),
+            len: 4,
+        }])
+        .expect("manifest");
+        // x became a symlink to a directory outside the folder after the download of
+        // x/y/file was planned.
+        std::os::unix::fs::symlink(outside.path(), root.path().join("x")).expect("symlink");
+        let temp = temp_path(root.path(), &RelPath::new("x/y/file").unwrap(), &manifest);
+        let error = open_temp(root.path(), &temp, &manifest)
+            .err()
+            .expect("refused");
+        assert!(error.contains("symlink or file"), "{error}");
+        let made: Vec<_> = std::fs::read_dir(outside.path()).expect("read").collect();
+        assert!(made.is_empty(), "made outside the folder: {made:?}");
+        // A file on the way is refused too.
+        std::fs::write(root.path().join("f"), b"file").expect("write");
+        let under_file = temp_path(root.path(), &RelPath::new("f/g/file").unwrap(), &manifest);
+        assert!(open_temp(root.path(), &under_file, &manifest).is_err());
+        // A real directory, with a missing one below it, is fine.
+        std::fs::remove_file(root.path().join("x")).expect("remove symlink");
+        std::fs::create_dir(root.path().join("x")).expect("mkdir");
+        let (file, existing) = open_temp(root.path(), &temp, &manifest).expect("opened");
+        drop(file);
+        assert_eq!(existing, 0);
+        assert!(temp.is_file(), "{}", temp.display());
+    }
 }

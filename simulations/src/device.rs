@@ -1205,6 +1205,11 @@ impl Device {
         key.update(manifest.hash().as_bytes());
         let name = key.finalize().to_hex()[..16].to_owned();
         let temp = temp_beside(path, &name);
+        // fetch::check_parents: a parent that became a symlink (or file) since the
+        // download was planned would put the temp file outside the folder.
+        if !self.parents_are_directories(path) {
+            return Err(DiskError::NotADirectory);
+        }
         if let Some(dir) = parent(disk_path(path)) {
             let roll = self.roll();
             self.disk.create_dir_all(dir, roll, true)?;
