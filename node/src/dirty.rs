@@ -99,24 +99,17 @@ impl DirtyPaths {
             self.open.touch(now);
             return;
         }
-        match change {
-            Change::Settled => {
-                self.open.paths.remove(&path);
-                if self.open.paths.is_empty() {
-                    self.open.clear();
-                }
-                self.settled.paths.insert(path);
-                self.settled.touch(now);
-            }
-            Change::Open => {
-                self.settled.paths.remove(&path);
-                if self.settled.paths.is_empty() {
-                    self.settled.clear();
-                }
-                self.open.paths.insert(path);
-                self.open.touch(now);
-            }
+        // The latest event decides which batch the path is in.
+        let (to, from) = match change {
+            Change::Settled => (&mut self.settled, &mut self.open),
+            Change::Open => (&mut self.open, &mut self.settled),
+        };
+        from.paths.remove(&path);
+        if from.paths.is_empty() {
+            from.clear();
         }
+        to.paths.insert(path);
+        to.touch(now);
         if self.settled.paths.len() + self.open.paths.len() > MAX_DIRTY_PATHS {
             self.mark_full(now);
         }
