@@ -338,52 +338,16 @@ pub fn tombstone(current: &Entry, now: i64, author: DeviceId) -> Entry {
     }
 }
 
-/// The document's view of a path, for the engine. Undecodable values are left out, and
-/// so are copies of versions their own author has replaced ([`drop_replaced_copies`]).
+/// The document's view of a path, for the engine. Undecodable values are left out.
 pub fn remote_of(document: &FolderDocument, path: &RelPath) -> Remote {
-    let written: Vec<(Entry, Option<DeviceId>)> = document
-        .get_all_written(path)
-        .map(|values| {
-            values
-                .into_iter()
-                .filter_map(|(entry, writer)| entry.ok().map(|entry| (entry, writer)))
-                .collect()
-        })
+    let mut values: Vec<Entry> = document
+        .get_all(path)
+        .map(|values| values.into_iter().filter_map(Result::ok).collect())
         .unwrap_or_default();
-    let mut values = drop_replaced_copies(written);
     if values.len() > 1 {
         return Remote::Conflict(values);
     }
     values.pop().map_or(Remote::Absent, Remote::Value)
-}
-
-/// Concurrent values, each with the device that wrote it into the document, minus the
-/// copies of versions that their author has replaced since: a value authored by device
-/// X but written by another device (one resolving an earlier conflict wrote X's version
-/// again), beside a value that X wrote itself.
-///
-/// Why the copy is older: concurrent writes do not see each other, so the resolver never
-/// saw X's own write here; it copied a version of X's that it had seen. X is sequential
-/// (its document changes are committed before they are offered, and a restarted node
-/// loads them), so that version came from an earlier write of X's at this path: X's
-/// user replaced it. It must not win by its mtime (a file moved over another keeps its
-/// older mtime), since X may no longer have its content, and nobody else may ever have
-/// had it (simulation seed 82). The same reasoning as [`deleted_by_author`], for edits.
-/// If the rule would leave nothing (two resolvers each wrote the other's version), every
-/// value is kept.
-pub fn drop_replaced_copies(written: Vec<(Entry, Option<DeviceId>)>) -> Vec<Entry> {
-    let wrote_itself = |device: &DeviceId| written.iter().any(|(_, w)| w.as_ref() == Some(device));
-    let replaced = |(entry, writer): &(Entry, Option<DeviceId>)| {
-        writer.as_ref() != Some(&entry.author) && wrote_itself(&entry.author)
-    };
-    if written.iter().all(replaced) {
-        return written.into_iter().map(|(entry, _)| entry).collect();
-    }
-    written
-        .iter()
-        .filter(|value| !replaced(value))
-        .map(|(entry, _)| entry.clone())
-        .collect()
 }
 
 /// The document entry that publishes a local row.
@@ -899,87 +863,6 @@ mod tests {
         assert_eq!(
             pick_winner(&[later.clone(), tombstone(b, 5_000_000_000)]),
             Some(&later)
-        );
-    }
-
-    #[test]
-    fn a_copy_of_a_version_its_author_replaced_does_not_win() {
-        use weft_protocol::document::actor_id;
-        let (x, y, z) = (device(1), device(2), device(3));
-        let path = path();
-        // X published a version at t=4 s beside one of Y's (t=1 s); Y resolved the
-        // conflict for X's and wrote it again. Concurrently X's user moved an older
-        // file (mtime t=2 s) over it.
-        let mut on_x = FolderDocument::new(actor_id(&x, [1; 8]));
-        let old = remote_file(1, x, 4_000_000_000);
-        on_x.put(&path, &old).unwrap();
-        on_x.commit(0, "x");
-        // Y wrote twice, so its value is automerge's own pick among the two (a later
-        // Lamport time): writing X's version then is a new operation, a copy. (Had
-        // automerge picked X's, Y's write would only delete its own value.)
-        let mut on_y = FolderDocument::new(actor_id(&y, [2; 8]));
-        on_y.put(&path, &remote_file(5, y, 500_000_000)).unwrap();
-        on_y.commit(0, "y");
-        on_y.put(&path, &remote_file(4, y, 1_000_000_000)).unwrap();
-        on_y.commit(0, "y again");
-        let mut on_y = FolderDocument::load(
-            &[],
-            [on_y.save().as_slice(), on_x.save().as_slice()],
-            actor_id(&y, [2; 8]),
-        )
-        .unwrap();
-        assert_eq!(on_y.get_all(&path).unwrap().len(), 2);
-        on_y.put(&path, &old).unwrap();
-        on_y.commit(0, "y resolves");
-        let newer = remote_file(2, x, 2_000_000_000);
-        on_x.put(&path, &newer).unwrap();
-        on_x.commit(0, "x moves a file over it");
-        let merge = |x_saved: &[u8], y_saved: &[u8]| {
-            FolderDocument::load(&[], [x_saved, y_saved], actor_id(&z, [3; 8])).unwrap()
-        };
-        let x_saved = on_x.save();
-        let both = merge(&x_saved, &on_y.save());
-        assert_eq!(both.get_all(&path).unwrap().len(), 2, "a real conflict");
-        // Without the rule X's old version would win by its mtime.
-        assert_eq!(pick_winner(&[old.clone(), newer.clone()]), Some(&old));
-        assert_eq!(remote_of(&both, &path), Remote::Value(newer.clone()));
-        // A later edit of Y's own makes a conflict with X's newer version.
-        let ys = remote_file(3, y, 3_000_000_000);
-        on_y.put(&path, &ys).unwrap();
-        on_y.commit(0, "y edits");
-        let three = merge(&x_saved, &on_y.save());
-        let Remote::Conflict(mut values) = remote_of(&three, &path) else {
-            panic!("{:?}", remote_of(&three, &path))
-        };
-        values.sort_by_key(|e| e.mtime_ns);
-        assert_eq!(values, vec![newer, ys]);
-    }
-
-    #[test]
-    fn replaced_copies_are_dropped_only_beside_their_authors_own_write() {
-        let (x, y) = (device(1), device(2));
-        let copy = remote_file(1, x, 4);
-        let own = remote_file(2, x, 2);
-        let other = remote_file(3, y, 3);
-        // A copy with no write of its author's beside it is an ordinary value.
-        assert_eq!(
-            drop_replaced_copies(vec![(copy.clone(), Some(y)), (other.clone(), Some(y))]),
-            vec![copy.clone(), other.clone()]
-        );
-        assert_eq!(
-            drop_replaced_copies(vec![(copy.clone(), Some(y)), (own.clone(), Some(x))]),
-            vec![own.clone()]
-        );
-        // Two resolvers that each wrote the other's version: nothing is dropped.
-        let copy_of_y = remote_file(4, y, 5);
-        assert_eq!(
-            drop_replaced_copies(vec![(copy.clone(), Some(y)), (copy_of_y.clone(), Some(x))]),
-            vec![copy, copy_of_y]
-        );
-        // A value whose writer is unknown counts as a copy.
-        assert_eq!(
-            drop_replaced_copies(vec![(own.clone(), None), (other.clone(), Some(x))]),
-            vec![other]
         );
     }
 
