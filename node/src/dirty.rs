@@ -124,12 +124,21 @@ impl DirtyPaths {
         self.open.touch(now);
     }
 
+    fn settled_deadline(&self) -> Option<Instant> {
+        self.settled.deadline(
+            SETTLED_QUIET.min(self.debounce),
+            self.debounce * MAX_DEBOUNCE_FACTOR,
+        )
+    }
+
+    fn open_deadline(&self) -> Option<Instant> {
+        self.open
+            .deadline(self.debounce, self.debounce * MAX_DEBOUNCE_FACTOR)
+    }
+
     /// When the next scan is due, if anything is dirty.
     pub fn deadline(&self) -> Option<Instant> {
-        let cap = self.debounce * MAX_DEBOUNCE_FACTOR;
-        let settled = self.settled.deadline(SETTLED_QUIET.min(self.debounce), cap);
-        let open = self.open.deadline(self.debounce, cap);
-        match (settled, open) {
+        match (self.settled_deadline(), self.open_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -137,11 +146,7 @@ impl DirtyPaths {
 
     /// Takes what is due at `now` (and forgets it), or `None`.
     pub fn take_due(&mut self, now: Instant) -> Option<Due> {
-        let cap = self.debounce * MAX_DEBOUNCE_FACTOR;
-        let open_due = self
-            .open
-            .deadline(self.debounce, cap)
-            .is_some_and(|d| d <= now);
+        let open_due = self.open_deadline().is_some_and(|d| d <= now);
         if self.full {
             if !open_due {
                 return None;
@@ -150,10 +155,7 @@ impl DirtyPaths {
             self.open.clear();
             return Some(Due::Full);
         }
-        let settled_due = self
-            .settled
-            .deadline(SETTLED_QUIET.min(self.debounce), cap)
-            .is_some_and(|d| d <= now);
+        let settled_due = self.settled_deadline().is_some_and(|d| d <= now);
         let mut paths = BTreeSet::new();
         if settled_due {
             paths.append(&mut self.settled.paths);

@@ -171,34 +171,43 @@ fn prepare_locally(
     Ok((file, missing))
 }
 
-/// Refuses a temp file whose directory inside the folder `root` is reached through a
-/// symlink or a file. The download was planned when its parents were directories, but a
-/// change applied since (a remote directory replaced by a symlink, say to `/etc`) may
-/// have made one a symlink: opening the temp file, and making its missing directories,
-/// would then write outside the folder. Below a missing directory nothing can be a
-/// symlink yet, so the walk stops there.
-fn check_parents(root: &Path, temp: &Path) -> Result<(), String> {
-    let relative = temp
-        .strip_prefix(root)
-        .map_err(|_| format!("refused: {} is outside the folder", temp.display()))?;
-    let mut dir = root.to_path_buf();
-    let mut components: Vec<_> = relative.components().collect();
-    components.pop();
-    for component in components {
-        dir.push(component);
-        match fs::symlink_metadata(&dir) {
-            Ok(metadata) if metadata.file_type().is_dir() => {}
-            Ok(_) => {
-                return Err(format!(
-                    "refused: {} is a symlink or file on this device",
-                    dir.display()
-                ));
-            }
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(error) => return Err(io_error("checking", &dir, error)),
+/// The first ancestor of `path` (inside `root`, `root` itself excluded) that exists
+/// and is not a real directory, or cannot be looked at; `None` if every existing one is
+/// a directory. A symlink (or file) on the way would let a write or delete under `path`
+/// land outside the folder.
+pub fn non_directory_parent(root: &Path, path: &Path) -> Option<PathBuf> {
+    let mut parent = path.parent();
+    while let Some(dir) = parent {
+        if dir == root || !dir.starts_with(root) {
+            return None;
         }
+        match fs::symlink_metadata(dir) {
+            Ok(metadata) if metadata.file_type().is_dir() => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            _ => return Some(dir.to_path_buf()),
+        }
+        parent = dir.parent();
     }
-    Ok(())
+    None
+}
+
+/// Refuses a temp file outside the folder `root`, or whose directory inside it is
+/// reached through a symlink or a file ([`non_directory_parent`]). The download was
+/// planned when its parents were directories, but a change applied since (a remote
+/// directory replaced by a symlink, say to `/etc`) may have made one a symlink: opening
+/// the temp file, and making its missing directories, would then write outside the
+/// folder.
+fn check_parents(root: &Path, temp: &Path) -> Result<(), String> {
+    if !temp.starts_with(root) {
+        return Err(format!("refused: {} is outside the folder", temp.display()));
+    }
+    match non_directory_parent(root, temp) {
+        Some(dir) => Err(format!(
+            "refused: {} is a symlink or file on this device, or cannot be read",
+            dir.display()
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Opens (creating its directory if need be) the temp file of a download inside the

@@ -887,20 +887,10 @@ fn remove_temp_files(dir: &std::path::Path) {
     }
 }
 
-/// True if every existing ancestor of `path` inside `root` is a real directory: a
-/// symlink (or file) on the way would let a write or delete land outside the folder.
+/// True if every existing ancestor of `path` inside `root` is a real directory
+/// ([`crate::fetch::non_directory_parent`]).
 fn parents_are_directories(root: &std::path::Path, path: &RelPath) -> bool {
-    let mut parent = path.parent();
-    while let Some(dir) = parent {
-        match std::fs::symlink_metadata(root.join(dir.as_str())) {
-            Ok(metadata) if metadata.file_type().is_dir() => {}
-            Ok(_) => return false,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(_) => return false,
-        }
-        parent = dir.parent();
-    }
-    true
+    crate::fetch::non_directory_parent(root, &root.join(path.as_str())).is_none()
 }
 
 /// When the paths a command touches are planned.
