@@ -81,7 +81,7 @@ pub enum FolderMode {
 }
 
 /// Everything the engine knows about one path.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PathView<'a> {
     /// The path.
     pub path: &'a RelPath,
@@ -91,6 +91,20 @@ pub struct PathView<'a> {
     pub synced: Option<&'a SyncedEntry>,
     /// In the document.
     pub remote: Remote,
+    /// The document's view of any other path: a conflict copy is named where the
+    /// document holds no other version ([`free_copy_path`]).
+    pub remote_at: &'a dyn Fn(&RelPath) -> Remote,
+}
+
+impl std::fmt::Debug for PathView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PathView")
+            .field("path", &self.path)
+            .field("local", &self.local)
+            .field("synced", &self.synced)
+            .field("remote", &self.remote)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the shell must do. Each action names what it expects to find, so the shell
@@ -287,12 +301,14 @@ pub fn conflict_copy_path(path: &RelPath, mtime_ns: i64, author: &DeviceId) -> R
     })
 }
 
-/// The `n`th alternative to a conflict-copy name (`n >= 2`), for when a device moves
-/// its own version aside and the name is taken (two losing versions written in the
-/// same second): `report.sync-conflict-20261127-090304-ABCDEFG-2.txt`.
+/// The `n`th alternative to a conflict-copy name (`n >= 2`), for when the name is
+/// taken (two losing versions by one device written in the same second):
+/// `report.sync-conflict-20261127-090304-ABCDEFG-2.txt`. `n` is added to the name
+/// given, so callers trying several numbers pass the same name each time.
 pub fn numbered_copy_path(copy: &RelPath, n: u32) -> Option<RelPath> {
     let name = copy.file_name();
-    let marker = name.find(CONFLICT_MARKER)?;
+    // The last marker: a copy of a conflict copy has two.
+    let marker = name.rfind(CONFLICT_MARKER)?;
     // The extension (if any) follows the stamp and device: after the marker's tail.
     let tail_start = marker + CONFLICT_MARKER.len();
     let (stem, extension) = match name[tail_start..].find('.') {
@@ -304,6 +320,46 @@ pub fn numbered_copy_path(copy: &RelPath, n: u32) -> Option<RelPath> {
         Some(parent) => parent.join(&numbered).ok(),
         None => RelPath::new(&numbered).ok(),
     }
+}
+
+/// How many numbered alternatives to a conflict-copy name are tried.
+pub const MAX_COPY_NUMBER: u32 = 1000;
+
+/// The conflict-copy name for a version of `path` (written at `mtime_ns` by `author`)
+/// that the document holds for no other version: the plain name
+/// ([`conflict_copy_path`]), else its numbered alternatives `-2`, `-3`, ...
+///
+/// A name is free where the document has nothing live, or only values for which
+/// `same` is true (another device's resolution already put this version there). Why:
+/// putting a value supersedes every value the writer sees at that key, so a copy
+/// written over an earlier copy of another version would delete that version from the
+/// document (simulation seed 190: two rounds of concurrent edits within one second).
+/// Devices that see the same document derive the same name; devices that do not may
+/// pick different names, which costs a duplicate copy, never a version.
+pub fn free_copy_path(
+    path: &RelPath,
+    mtime_ns: i64,
+    author: &DeviceId,
+    same: &dyn Fn(&Entry) -> bool,
+    remote_at: &dyn Fn(&RelPath) -> Remote,
+) -> RelPath {
+    let plain = conflict_copy_path(path, mtime_ns, author);
+    let free = |candidate: &RelPath| {
+        let holds_other = |entry: &Entry| !entry.deleted && !same(entry);
+        match remote_at(candidate) {
+            Remote::Absent => true,
+            Remote::Value(entry) => !holds_other(&entry),
+            Remote::Conflict(values) => !values.iter().any(holds_other),
+        }
+    };
+    if free(&plain) {
+        return plain;
+    }
+    (2..=MAX_COPY_NUMBER)
+        .filter_map(|n| numbered_copy_path(&plain, n))
+        .find(|candidate| free(candidate))
+        // Every name taken: the plain one (a conflict there is resolved in turn).
+        .unwrap_or(plain)
 }
 
 /// The entry a local row would publish, for conflict-copy naming and comparisons.
@@ -338,16 +394,52 @@ pub fn tombstone(current: &Entry, now: i64, author: DeviceId) -> Entry {
     }
 }
 
-/// The document's view of a path, for the engine. Undecodable values are left out.
+/// The document's view of a path, for the engine. Undecodable values are left out, and
+/// so are copies of versions their own author has replaced ([`drop_replaced_copies`]).
 pub fn remote_of(document: &FolderDocument, path: &RelPath) -> Remote {
-    let mut values: Vec<Entry> = document
-        .get_all(path)
-        .map(|values| values.into_iter().filter_map(Result::ok).collect())
+    let written: Vec<(Entry, Option<DeviceId>)> = document
+        .get_all_written(path)
+        .map(|values| {
+            values
+                .into_iter()
+                .filter_map(|(entry, writer)| entry.ok().map(|entry| (entry, writer)))
+                .collect()
+        })
         .unwrap_or_default();
+    let mut values = drop_replaced_copies(written);
     if values.len() > 1 {
         return Remote::Conflict(values);
     }
     values.pop().map_or(Remote::Absent, Remote::Value)
+}
+
+/// Concurrent values, each with the device that wrote it into the document, minus the
+/// copies of versions that their author has replaced since: a value authored by device
+/// X but written by another device (one resolving an earlier conflict wrote X's version
+/// again), beside a value that X wrote itself.
+///
+/// Why the copy is older: concurrent writes do not see each other, so the resolver never
+/// saw X's own write here; it copied a version of X's that it had seen. X is sequential
+/// (its document changes are committed before they are offered, and a restarted node
+/// loads them), so that version came from an earlier write of X's at this path: X's
+/// user replaced it. It must not win by its mtime (a file moved over another keeps its
+/// older mtime), since X may no longer have its content, and nobody else may ever have
+/// had it (simulation seed 82). The same reasoning as [`deleted_by_author`], for edits.
+/// If the rule would leave nothing (two resolvers each wrote the other's version), every
+/// value is kept.
+pub fn drop_replaced_copies(written: Vec<(Entry, Option<DeviceId>)>) -> Vec<Entry> {
+    let wrote_itself = |device: &DeviceId| written.iter().any(|(_, w)| w.as_ref() == Some(device));
+    let replaced = |(entry, writer): &(Entry, Option<DeviceId>)| {
+        writer.as_ref() != Some(&entry.author) && wrote_itself(&entry.author)
+    };
+    if written.iter().all(replaced) {
+        return written.into_iter().map(|(entry, _)| entry).collect();
+    }
+    written
+        .iter()
+        .filter(|value| !replaced(value))
+        .map(|(entry, _)| entry.clone())
+        .collect()
 }
 
 /// The document entry that publishes a local row.
@@ -497,8 +589,9 @@ pub fn plan_path(view: &PathView<'_>, mode: FolderMode, device: &DeviceId) -> Ve
                     expected: Some(local.clone()),
                 }];
             }
+            let ours = |entry: &Entry| local_matches(Some(local), Some(entry));
             vec![Action::MoveToConflictCopy {
-                to: conflict_copy_path(&path, local_mtime(local), device),
+                to: free_copy_path(&path, local_mtime(local), device, &ours, view.remote_at),
                 path,
                 expected: local.clone(),
             }]
@@ -519,17 +612,46 @@ fn publish_or_keep(path: RelPath, mode: FolderMode, local_exists: bool) -> Vec<A
 /// aside locally so that it need not be fetched back.
 fn plan_resolution(view: &PathView<'_>, values: &[Entry], winner: Entry) -> Vec<Action> {
     let mut copies: Vec<(RelPath, Entry)> = Vec::new();
-    for loser in values {
+    // In one order on every device, so that two losers wanting one name get the same
+    // names everywhere.
+    let mut losers: Vec<&Entry> = values.iter().collect();
+    losers.sort_by_cached_key(|e| (e.mtime_ns, e.author, e.encode()));
+    // The version this device last agreed on, if its user has replaced or deleted it
+    // since: it gets no conflict copy (it may exist nowhere any more; simulation seed
+    // 190: a user's `rm -rf` came back as a copy of the file it deleted).
+    let replaced_here = view
+        .synced
+        .map(|s| &s.entry)
+        .filter(|entry| !local_matches(view.local, Some(entry)));
+    for loser in losers {
         if loser.deleted
             || deleted_by_author(loser, values)
             || same_content(Some(loser), Some(&winner))
+            || replaced_here.is_some_and(|old| same_content(Some(old), Some(loser)))
         {
             continue;
         }
-        let copy_path = conflict_copy_path(view.path, loser.mtime_ns, &loser.author);
-        if !copies.iter().any(|(p, e)| p == &copy_path && e == loser) {
-            copies.push((copy_path, loser.clone()));
+        if copies.iter().any(|(_, e)| e == loser) {
+            continue;
         }
+        // Free in the document and among the copies this resolution writes.
+        let same = |entry: &Entry| same_content(Some(entry), Some(loser));
+        let remote_at = |candidate: &RelPath| {
+            let chosen = copies.iter().find(|(p, _)| p == candidate);
+            match (chosen, (view.remote_at)(candidate)) {
+                (Some((_, entry)), Remote::Absent) => Remote::Value(entry.clone()),
+                (Some((_, entry)), Remote::Value(value)) => {
+                    Remote::Conflict(vec![entry.clone(), value])
+                }
+                (Some((_, entry)), Remote::Conflict(mut values)) => {
+                    values.push(entry.clone());
+                    Remote::Conflict(values)
+                }
+                (None, remote) => remote,
+            }
+        };
+        let copy_path = free_copy_path(view.path, loser.mtime_ns, &loser.author, &same, &remote_at);
+        copies.push((copy_path, loser.clone()));
     }
     copies.sort_by(|a, b| a.0.cmp(&b.0));
     let mut actions = Vec::new();
@@ -558,6 +680,7 @@ fn plan_resolution(view: &PathView<'_>, values: &[Entry], winner: Entry) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
     use weft_protocol::{BlockHash, BlockRef, DeviceKey};
 
     fn device(seed: u8) -> DeviceId {
@@ -630,6 +753,7 @@ mod tests {
                 local: local.as_ref(),
                 synced: synced.as_ref(),
                 remote,
+                remote_at: &|_| Remote::Absent,
             },
             FolderMode::SendReceive,
             &device(9),
@@ -727,6 +851,7 @@ mod tests {
                 local: Some(&local),
                 synced: Some(&synced),
                 remote: Remote::Value(synced.entry.clone()),
+                remote_at: &|_| Remote::Absent,
             },
             FolderMode::ReceiveOnly,
             &device(9),
@@ -748,6 +873,7 @@ mod tests {
                     local,
                     synced: None,
                     remote: Remote::Conflict(values),
+                    remote_at: &|_| Remote::Absent,
                 },
                 FolderMode::SendReceive,
                 &device(9),
@@ -813,6 +939,7 @@ mod tests {
                     local: Some(&dir(local)),
                     synced: Some(&synced),
                     remote: Remote::Value(entry(remote)),
+                    remote_at: &|_| Remote::Absent,
                 },
                 FolderMode::SendReceive,
                 &device(9),
@@ -850,6 +977,7 @@ mod tests {
                 local: None,
                 synced: None,
                 remote: Remote::Conflict(values),
+                remote_at: &|_| Remote::Absent,
             },
             FolderMode::SendReceive,
             &device(9),
@@ -863,6 +991,234 @@ mod tests {
         assert_eq!(
             pick_winner(&[later.clone(), tombstone(b, 5_000_000_000)]),
             Some(&later)
+        );
+    }
+
+    #[test]
+    fn a_copy_of_a_version_its_author_replaced_does_not_win() {
+        use weft_protocol::document::actor_id;
+        let (x, y, z) = (device(1), device(2), device(3));
+        let path = path();
+        // X published a version at t=4 s beside one of Y's (t=1 s); Y resolved the
+        // conflict for X's and wrote it again. Concurrently X's user moved an older
+        // file (mtime t=2 s) over it.
+        let mut on_x = FolderDocument::new(actor_id(&x, [1; 8]));
+        let old = remote_file(1, x, 4_000_000_000);
+        on_x.put(&path, &old).unwrap();
+        on_x.commit(0, "x");
+        // Y wrote twice, so its value is automerge's own pick among the two (a later
+        // Lamport time): writing X's version then is a new operation, a copy. (Had
+        // automerge picked X's, Y's write would only delete its own value.)
+        let mut on_y = FolderDocument::new(actor_id(&y, [2; 8]));
+        on_y.put(&path, &remote_file(5, y, 500_000_000)).unwrap();
+        on_y.commit(0, "y");
+        on_y.put(&path, &remote_file(4, y, 1_000_000_000)).unwrap();
+        on_y.commit(0, "y again");
+        let mut on_y = FolderDocument::load(
+            &[],
+            [on_y.save().as_slice(), on_x.save().as_slice()],
+            actor_id(&y, [2; 8]),
+        )
+        .unwrap();
+        assert_eq!(on_y.get_all(&path).unwrap().len(), 2);
+        on_y.put(&path, &old).unwrap();
+        on_y.commit(0, "y resolves");
+        let newer = remote_file(2, x, 2_000_000_000);
+        on_x.put(&path, &newer).unwrap();
+        on_x.commit(0, "x moves a file over it");
+        let merge = |x_saved: &[u8], y_saved: &[u8]| {
+            FolderDocument::load(&[], [x_saved, y_saved], actor_id(&z, [3; 8])).unwrap()
+        };
+        let x_saved = on_x.save();
+        let both = merge(&x_saved, &on_y.save());
+        assert_eq!(both.get_all(&path).unwrap().len(), 2, "a real conflict");
+        // Without the rule X's old version would win by its mtime.
+        assert_eq!(pick_winner(&[old.clone(), newer.clone()]), Some(&old));
+        assert_eq!(remote_of(&both, &path), Remote::Value(newer.clone()));
+        // A later edit of Y's own makes a conflict with X's newer version.
+        let ys = remote_file(3, y, 3_000_000_000);
+        on_y.put(&path, &ys).unwrap();
+        on_y.commit(0, "y edits");
+        let three = merge(&x_saved, &on_y.save());
+        let Remote::Conflict(mut values) = remote_of(&three, &path) else {
+            panic!("{:?}", remote_of(&three, &path))
+        };
+        values.sort_by_key(|e| e.mtime_ns);
+        assert_eq!(values, vec![newer, ys]);
+    }
+
+    #[test]
+    fn replaced_copies_are_dropped_only_beside_their_authors_own_write() {
+        let (x, y) = (device(1), device(2));
+        let copy = remote_file(1, x, 4);
+        let own = remote_file(2, x, 2);
+        let other = remote_file(3, y, 3);
+        // A copy with no write of its author's beside it is an ordinary value.
+        assert_eq!(
+            drop_replaced_copies(vec![(copy.clone(), Some(y)), (other.clone(), Some(y))]),
+            vec![copy.clone(), other.clone()]
+        );
+        assert_eq!(
+            drop_replaced_copies(vec![(copy.clone(), Some(y)), (own.clone(), Some(x))]),
+            vec![own.clone()]
+        );
+        // Two resolvers that each wrote the other's version: nothing is dropped.
+        let copy_of_y = remote_file(4, y, 5);
+        assert_eq!(
+            drop_replaced_copies(vec![(copy.clone(), Some(y)), (copy_of_y.clone(), Some(x))]),
+            vec![copy, copy_of_y]
+        );
+        // A value whose writer is unknown counts as a copy.
+        assert_eq!(
+            drop_replaced_copies(vec![(own.clone(), None), (other.clone(), Some(x))]),
+            vec![other]
+        );
+    }
+
+    #[test]
+    fn a_version_its_user_replaced_or_deleted_here_gets_no_copy_here() {
+        let path = path();
+        // This device had agreed on version 1 (synced); a concurrent edit by A wins.
+        let mine = synced(1);
+        let winner = remote_file(2, device(1), 9_000_000_000);
+        let values = vec![mine.entry.clone(), winner.clone()];
+        let resolve = |local: Option<&LocalEntry>| {
+            plan_path(
+                &PathView {
+                    path: &path,
+                    local,
+                    synced: Some(&mine),
+                    remote: Remote::Conflict(values.clone()),
+                    remote_at: &|_| Remote::Absent,
+                },
+                FolderMode::SendReceive,
+                &device(9),
+            )
+        };
+        let copies = |actions: &[Action]| match actions.first() {
+            Some(Action::Resolve {
+                winner: w, copies, ..
+            }) => {
+                assert_eq!(w, &winner);
+                copies.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>()
+            }
+            other => panic!("{other:?}"),
+        };
+        // Still on disk: kept as a conflict copy, moved aside locally.
+        let on_disk = local_file(1);
+        let actions = resolve(Some(&on_disk));
+        assert_eq!(copies(&actions), vec![mine.entry.clone()]);
+        assert_eq!(kinds(&actions), vec!["resolve", "conflict_copy"]);
+        // Deleted here since: no copy of it (it may exist nowhere any more).
+        assert!(copies(&resolve(None)).is_empty());
+        // Replaced here by a new edit: no copy of the old one either; the new edit
+        // is this device's to publish (as a conflict copy once the winner is in).
+        let edited = local_file(7);
+        assert!(copies(&resolve(Some(&edited))).is_empty());
+    }
+
+    #[test]
+    fn a_conflict_copy_never_takes_a_name_the_document_holds_for_another_version() {
+        let (a, b) = (device(1), device(2));
+        let path = path();
+        // Two rounds of concurrent edits within one second: B's losers of both rounds
+        // have the same plain copy name.
+        let first_loser = remote_file(2, b, 1_100_000_000);
+        let second_loser = remote_file(3, b, 1_200_000_000);
+        let winner = remote_file(4, a, 1_900_000_000);
+        let plain = conflict_copy_path(&path, second_loser.mtime_ns, &b);
+        assert_eq!(plain, conflict_copy_path(&path, first_loser.mtime_ns, &b));
+        let resolve = |at_plain: Remote| {
+            let remote_at = |other: &RelPath| {
+                if other == &plain {
+                    at_plain.clone()
+                } else {
+                    Remote::Absent
+                }
+            };
+            let actions = plan_path(
+                &PathView {
+                    path: &path,
+                    local: None,
+                    synced: None,
+                    remote: Remote::Conflict(vec![second_loser.clone(), winner.clone()]),
+                    remote_at: &remote_at,
+                },
+                FolderMode::SendReceive,
+                &device(9),
+            );
+            let Action::Resolve { copies, .. } = &actions[0] else {
+                panic!("{actions:?}")
+            };
+            assert_eq!(copies.len(), 1, "{copies:?}");
+            assert_eq!(copies[0].1, second_loser);
+            copies[0].0.clone()
+        };
+        let second = numbered_copy_path(&plain, 2).unwrap();
+        // The first round's copy holds the plain name: the second goes beside it.
+        assert_eq!(resolve(Remote::Value(first_loser.clone())), second);
+        assert_eq!(
+            resolve(Remote::Conflict(vec![
+                first_loser.clone(),
+                second_loser.clone()
+            ])),
+            second
+        );
+        // Free: nothing there, a deleted copy, or this very version (another device's
+        // resolution wrote it already).
+        assert_eq!(resolve(Remote::Absent), plain);
+        assert_eq!(resolve(Remote::Value(tombstone(a, 5))), plain);
+        assert_eq!(resolve(Remote::Value(second_loser.clone())), plain);
+        // Two losers of one resolution with the same plain name get two names.
+        let values = vec![first_loser.clone(), second_loser.clone(), winner];
+        let actions = plan_path(
+            &PathView {
+                path: &path,
+                local: None,
+                synced: None,
+                remote: Remote::Conflict(values),
+                remote_at: &|_| Remote::Absent,
+            },
+            FolderMode::SendReceive,
+            &device(9),
+        );
+        let Action::Resolve { copies, .. } = &actions[0] else {
+            panic!("{actions:?}")
+        };
+        let names: BTreeSet<&RelPath> = copies.iter().map(|(p, _)| p).collect();
+        assert_eq!(names, BTreeSet::from([&plain, &second]));
+        // A device moving its own edit aside skips a name the document holds too.
+        let local = local_file(5);
+        let synced = synced(1);
+        let copy_of = |at_plain: Remote| {
+            let remote_at = |other: &RelPath| {
+                if other == &conflict_copy_path(&path, local.mtime_ns, &device(9)) {
+                    at_plain.clone()
+                } else {
+                    Remote::Absent
+                }
+            };
+            let actions = plan_path(
+                &PathView {
+                    path: &path,
+                    local: Some(&local),
+                    synced: Some(&synced),
+                    remote: Remote::Value(remote_file(6, a, 7)),
+                    remote_at: &remote_at,
+                },
+                FolderMode::SendReceive,
+                &device(9),
+            );
+            match &actions[..] {
+                [Action::MoveToConflictCopy { to, .. }] => to.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let mine = conflict_copy_path(&path, local.mtime_ns, &device(9));
+        assert_eq!(copy_of(Remote::Absent), mine);
+        assert_eq!(
+            copy_of(Remote::Value(remote_file(7, b, 1))),
+            numbered_copy_path(&mine, 2).unwrap()
         );
     }
 
@@ -895,6 +1251,13 @@ mod tests {
         assert_eq!(
             numbered_copy_path(&copy, 2).unwrap().to_string(),
             format!("a/b/report.sync-conflict-20261127-090304-{short}-2.txt")
+        );
+        let copy_of_copy = RelPath::new(&at(copy.as_str(), mtime)).unwrap();
+        assert_eq!(
+            numbered_copy_path(&copy_of_copy, 2).unwrap().to_string(),
+            format!(
+                "a/b/report.sync-conflict-20261127-090304-{short}.sync-conflict-20261127-090304-{short}-2.txt"
+            )
         );
         let copy = RelPath::new(&at("Makefile", mtime)).unwrap();
         assert_eq!(

@@ -1225,6 +1225,7 @@ impl FolderActor {
                     local: local.as_ref(),
                     synced: synced.as_ref(),
                     remote: remote_of(&self.recorder.document, &path),
+                    remote_at: &|other| remote_of(&self.recorder.document, other),
                 };
                 let actions = engine::plan_path(&view, self.recorder.mode, &self.recorder.device);
                 for action in actions {
@@ -1444,11 +1445,12 @@ impl FolderActor {
                 }
                 // The name is taken (an earlier version moved aside in the same
                 // second): number this one.
+                let planned = to.clone();
                 let mut to = to;
                 let mut n = 2;
                 while std::fs::symlink_metadata(root.join(to.as_str())).is_ok() {
-                    match engine::numbered_copy_path(&to, n) {
-                        Some(next) if n < 1000 => to = next,
+                    match engine::numbered_copy_path(&planned, n) {
+                        Some(next) if n < engine::MAX_COPY_NUMBER => to = next,
                         _ => {
                             tracing::warn!(folder = %self.record.id, %path, "no free conflict-copy name");
                             return;
@@ -2029,6 +2031,7 @@ impl Recorder {
                 local,
                 synced: synced.as_ref(),
                 remote: remote_of(&self.document, path),
+                remote_at: &|other| remote_of(&self.document, other),
             };
             for action in engine::plan_path(&view, self.mode, &self.device) {
                 match action {

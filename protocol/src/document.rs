@@ -186,6 +186,10 @@ impl std::fmt::Debug for FolderDocument {
     }
 }
 
+/// One of the concurrent values at a path (or why it does not decode), with the device
+/// whose actor wrote it ([`FolderDocument::get_all_written`]).
+pub type WrittenValue = (Result<Entry, DocumentError>, Option<DeviceId>);
+
 /// The actor ID of a device's store: device ID bytes then a random suffix.
 pub fn actor_id(device: &DeviceId, suffix: [u8; ACTOR_SUFFIX_LEN]) -> ActorId {
     let mut bytes = device.as_bytes().to_vec();
@@ -274,16 +278,34 @@ impl FolderDocument {
         &self,
         path: &RelPath,
     ) -> Result<Vec<Result<Entry, DocumentError>>, DocumentError> {
+        Ok(self
+            .get_all_written(path)?
+            .into_iter()
+            .map(|(entry, _)| entry)
+            .collect())
+    }
+
+    /// [`Self::get_all`], each value with the device whose actor wrote it into the
+    /// document (`None` for an actor outside Weft's layout). The writer differs from
+    /// the entry's author when a device resolving a conflict wrote another device's
+    /// version again. Received changes are checked to be signed by the device their
+    /// actor names, so the writer is authenticated.
+    pub fn get_all_written(&self, path: &RelPath) -> Result<Vec<WrittenValue>, DocumentError> {
         let values = self
             .doc
             .get_all(automerge::ROOT, entry_key(path))
             .map_err(automerge_error)?;
         Ok(values
             .iter()
-            .map(|(value, _)| {
-                value_bytes(value)
+            .map(|(value, id)| {
+                let entry = value_bytes(value)
                     .ok_or_else(|| DocumentError::Entry("not a bytes value".into()))
-                    .and_then(Entry::decode)
+                    .and_then(Entry::decode);
+                let writer = match id {
+                    automerge::ObjId::Id(_, actor, _) => actor_device(actor),
+                    automerge::ObjId::Root => None,
+                };
+                (entry, writer)
             })
             .collect())
     }

@@ -342,7 +342,26 @@ impl Device {
                         )
                     }
                 };
-                format!("{path}: local {local}; synced {synced}; document {remote}")
+                // Every value automerge holds, with its writer (the engine may hide some).
+                let written: Vec<String> = self
+                    .doc
+                    .get_all_written(path)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(entry, writer)| {
+                        format!(
+                            "{} written by {}",
+                            entry
+                                .as_ref()
+                                .map_or("undecodable".to_owned(), describe_entry),
+                            writer.map_or("?".to_owned(), |w| w.short())
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{path}: local {local}; synced {synced}; document {remote} [{}]",
+                    written.join("; ")
+                )
             })
             .collect()
     }
@@ -609,6 +628,7 @@ impl Device {
                 local,
                 synced: self.store.synced.get(path),
                 remote: remote_of(&self.doc, path),
+                remote_at: &|other| remote_of(&self.doc, other),
             };
             for action in engine::plan_path(&view, FolderMode::SendReceive, &self.id) {
                 match action {
@@ -774,6 +794,7 @@ impl Device {
                     local: local.as_ref(),
                     synced: synced.as_ref(),
                     remote: remote_of(&self.doc, &path),
+                    remote_at: &|other| remote_of(&self.doc, other),
                 };
                 for action in engine::plan_path(&view, FolderMode::SendReceive, &self.id) {
                     self.execute(action, local.as_ref(), &mut rescan);
@@ -852,7 +873,16 @@ impl Device {
                     ok &= self.doc.put(copy, entry).is_ok();
                 }
                 if ok && self.commit_decisions(Vec::new()) {
-                    self.note(format!("resolved {path} ({} copies)", copies.len()));
+                    let named: Vec<String> = copies
+                        .iter()
+                        .map(|(copy, entry)| format!("{copy} = {}", describe_entry(entry)))
+                        .collect();
+                    self.note(format!(
+                        "resolved {path} as {} ({} copies: {})",
+                        describe_entry(&winner),
+                        copies.len(),
+                        named.join(", ")
+                    ));
                     self.needs_plan.insert(path);
                     self.needs_plan
                         .extend(copies.into_iter().map(|(copy, _)| copy));
@@ -972,11 +1002,12 @@ impl Device {
                     rescan.insert(path);
                     return;
                 }
+                let planned = to.clone();
                 let mut to = to;
                 let mut n = 2;
                 while self.disk.get(disk_path(&to)).is_some() {
-                    match engine::numbered_copy_path(&to, n) {
-                        Some(next) if n < 1000 => to = next,
+                    match engine::numbered_copy_path(&planned, n) {
+                        Some(next) if n < engine::MAX_COPY_NUMBER => to = next,
                         _ => return,
                     }
                     n += 1;
@@ -1456,4 +1487,16 @@ fn collapse(paths: BTreeSet<RelPath>) -> Vec<RelPath> {
         })
         .cloned()
         .collect()
+}
+
+/// An entry as traces show it: `deleted`, or its kind, first hash bytes and author.
+fn describe_entry(entry: &Entry) -> String {
+    if entry.deleted {
+        return format!("deleted by {}", entry.author.short());
+    }
+    let hash = entry
+        .content
+        .manifest_hash()
+        .map_or("-".to_owned(), |h| h.to_hex()[..8].to_owned());
+    format!("{:?} {hash} by {}", entry.kind, entry.author.short())
 }

@@ -380,6 +380,7 @@ pub fn check_case(seed: u64) -> Result<usize, String> {
                 local: local.as_ref(),
                 synced: synced.as_ref(),
                 remote: remote_of(&trees, &path),
+                remote_at: &|other| remote_of(&trees, other),
             };
             for action in engine::plan_path(&view, FolderMode::SendReceive, &me) {
                 planned.push((action, local.clone()));
@@ -547,10 +548,11 @@ fn apply(trees: &mut Trees, action: Action, planned_local: Option<&LocalEntry>, 
                 return;
             }
             // As the shell does: a taken name gets a number.
+            let planned = to.clone();
             let mut to = to;
             let mut n = 2;
             while trees.local.contains_key(&to) {
-                match engine::numbered_copy_path(&to, n) {
+                match engine::numbered_copy_path(&planned, n) {
                     Some(next) => to = next,
                     None => return,
                 }

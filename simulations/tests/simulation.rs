@@ -5,7 +5,7 @@ use weft_simulations::{Config, Sabotage, simulate};
 
 /// Seeds that found engine bugs, with the shape they failed in (see
 /// docs/simulation.md for each bug and its fix).
-const REGRESSIONS: [(u64, usize, u64); 7] = [
+const REGRESSIONS: [(u64, usize, u64); 9] = [
     // A deleted directory kept alive by an abandoned temp file: planning looped.
     (0, 2, 1500),
     // A document reloaded after a failed commit, with peers' sync states kept: the
@@ -22,6 +22,12 @@ const REGRESSIONS: [(u64, usize, u64); 7] = [
     (87, 4, 375),
     // Two conflict copies by one device in the same second: the second was never made.
     (99, 6, 1500),
+    // A resolver's copy of a version its author had replaced since won by its older
+    // mtime, with content nobody had.
+    (82, 4, 1500),
+    // Two rounds of conflicts within one second: the second round's copy was written
+    // over the first's; a user's delete of a version in conflict came back as a copy.
+    (190, 2, 1125),
 ];
 
 /// Seeds searched for one that catches a sabotaged shell.
