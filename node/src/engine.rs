@@ -395,18 +395,31 @@ pub fn tombstone(current: &Entry, now: i64, author: DeviceId) -> Entry {
 }
 
 /// The document's view of a path, for the engine. Undecodable values are left out, and
-/// so are copies of versions their own author has replaced ([`drop_replaced_copies`]).
+/// so are resolvers' rewrites of versions that have been replaced since: beside a value
+/// whose writer had seen that version and written over it
+/// ([`FolderDocument::overtaken_rewrites`], simulation seed 169), or beside a value the
+/// version's own author wrote ([`drop_replaced_copies`], seed 82). A rewrite carries no
+/// new edit, only an old version's mtime, and that version may exist nowhere any more.
+/// If every value would go, all are kept.
 pub fn remote_of(document: &FolderDocument, path: &RelPath) -> Remote {
-    let written: Vec<(Entry, Option<DeviceId>)> = document
-        .get_all_written(path)
-        .map(|values| {
-            values
-                .into_iter()
-                .filter_map(|(entry, writer)| entry.ok().map(|entry| (entry, writer)))
-                .collect()
+    let written = document.get_all_written(path).unwrap_or_default();
+    let overtaken = if written.len() > 1 {
+        document.overtaken_rewrites(path).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut decoded: Vec<((Entry, Option<DeviceId>), bool)> = written
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, (entry, writer))| {
+            let overtaken = overtaken.get(i).copied().unwrap_or(false);
+            entry.ok().map(|entry| ((entry, writer), overtaken))
         })
-        .unwrap_or_default();
-    let mut values = drop_replaced_copies(written);
+        .collect();
+    if decoded.iter().any(|(_, overtaken)| !overtaken) {
+        decoded.retain(|(_, overtaken)| !overtaken);
+    }
+    let mut values = drop_replaced_copies(decoded.into_iter().map(|(value, _)| value).collect());
     if values.len() > 1 {
         return Remote::Conflict(values);
     }

@@ -1343,9 +1343,24 @@ impl FolderActor {
                             }
                             let _ = std::fs::remove_file(&absolute);
                         }
-                        if let Err(error) = std::fs::create_dir_all(&absolute) {
-                            tracing::warn!(folder = %self.record.id, %path, %error, "cannot create directory");
-                        } else if entry.mode & 0o777 != 0 {
+                        let replaced = expected
+                            .as_ref()
+                            .is_some_and(|e| e.kind != EntryKind::Directory);
+                        let created = match std::fs::create_dir_all(&absolute) {
+                            Ok(()) => true,
+                            Err(error) => {
+                                tracing::warn!(folder = %self.record.id, %path, %error, "cannot create directory");
+                                false
+                            }
+                        };
+                        if created && replaced {
+                            // Paths under it were refused while it was a file or symlink:
+                            // plan them again now that it is a directory.
+                            self.recorder
+                                .needs_plan
+                                .extend(self.recorder.document.paths_under(&path));
+                        }
+                        if created && entry.mode & 0o777 != 0 {
                             use std::os::unix::fs::PermissionsExt;
                             let mode = std::fs::Permissions::from_mode(entry.mode & 0o7777);
                             if let Err(error) = std::fs::set_permissions(&absolute, mode) {

@@ -36,6 +36,8 @@ pub const ENTRY_PREFIX: &str = "f/";
 /// Manifests of at most this many blocks are inlined in their entry (8 x 36 bytes): a
 /// folder of small files then costs no manifest round trip per file.
 pub const INLINE_MANIFEST_BLOCKS: usize = 8;
+/// Changes walked back per value by [`FolderDocument::overtaken_rewrites`].
+pub const MAX_HISTORY_STEPS: usize = 256;
 /// Bytes of random suffix in an actor ID after the device ID.
 pub const ACTOR_SUFFIX_LEN: usize = 8;
 
@@ -310,6 +312,82 @@ impl FolderDocument {
             .collect())
     }
 
+    /// For each value of [`Self::get_all_written`] (same order): true if it is a rewrite
+    /// (written by a device other than its author, as a device resolving a conflict
+    /// writes the winner again) of a version that the writer of another current value,
+    /// a different version, had already seen at this path and written over. Such a rewrite is older than that
+    /// value in every sense but its mtime: its version was replaced, by a device that
+    /// saw it, before the rewrite arrived (simulation seed 169).
+    ///
+    /// Walks back through the writes at `path` behind each other value: the values
+    /// its change's dependencies held there, then theirs, at most
+    /// [`MAX_HISTORY_STEPS`] changes per value (beyond that: not seen). Only paths with
+    /// concurrent values and a rewrite among them pay for the walk.
+    pub fn overtaken_rewrites(&self, path: &RelPath) -> Result<Vec<bool>, DocumentError> {
+        let key = entry_key(path);
+        let values = self
+            .doc
+            .get_all(automerge::ROOT, key.as_str())
+            .map_err(automerge_error)?;
+        let mut overtaken = vec![false; values.len()];
+        if values.len() < 2 {
+            return Ok(overtaken);
+        }
+        for (i, (value, id)) in values.iter().enumerate() {
+            let Some(bytes) = value_bytes(value) else {
+                continue;
+            };
+            let writer = match id {
+                automerge::ObjId::Id(_, actor, _) => actor_device(actor),
+                automerge::ObjId::Root => None,
+            };
+            let is_rewrite = match Entry::decode(bytes) {
+                Ok(entry) => writer != Some(entry.author),
+                Err(_) => false,
+            };
+            if !is_rewrite {
+                continue;
+            }
+            // Another write of this same version re-asserts it; it overtakes nothing.
+            overtaken[i] = values.iter().enumerate().any(|(j, (other, other_id))| {
+                j != i
+                    && value_bytes(other) != Some(bytes)
+                    && self.seen_behind(&key, other_id, bytes)
+            });
+        }
+        Ok(overtaken)
+    }
+
+    /// True if `version` (an entry's bytes) was a value at `key` in the history behind
+    /// the write `from`: in the values its change's dependencies held there, or theirs,
+    /// and so on back (at most [`MAX_HISTORY_STEPS`] changes).
+    fn seen_behind(&self, key: &str, from: &automerge::ObjId, version: &[u8]) -> bool {
+        let mut queue = std::collections::VecDeque::from([from.clone()]);
+        let mut visited: std::collections::BTreeSet<automerge::ChangeHash> = Default::default();
+        while let Some(write) = queue.pop_front() {
+            let Some(change) = self.doc.hash_for_opid(&write) else {
+                continue;
+            };
+            if visited.len() >= MAX_HISTORY_STEPS || !visited.insert(change) {
+                continue;
+            }
+            // The change's dependencies: the heads its writer had when writing.
+            let Ok(bundle) = self.doc.bundle([change]) else {
+                continue;
+            };
+            let Ok(before) = self.doc.get_all_at(automerge::ROOT, key, bundle.deps()) else {
+                continue;
+            };
+            for (value, id) in before {
+                if value_bytes(&value) == Some(version) {
+                    return true;
+                }
+                queue.push_back(id);
+            }
+        }
+        false
+    }
+
     /// Every path in the document with its current entry, in path order. Keys outside
     /// the schema are skipped; invalid paths and entries are returned as errors.
     pub fn entries(&self) -> impl Iterator<Item = Result<DocumentEntry, DocumentError>> + '_ {
@@ -330,6 +408,18 @@ impl FolderDocument {
                 conflict: item.conflict,
             })
         })
+    }
+
+    /// The paths under directory `dir` that the document has (tombstones included), in
+    /// path order; paths that do not validate are skipped.
+    pub fn paths_under(&self, dir: &RelPath) -> Vec<RelPath> {
+        let start = format!("{ENTRY_PREFIX}{dir}/");
+        // '/' is followed by '0' in byte order.
+        let end = format!("{ENTRY_PREFIX}{dir}0");
+        self.doc
+            .map_range(automerge::ROOT, start..end)
+            .filter_map(|item| RelPath::new(&item.key[ENTRY_PREFIX.len()..]).ok())
+            .collect()
     }
 
     /// Number of paths (including tombstones).
@@ -516,6 +606,111 @@ mod tests {
 
     fn path(text: &str) -> RelPath {
         RelPath::new(text).unwrap()
+    }
+
+    /// A document of `device` holding everything in `saved`.
+    fn merged(device: u8, saved: &[&[u8]]) -> FolderDocument {
+        FolderDocument::load(
+            &[],
+            saved.iter().copied(),
+            actor_id(&self::device(device), [device; 8]),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn paths_under_a_directory() {
+        let mut doc = merged(1, &[]);
+        for p in ["a", "a/b", "a/b/c", "a.txt", "a0", "ab/x", "b/a/c"] {
+            doc.put(&path(p), &file(device(1), p.as_bytes())).unwrap();
+        }
+        doc.commit(0, "tree");
+        let under = |dir: &str| -> Vec<String> {
+            doc.paths_under(&path(dir))
+                .iter()
+                .map(|p| p.to_string())
+                .collect()
+        };
+        assert_eq!(under("a"), vec!["a/b", "a/b/c"]);
+        assert_eq!(under("a/b"), vec!["a/b/c"]);
+        assert!(under("ab/x").is_empty());
+        assert!(under("c").is_empty());
+    }
+
+    #[test]
+    fn a_rewrite_is_overtaken_only_by_a_writer_that_had_seen_its_version() {
+        let (x, y, r, d, e) = (device(1), device(2), device(3), device(4), device(5));
+        let at = path("notes");
+        // X and Y edit concurrently; R sees both and resolves by writing X's again.
+        let v = file(x, b"x's version");
+        let w = file(y, b"y's version");
+        let mut on_x = merged(1, &[]);
+        on_x.put(&at, &v).unwrap();
+        on_x.commit(0, "x");
+        let mut on_y = merged(2, &[]);
+        on_y.put(&at, &w).unwrap();
+        on_y.commit(0, "y");
+        let (x_saved, y_saved) = (on_x.save(), on_y.save());
+        let mut on_r = merged(3, &[&x_saved, &y_saved]);
+        assert_eq!(on_r.get_all(&at).unwrap().len(), 2);
+        // (Automerge keeps the original operation when a write repeats the value it
+        // shows; writing Y's first makes R's write of X's version a new operation, as
+        // it is whenever the engine's winner is not automerge's pick.)
+        on_r.put(&at, &w).unwrap();
+        on_r.put(&at, &v).unwrap();
+        on_r.commit(0, "r resolves");
+        let written = on_r.get_all_written(&at).unwrap();
+        assert_eq!(written.len(), 1);
+        assert_eq!(
+            written[0].1,
+            Some(r),
+            "R's resolution is a write of its own"
+        );
+        let r_saved = on_r.save();
+        // D saw the same conflict and its user replaced the file: a new edit.
+        let mut on_d = merged(4, &[&x_saved, &y_saved]);
+        let u = file(d, b"d's edit");
+        on_d.put(&at, &u).unwrap();
+        on_d.commit(0, "d edits");
+        // E never saw X's version: its edit is concurrent with it.
+        let mut on_e = merged(5, &[&y_saved]);
+        let z = file(e, b"e's edit");
+        on_e.put(&at, &z).unwrap();
+        on_e.commit(0, "e edits");
+        let (d_saved, e_saved) = (on_d.save(), on_e.save());
+
+        let sorted = |mut pairs: Vec<(Entry, bool)>| {
+            pairs.sort_by_key(|(entry, _)| entry.author);
+            pairs
+        };
+        let flags = |doc: &FolderDocument| {
+            let mut pairs: Vec<(Entry, bool)> = doc
+                .get_all_written(&at)
+                .unwrap()
+                .into_iter()
+                .map(|(entry, _)| entry.unwrap())
+                .zip(doc.overtaken_rewrites(&at).unwrap())
+                .collect();
+            pairs.sort_by_key(|(entry, _)| entry.author);
+            pairs
+        };
+        // R's rewrite beside D's edit: D had seen X's version, so the rewrite is older.
+        let with_d = merged(6, &[&r_saved, &d_saved]);
+        assert_eq!(flags(&with_d), sorted(vec![(v.clone(), true), (u, false)]));
+        // Beside E's edit it is a real conflict: E never saw X's version.
+        let with_e = merged(6, &[&r_saved, &e_saved]);
+        assert_eq!(flags(&with_e), sorted(vec![(v.clone(), false), (z, false)]));
+        // Two devices writing the same version again overtake nothing of each other.
+        let mut on_y_resolves = merged(2, &[&x_saved, &y_saved]);
+        on_y_resolves.put(&at, &w).unwrap();
+        on_y_resolves.put(&at, &v).unwrap();
+        on_y_resolves.commit(0, "y resolves too");
+        let both = merged(6, &[&r_saved, &on_y_resolves.save()]);
+        assert!(
+            flags(&both)
+                .iter()
+                .all(|(entry, overtaken)| entry == &v && !overtaken)
+        );
     }
 
     #[test]

@@ -928,8 +928,13 @@ impl Device {
                             let roll = self.roll();
                             let _ = self.disk.remove_file(disk_path(&path), roll, true);
                         }
+                        let replaced = expected
+                            .as_ref()
+                            .is_some_and(|e| e.kind != EntryKind::Directory);
                         if let Err(error) = self.disk.create_dir_all(disk_path(&path), roll, true) {
                             self.note(format!("cannot create directory {path}: {error:?}"));
+                        } else if replaced {
+                            self.needs_plan.extend(self.doc.paths_under(&path));
                         }
                         rescan.insert(path);
                     }
