@@ -5,7 +5,7 @@ use weft_simulations::{Config, Sabotage, simulate};
 
 /// Seeds that found engine bugs, with the shape they failed in (see
 /// docs/simulation.md for each bug and its fix).
-const REGRESSIONS: [(u64, usize, u64); 9] = [
+const REGRESSIONS: [(u64, usize, u64); 11] = [
     // A deleted directory kept alive by an abandoned temp file: planning looped.
     (0, 2, 1500),
     // A document reloaded after a failed commit, with peers' sync states kept: the
@@ -28,6 +28,12 @@ const REGRESSIONS: [(u64, usize, u64); 9] = [
     // Two rounds of conflicts within one second: the second round's copy was written
     // over the first's; a user's delete of a version in conflict came back as a copy.
     (190, 2, 1125),
+    // An early rewrite of a version that two devices had since deleted and overwritten
+    // won against a tombstone, with content nobody had.
+    (169, 6, 1500),
+    // A file refused under a symlink was not planned again once the symlink became the
+    // document's directory.
+    (153, 5, 1500),
 ];
 
 /// Seeds searched for one that catches a sabotaged shell.
