@@ -773,6 +773,29 @@ mod tests {
         )
     }
 
+    /// The conflict copies a device holding nothing writes for concurrent `values`.
+    fn resolution_copies(
+        path: &RelPath,
+        values: Vec<Entry>,
+        remote_at: &dyn Fn(&RelPath) -> Remote,
+    ) -> Vec<(RelPath, Entry)> {
+        let actions = plan_path(
+            &PathView {
+                path,
+                local: None,
+                synced: None,
+                remote: Remote::Conflict(values),
+                remote_at,
+            },
+            FolderMode::SendReceive,
+            &device(9),
+        );
+        match actions.first() {
+            Some(Action::Resolve { copies, .. }) => copies.clone(),
+            _ => panic!("{actions:?}"),
+        }
+    }
+
     fn kinds(actions: &[Action]) -> Vec<&'static str> {
         actions
             .iter()
@@ -984,20 +1007,7 @@ mod tests {
         let values = vec![rewritten, deleted, other.clone()];
         assert_eq!(pick_winner(&values), Some(&other));
         let path = path();
-        let actions = plan_path(
-            &PathView {
-                path: &path,
-                local: None,
-                synced: None,
-                remote: Remote::Conflict(values),
-                remote_at: &|_| Remote::Absent,
-            },
-            FolderMode::SendReceive,
-            &device(9),
-        );
-        let Action::Resolve { copies, .. } = &actions[0] else {
-            panic!("{actions:?}")
-        };
+        let copies = &resolution_copies(&path, values, &|_| Remote::Absent);
         assert!(copies.is_empty(), "{copies:?}");
         // A delete by the author *before* its edit does not count.
         let later = remote_file(4, b, 9_000_000_000);
@@ -1149,20 +1159,11 @@ mod tests {
                     Remote::Absent
                 }
             };
-            let actions = plan_path(
-                &PathView {
-                    path: &path,
-                    local: None,
-                    synced: None,
-                    remote: Remote::Conflict(vec![second_loser.clone(), winner.clone()]),
-                    remote_at: &remote_at,
-                },
-                FolderMode::SendReceive,
-                &device(9),
+            let copies = resolution_copies(
+                &path,
+                vec![second_loser.clone(), winner.clone()],
+                &remote_at,
             );
-            let Action::Resolve { copies, .. } = &actions[0] else {
-                panic!("{actions:?}")
-            };
             assert_eq!(copies.len(), 1, "{copies:?}");
             assert_eq!(copies[0].1, second_loser);
             copies[0].0.clone()
@@ -1184,20 +1185,7 @@ mod tests {
         assert_eq!(resolve(Remote::Value(second_loser.clone())), plain);
         // Two losers of one resolution with the same plain name get two names.
         let values = vec![first_loser.clone(), second_loser.clone(), winner];
-        let actions = plan_path(
-            &PathView {
-                path: &path,
-                local: None,
-                synced: None,
-                remote: Remote::Conflict(values),
-                remote_at: &|_| Remote::Absent,
-            },
-            FolderMode::SendReceive,
-            &device(9),
-        );
-        let Action::Resolve { copies, .. } = &actions[0] else {
-            panic!("{actions:?}")
-        };
+        let copies = &resolution_copies(&path, values, &|_| Remote::Absent);
         let names: BTreeSet<&RelPath> = copies.iter().map(|(p, _)| p).collect();
         assert_eq!(names, BTreeSet::from([&plain, &second]));
         // A device moving its own edit aside skips a name the document holds too.

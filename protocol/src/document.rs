@@ -37,7 +37,7 @@ pub const ENTRY_PREFIX: &str = "f/";
 /// folder of small files then costs no manifest round trip per file.
 pub const INLINE_MANIFEST_BLOCKS: usize = 8;
 /// Changes walked back per value by [`FolderDocument::overtaken_rewrites`].
-pub const MAX_HISTORY_STEPS: usize = 256;
+pub const MAX_HISTORY_STEPS: usize = 64;
 /// Bytes of random suffix in an actor ID after the device ID.
 pub const ACTOR_SUFFIX_LEN: usize = 8;
 
