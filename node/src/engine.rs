@@ -342,7 +342,7 @@ pub fn free_copy_path(
     author: &DeviceId,
     same: &dyn Fn(&Entry) -> bool,
     remote_at: &dyn Fn(&RelPath) -> Remote,
-) -> RelPath {
+) -> Option<RelPath> {
     let plain = conflict_copy_path(path, mtime_ns, author);
     let free = |candidate: &RelPath| {
         let holds_other = |entry: &Entry| !entry.deleted && !same(entry);
@@ -353,13 +353,13 @@ pub fn free_copy_path(
         }
     };
     if free(&plain) {
-        return plain;
+        return Some(plain);
     }
+    // Every name taken (or too long): none. Writing over a taken name would delete
+    // the version there from the document; the caller leaves the conflict as it is.
     (2..=MAX_COPY_NUMBER)
         .filter_map(|n| numbered_copy_path(&plain, n))
         .find(|candidate| free(candidate))
-        // Every name taken: the plain one (a conflict there is resolved in turn).
-        .unwrap_or(plain)
 }
 
 /// The entry a local row would publish, for conflict-copy naming and comparisons.
@@ -391,6 +391,19 @@ pub fn tombstone(current: &Entry, now: i64, author: DeviceId) -> Entry {
         mode: 0,
         content: Content::None,
         author,
+    }
+}
+
+/// The live value a local delete at a path replaces, in the engine's view of the
+/// document ([`remote_of`]), if there is one. Not automerge's own pick among the
+/// path's values: that may be a value the engine set aside (a resolver's overtaken
+/// rewrite of a tombstone, say), and taking it for the current value would make the
+/// delete look done already and leave it unpublished on this device alone.
+pub fn live_value(remote: &Remote) -> Option<&Entry> {
+    match remote {
+        Remote::Absent => None,
+        Remote::Value(entry) => (!entry.deleted).then_some(entry),
+        Remote::Conflict(values) => values.iter().find(|entry| !entry.deleted),
     }
 }
 
@@ -603,8 +616,14 @@ pub fn plan_path(view: &PathView<'_>, mode: FolderMode, device: &DeviceId) -> Ve
                 }];
             }
             let ours = |entry: &Entry| local_matches(Some(local), Some(entry));
+            // No free name: the local version stays where it is, unpublished, and the
+            // document's is not applied over it.
+            let Some(to) = free_copy_path(&path, local_mtime(local), device, &ours, view.remote_at)
+            else {
+                return Vec::new();
+            };
             vec![Action::MoveToConflictCopy {
-                to: free_copy_path(&path, local_mtime(local), device, &ours, view.remote_at),
+                to,
                 path,
                 expected: local.clone(),
             }]
@@ -629,18 +648,10 @@ fn plan_resolution(view: &PathView<'_>, values: &[Entry], winner: Entry) -> Vec<
     // names everywhere.
     let mut losers: Vec<&Entry> = values.iter().collect();
     losers.sort_by_cached_key(|e| (e.mtime_ns, e.author, e.encode()));
-    // The version this device last agreed on, if its user has replaced or deleted it
-    // since: it gets no conflict copy (it may exist nowhere any more; simulation seed
-    // 190: a user's `rm -rf` came back as a copy of the file it deleted).
-    let replaced_here = view
-        .synced
-        .map(|s| &s.entry)
-        .filter(|entry| !local_matches(view.local, Some(entry)));
     for loser in losers {
         if loser.deleted
             || deleted_by_author(loser, values)
             || same_content(Some(loser), Some(&winner))
-            || replaced_here.is_some_and(|old| same_content(Some(old), Some(loser)))
         {
             continue;
         }
@@ -663,8 +674,26 @@ fn plan_resolution(view: &PathView<'_>, values: &[Entry], winner: Entry) -> Vec<
                 (None, remote) => remote,
             }
         };
-        let copy_path = free_copy_path(view.path, loser.mtime_ns, &loser.author, &same, &remote_at);
+        let Some(copy_path) =
+            free_copy_path(view.path, loser.mtime_ns, &loser.author, &same, &remote_at)
+        else {
+            // No free name for a loser: the conflict stays unresolved rather than
+            // lose a version.
+            return Vec::new();
+        };
         copies.push((copy_path, loser.clone()));
+    }
+    // The version this device last agreed on, if its user has replaced or deleted it
+    // since, gets no conflict copy (it may exist nowhere any more; simulation seed 190:
+    // a user's `rm -rf` came back as a copy of the file it deleted). Left out only
+    // after every loser is named: the names depend on the document alone, so a device
+    // that makes the copy and one that does not still agree on every other copy's name.
+    if let Some(old) = view
+        .synced
+        .map(|s| &s.entry)
+        .filter(|entry| !local_matches(view.local, Some(entry)))
+    {
+        copies.retain(|(_, loser)| !same_content(Some(old), Some(loser)));
     }
     copies.sort_by(|a, b| a.0.cmp(&b.0));
     let mut actions = Vec::new();
@@ -1138,6 +1167,110 @@ mod tests {
         // is this device's to publish (as a conflict copy once the winner is in).
         let edited = local_file(7);
         assert!(copies(&resolve(Some(&edited))).is_empty());
+    }
+
+    #[test]
+    fn leaving_out_a_version_replaced_here_does_not_rename_the_other_copies() {
+        // Two losers with one plain copy name (B, within one second); the first is
+        // the version this device had synced and its user has since deleted.
+        let b = device(2);
+        let path = path();
+        let first = remote_file(1, b, 1_100_000_000);
+        let second = remote_file(3, b, 1_200_000_000);
+        let winner = remote_file(4, device(1), 1_900_000_000);
+        let values = vec![second.clone(), winner.clone(), first.clone()];
+        let mine = SyncedEntry {
+            entry: first.clone(),
+            local: Some(local_file(1)),
+        };
+        let copies_with = |synced: Option<&SyncedEntry>| {
+            let actions = plan_path(
+                &PathView {
+                    path: &path,
+                    local: None,
+                    synced,
+                    remote: Remote::Conflict(values.clone()),
+                    remote_at: &|_| Remote::Absent,
+                },
+                FolderMode::SendReceive,
+                &device(9),
+            );
+            match actions.first() {
+                Some(Action::Resolve { copies, .. }) => copies.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let everywhere = copies_with(None);
+        let here = copies_with(Some(&mine));
+        assert_eq!(everywhere.len(), 2, "{everywhere:?}");
+        // Here the deleted version gets no copy, and the other keeps the name every
+        // other device gives it.
+        assert_eq!(here.len(), 1, "{here:?}");
+        assert_eq!(here[0].1, second);
+        assert!(everywhere.contains(&here[0]), "{here:?} vs {everywhere:?}");
+        // The names do not depend on the order the values come in.
+        let mut shuffled = values.clone();
+        shuffled.reverse();
+        assert_eq!(
+            resolution_copies(&path, shuffled, &|_| Remote::Absent),
+            everywhere
+        );
+    }
+
+    #[test]
+    fn a_loser_with_no_free_copy_name_leaves_the_conflict_unresolved() {
+        let (a, b) = (device(1), device(2));
+        let path = path();
+        let loser = remote_file(2, b, 1_100_000_000);
+        let winner = remote_file(4, a, 1_900_000_000);
+        // Every name holds another version.
+        let other = remote_file(8, a, 3);
+        let taken = |_: &RelPath| Remote::Value(other.clone());
+        let actions = plan_path(
+            &PathView {
+                path: &path,
+                local: None,
+                synced: None,
+                remote: Remote::Conflict(vec![loser, winner]),
+                remote_at: &taken,
+            },
+            FolderMode::SendReceive,
+            &device(9),
+        );
+        assert!(actions.is_empty(), "{actions:?}");
+        // Nor is a local edit moved over a taken name.
+        let local = local_file(5);
+        let synced = synced(1);
+        let actions = plan_path(
+            &PathView {
+                path: &path,
+                local: Some(&local),
+                synced: Some(&synced),
+                remote: Remote::Value(remote_file(6, a, 7)),
+                remote_at: &taken,
+            },
+            FolderMode::SendReceive,
+            &device(9),
+        );
+        assert!(actions.is_empty(), "{actions:?}");
+    }
+
+    #[test]
+    fn a_delete_replaces_the_live_value_of_the_engines_view() {
+        let a = device(1);
+        let live = remote_file(1, a, 5);
+        let gone = tombstone(a, 6);
+        assert_eq!(live_value(&Remote::Value(live.clone())), Some(&live));
+        assert_eq!(live_value(&Remote::Value(gone.clone())), None);
+        assert_eq!(live_value(&Remote::Absent), None);
+        assert_eq!(
+            live_value(&Remote::Conflict(vec![gone.clone(), live.clone()])),
+            Some(&live)
+        );
+        assert_eq!(
+            live_value(&Remote::Conflict(vec![gone.clone(), gone])),
+            None
+        );
     }
 
     #[test]

@@ -1507,11 +1507,9 @@ impl FolderActor {
                     .and_then(|hash| self.recorder.store.manifest(&hash).ok().flatten());
                 publish_entry(local, manifest.as_ref(), self.recorder.device)
             }
-            None => match self.recorder.document.get(path).ok().flatten() {
-                Some(current) if !current.deleted => {
-                    tombstone(&current, now_ns(), self.recorder.device)
-                }
-                _ => return,
+            None => match engine::live_value(&remote_of(&self.recorder.document, path)) {
+                Some(current) => tombstone(current, now_ns(), self.recorder.device),
+                None => return,
             },
         };
         if self.recorder.document.put(path, &entry).is_ok() {
@@ -2013,11 +2011,9 @@ impl Recorder {
                 publish_entry(entry, manifest.as_ref(), self.device),
             )),
             LocalChange::Remove { path } => {
-                let current = self.document.get(path).ok().flatten()?;
-                if current.deleted {
-                    return None;
-                }
-                Some((path.clone(), tombstone(&current, now, self.device)))
+                let remote = remote_of(&self.document, path);
+                let current = engine::live_value(&remote)?;
+                Some((path.clone(), tombstone(current, now, self.device)))
             }
         }
     }

@@ -602,8 +602,8 @@ impl Device {
                 entry, manifest, ..
             } => Some(publish_entry(entry, manifest.as_ref(), self.id)),
             LocalChange::Remove { path } => {
-                let current = self.doc.get(path).ok().flatten()?;
-                (!current.deleted).then(|| tombstone(&current, self.now, self.id))
+                let remote = engine::remote_of(&self.doc, path);
+                engine::live_value(&remote).map(|current| tombstone(current, self.now, self.id))
             }
         }
     }
@@ -1042,9 +1042,9 @@ impl Device {
                     .and_then(|hash| self.store.manifests.get(&hash).cloned());
                 publish_entry(local, manifest.as_ref(), self.id)
             }
-            None => match self.doc.get(path).ok().flatten() {
-                Some(current) if !current.deleted => tombstone(&current, self.now, self.id),
-                _ => return,
+            None => match engine::live_value(&engine::remote_of(&self.doc, path)) {
+                Some(current) => tombstone(current, self.now, self.id),
+                None => return,
             },
         };
         if self.doc.put(path, &entry).is_ok() {
