@@ -1073,7 +1073,7 @@ mod tests {
                 path: root.to_string_lossy().into_owned(),
                 params: ChunkParams::DEFAULT,
                 mode: FolderMode::SendReceive,
-                devices: vec![(device.clone(), Permission::Edit)],
+                devices: vec![(device, Permission::Edit)],
             })
             .expect("folder record");
         let manifest = build_manifest(bytes, &ChunkParams::DEFAULT, |_| {}).expect("manifest");
