@@ -825,6 +825,27 @@ mod tests {
         }
     }
 
+    /// Plans one path on device 9 (send and receive).
+    fn plan_view(
+        path: &RelPath,
+        local: Option<&LocalEntry>,
+        synced: Option<&SyncedEntry>,
+        remote: Remote,
+        remote_at: &dyn Fn(&RelPath) -> Remote,
+    ) -> Vec<Action> {
+        plan_path(
+            &PathView {
+                path,
+                local,
+                synced,
+                remote,
+                remote_at,
+            },
+            FolderMode::SendReceive,
+            &device(9),
+        )
+    }
+
     fn kinds(actions: &[Action]) -> Vec<&'static str> {
         actions
             .iter()
@@ -1184,16 +1205,12 @@ mod tests {
             local: Some(local_file(1)),
         };
         let copies_with = |synced: Option<&SyncedEntry>| {
-            let actions = plan_path(
-                &PathView {
-                    path: &path,
-                    local: None,
-                    synced,
-                    remote: Remote::Conflict(values.clone()),
-                    remote_at: &|_| Remote::Absent,
-                },
-                FolderMode::SendReceive,
-                &device(9),
+            let actions = plan_view(
+                &path,
+                None,
+                synced,
+                Remote::Conflict(values.clone()),
+                &|_| Remote::Absent,
             );
             match actions.first() {
                 Some(Action::Resolve { copies, .. }) => copies.clone(),
@@ -1226,31 +1243,23 @@ mod tests {
         // Every name holds another version.
         let other = remote_file(8, a, 3);
         let taken = |_: &RelPath| Remote::Value(other.clone());
-        let actions = plan_path(
-            &PathView {
-                path: &path,
-                local: None,
-                synced: None,
-                remote: Remote::Conflict(vec![loser, winner]),
-                remote_at: &taken,
-            },
-            FolderMode::SendReceive,
-            &device(9),
+        let actions = plan_view(
+            &path,
+            None,
+            None,
+            Remote::Conflict(vec![loser, winner]),
+            &taken,
         );
         assert!(actions.is_empty(), "{actions:?}");
         // Nor is a local edit moved over a taken name.
         let local = local_file(5);
         let synced = synced(1);
-        let actions = plan_path(
-            &PathView {
-                path: &path,
-                local: Some(&local),
-                synced: Some(&synced),
-                remote: Remote::Value(remote_file(6, a, 7)),
-                remote_at: &taken,
-            },
-            FolderMode::SendReceive,
-            &device(9),
+        let actions = plan_view(
+            &path,
+            Some(&local),
+            Some(&synced),
+            Remote::Value(remote_file(6, a, 7)),
+            &taken,
         );
         assert!(actions.is_empty(), "{actions:?}");
     }
