@@ -170,20 +170,21 @@ impl StoreSource {
     /// A block of the folder at `root`, read from a local file that the block index
     /// says holds it.
     ///
-    /// The file may have changed since it was indexed. If the open file still has the
-    /// size, mtime and inode of the scan that indexed it (`scanned`, looked up once per
-    /// path and kept for the caller's next blocks), its bytes are what the scan hashed,
-    /// as far as the scanner itself can tell (it trusts the same stamp to skip
-    /// unchanged files); otherwise the block is hashed before it is served. Either way
-    /// the receiver verifies every block, so this only spares the sender a second
-    /// BLAKE3 pass over everything it serves (a quarter of the hashing in an initial
-    /// sync) while keeping a changed file's bytes off the wire.
+    /// The file may have changed since it was indexed. If the open file's metadata
+    /// still passes the scanner's own test for skipping a re-hash
+    /// ([`crate::engine::metadata_unchanged`]) against the row of the scan that indexed
+    /// it (`scanned`, looked up once per path and kept for the caller's next blocks),
+    /// its bytes are what that scan hashed, as far as the scanner itself can tell;
+    /// otherwise the block is hashed before it is served. Either way the receiver
+    /// verifies every block, so this only spares the sender a second BLAKE3 pass over
+    /// everything it serves (a third of the hashing in an initial sync: A's scan, A's
+    /// serving, B's check) while keeping a changed file's bytes off the wire.
     fn read_block(
         &self,
         root: &Path,
         folder: &FolderId,
         hash: &weft_protocol::BlockHash,
-        scanned: &mut BTreeMap<RelPath, Option<crate::scan::FileStamp>>,
+        scanned: &mut BTreeMap<RelPath, Option<crate::engine::LocalEntry>>,
     ) -> Option<Vec<u8>> {
         use std::io::{Read, Seek};
         let locations = self.store.block_locations(hash).ok()?;
@@ -201,15 +202,15 @@ impl StoreSource {
                     .read_to_end(&mut data)
                     .ok()?;
                 // Stamped after the read: a write before or during it moved the mtime.
-                let now = file.metadata().ok().map(|m| crate::scan::FileStamp::of(&m));
-                let stamp = scanned.entry(location.path.clone()).or_insert_with(|| {
-                    self.store
-                        .local(folder, &location.path)
-                        .ok()
-                        .flatten()
-                        .map(|row| crate::scan::FileStamp::of_entry(&row))
-                });
-                let unchanged = now.is_some() && now == *stamp;
+                let now = file
+                    .metadata()
+                    .ok()
+                    .map(|m| crate::scan::entry_from_metadata(&m, None));
+                let row = scanned
+                    .entry(location.path.clone())
+                    .or_insert_with(|| self.store.local(folder, &location.path).ok().flatten());
+                let unchanged = matches!((&*row, &now), (Some(row), Some(now))
+                    if crate::engine::metadata_unchanged(row, now));
                 (data.len() == len && (unchanged || weft_protocol::BlockHash::of(&data) == *hash))
                     .then_some(data)
             })

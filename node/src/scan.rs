@@ -185,36 +185,6 @@ struct Observed {
     entry: LocalEntry,
 }
 
-/// What the scanner compares to tell an unchanged file without reading it: size,
-/// mtime and inode. A file with the stamp its row was scanned with is taken to hold
-/// the bytes that scan hashed (the same trust that lets a rescan skip it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileStamp {
-    size: u64,
-    mtime_ns: i64,
-    inode: u64,
-}
-
-impl FileStamp {
-    /// The stamp of a file on disk now.
-    pub fn of(metadata: &fs::Metadata) -> Self {
-        Self {
-            size: metadata.len(),
-            mtime_ns: mtime_ns(metadata),
-            inode: mode_and_inode(metadata).1,
-        }
-    }
-
-    /// The stamp a scan recorded.
-    pub fn of_entry(entry: &LocalEntry) -> Self {
-        Self {
-            size: entry.size,
-            mtime_ns: entry.mtime_ns,
-            inode: entry.inode,
-        }
-    }
-}
-
 fn mtime_ns(metadata: &fs::Metadata) -> i64 {
     match metadata.modified() {
         Ok(time) => match time.duration_since(std::time::UNIX_EPOCH) {
