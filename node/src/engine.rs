@@ -304,7 +304,10 @@ pub fn conflict_copy_path(path: &RelPath, mtime_ns: i64, author: &DeviceId) -> R
 /// The `n`th alternative to a conflict-copy name (`n >= 2`), for when the name is
 /// taken (two losing versions by one device written in the same second):
 /// `report.sync-conflict-20261127-090304-ABCDEFG-2.txt`. `n` is added to the name
-/// given, so callers trying several numbers pass the same name each time.
+/// given, so callers trying several numbers pass the same name each time. A name that
+/// the number would take past the filesystem's limit
+/// ([`weft_protocol::path::MAX_COMPONENT_LEN`]) loses the end of its original name
+/// (before the marker) instead; the marker, stamp, device and extension stay.
 pub fn numbered_copy_path(copy: &RelPath, n: u32) -> Option<RelPath> {
     let name = copy.file_name();
     // The last marker: a copy of a conflict copy has two.
@@ -315,7 +318,18 @@ pub fn numbered_copy_path(copy: &RelPath, n: u32) -> Option<RelPath> {
         Some(dot) => name.split_at(tail_start + dot),
         None => (name, ""),
     };
-    let numbered = format!("{stem}-{n}{extension}");
+    let number = format!("-{n}");
+    let over = (stem.len() + number.len() + extension.len())
+        .saturating_sub(weft_protocol::path::MAX_COMPONENT_LEN);
+    let mut keep = marker.saturating_sub(over);
+    while !stem.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    if over > 0 && keep == 0 {
+        // Nothing of the original name would be left.
+        return None;
+    }
+    let numbered = format!("{}{}{number}{extension}", &stem[..keep], &stem[marker..]);
     match copy.parent() {
         Some(parent) => parent.join(&numbered).ok(),
         None => RelPath::new(&numbered).ok(),
@@ -1410,6 +1424,41 @@ mod tests {
         assert_eq!(numbered_copy_path(&path(), 2), None);
         let long = format!("{}.txt", "n".repeat(250));
         assert!(at(&long, mtime).starts_with("conflict.sync-conflict-"));
+    }
+
+    #[test]
+    fn a_copy_name_at_the_length_limit_is_numbered_by_shortening_the_original_name() {
+        let id = device(1);
+        let mtime = 1_795_770_184 * 1_000_000_000;
+        let tail = format!(".sync-conflict-20261127-090304-{}", id.short());
+        for letter in ["n", "é"] {
+            // The plain copy name is exactly at the limit (or one byte under it, where
+            // a two-byte letter does not fit).
+            let count = (255 - tail.len() - ".txt".len()) / letter.len();
+            let original = format!("dir/{}.txt", letter.repeat(count));
+            let plain = conflict_copy_path(&RelPath::new(&original).unwrap(), mtime, &id);
+            assert!(plain.file_name().len() >= 254, "{plain}");
+            let mut names = BTreeSet::new();
+            for n in [2, 9, 10, 999, 1000] {
+                let numbered = numbered_copy_path(&plain, n).unwrap();
+                let name = numbered.file_name();
+                assert!(name.len() <= 255, "{name}");
+                assert!(name.starts_with(letter), "{name}");
+                assert!(name.ends_with(&format!("{tail}-{n}.txt")), "{name}");
+                assert_eq!(numbered.parent().map(|p| p.to_string()), Some("dir".into()));
+                assert!(names.insert(name.to_owned()));
+            }
+        }
+        // A name that is mostly extension keeps its extension; with nothing of the
+        // original name left to shorten, it is not numbered.
+        let extension = |stem: &str| {
+            let rest = 255 - stem.len() - tail.len() - 1;
+            RelPath::new(&format!("{stem}{tail}.{}", "e".repeat(rest))).unwrap()
+        };
+        let numbered = numbered_copy_path(&extension("abc"), 2).unwrap();
+        assert!(numbered.as_str().starts_with(&format!("a{tail}-2.ee")));
+        assert_eq!(numbered.as_str().len(), 255);
+        assert_eq!(numbered_copy_path(&extension("a"), 2), None);
     }
 
     #[test]

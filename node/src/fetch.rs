@@ -1100,6 +1100,10 @@ fn write_answer(downloads: &std::sync::Mutex<Vec<Download>>, writes: Vec<(Vec<u8
             download.error = Some(io_error("writing", &download.temp, error));
         }
     }
+    // Written: the buffers serve the next blocks received.
+    for (data, _) in writes {
+        crate::block_buffers::give(data);
+    }
     for index in completed {
         let Some(download) = downloads.get_mut(index) else {
             continue;

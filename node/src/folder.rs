@@ -1477,6 +1477,13 @@ impl FolderActor {
                 match std::fs::rename(&from, &target) {
                     Ok(()) => {
                         tracing::info!(folder = %self.record.id, %path, copy = %to, "conflict: local version kept as a conflict copy");
+                        if expected.kind != EntryKind::Directory {
+                            // Paths under it were refused while the local file or
+                            // symlink stood there: plan them again now that it is gone.
+                            self.recorder
+                                .needs_plan
+                                .extend(self.recorder.document.paths_under(&path));
+                        }
                     }
                     Err(error) => {
                         tracing::warn!(folder = %self.record.id, %path, %error, "cannot make a conflict copy");

@@ -4,12 +4,14 @@
 //! key, config), the redb [`store`], the [`scan`]ner and [`watch`]er, one [`folder`]
 //! actor per folder that records local changes in the folder document and carries out
 //! the engine's actions, the network ([`net`], [`coalescer`]) and downloads
-//! ([`fetch`]), the [`versions`] store, the [`node`] that ties them together, and the
-//! control [`api`] with its [`client`]. `main.rs` is the CLI.
+//! ([`fetch`], with reused [`block_buffers`]), the [`versions`] store, the [`node`]
+//! that ties them together, and the control [`api`] with its [`client`]. `main.rs` is
+//! the CLI.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod block_buffers;
 pub mod client;
 pub mod coalescer;
 pub mod config;

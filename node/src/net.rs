@@ -692,7 +692,8 @@ async fn read_frame(
             if head_len + block.data_len == len
                 && block.data_len <= weft_protocol::manifest::MAX_BLOCK_LEN as usize =>
         {
-            let mut data = vec![0u8; block.data_len];
+            // A used buffer, not a zeroed one: every byte is written below.
+            let mut data = crate::block_buffers::take(block.data_len);
             let (start, rest) = data.split_at_mut(peeked - head_len);
             start.copy_from_slice(&head[head_len..peeked]);
             stream.read_exact(rest).await.map_err(ended)?;

@@ -90,7 +90,10 @@ pub struct DeviceId([u8; 32]);
 impl DeviceId {
     /// Builds a device ID from public key bytes, checking that they are a valid key.
     pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, DeviceIdError> {
-        VerifyingKey::from_bytes(&bytes).map_err(|_| DeviceIdError::InvalidKey)?;
+        if !recently_validated(&bytes) {
+            VerifyingKey::from_bytes(&bytes).map_err(|_| DeviceIdError::InvalidKey)?;
+            remember_validated(bytes);
+        }
         Ok(Self(bytes))
     }
 
@@ -163,6 +166,32 @@ impl DeviceId {
         }
         text
     }
+}
+
+/// How many validated keys each thread remembers.
+const VALIDATED_KEYS: usize = 8;
+
+thread_local! {
+    /// The keys this thread validated last, most recent first. Checking a key
+    /// decompresses a curve point (a field square root): decoding a folder's document
+    /// or its stored rows checks the same few authors' keys for every entry, which was
+    /// 2% of both nodes' CPU in an initial sync of the bench dataset (perf, session 15).
+    static VALIDATED: std::cell::RefCell<Vec<[u8; 32]>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// True if this thread validated `bytes` as a key among its last [`VALIDATED_KEYS`].
+fn recently_validated(bytes: &[u8; 32]) -> bool {
+    VALIDATED.with(|keys| keys.borrow().iter().any(|key| key == bytes))
+}
+
+/// Remembers `bytes` as a valid key (only ever called after the check passed).
+fn remember_validated(bytes: [u8; 32]) {
+    VALIDATED.with(|keys| {
+        let mut keys = keys.borrow_mut();
+        keys.insert(0, bytes);
+        keys.truncate(VALIDATED_KEYS);
+    });
 }
 
 #[cold]
@@ -533,6 +562,26 @@ mod tests {
             DeviceId::from_bytes(invalid),
             Err(DeviceIdError::InvalidKey)
         );
+        // Valid keys checked before (remembered, more than the thread keeps) do not
+        // let it through, nor does it push a valid key out of the remembered ones.
+        let valid: Vec<[u8; 32]> = (0..VALIDATED_KEYS as u8 + 3)
+            .map(|seed| *key(seed).device_id().as_bytes())
+            .collect();
+        for _ in 0..2 {
+            for bytes in &valid {
+                assert_eq!(
+                    DeviceId::from_bytes(*bytes).map(|id| *id.as_bytes()),
+                    Ok(*bytes)
+                );
+                assert!(recently_validated(bytes));
+                assert_eq!(
+                    DeviceId::from_bytes(invalid),
+                    Err(DeviceIdError::InvalidKey)
+                );
+            }
+        }
+        assert!(!recently_validated(&invalid));
+        assert!(!recently_validated(&valid[0]), "only the last few are kept");
     }
 
     #[test]

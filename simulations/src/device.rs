@@ -1022,7 +1022,12 @@ impl Device {
                     .disk
                     .rename(disk_path(&path), disk_path(&to), roll, true)
                 {
-                    Ok(()) => self.note(format!("conflict: {path} kept as {to}")),
+                    Ok(()) => {
+                        self.note(format!("conflict: {path} kept as {to}"));
+                        if expected.kind != EntryKind::Directory {
+                            self.needs_plan.extend(self.doc.paths_under(&path));
+                        }
+                    }
                     Err(error) => {
                         self.note(format!("cannot make conflict copy of {path}: {error:?}"))
                     }

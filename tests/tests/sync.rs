@@ -4,7 +4,8 @@ use std::fs;
 use std::time::Duration;
 
 use weft_tests::{
-    NodeConfig, TestNode, connect, pseudo_random, share_along, wait_converged, wait_for, write_tree,
+    NodeConfig, TestNode, connect, pseudo_random, share_along, tree_digest, wait_converged,
+    wait_for, write_tree,
 };
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -113,6 +114,69 @@ fn concurrent_offline_edits_keep_every_version_as_a_conflict_copy() {
             && tree.contains_key("only_c.txt")
             && tree.contains_key("other.txt")
     );
+}
+
+#[test]
+fn a_file_edited_while_it_became_a_directory_elsewhere_is_kept_and_the_directory_filled() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|n| dir.path().join(format!("folder_{n}")))
+        .collect();
+    fs::create_dir_all(&roots[0]).unwrap();
+    fs::write(roots[0].join("x"), b"a file named x").unwrap();
+    let a = TestNode::start(&dir.path().join("home_a"), &NodeConfig::default());
+    // B does not watch: its edit below is found only when B looks at x again.
+    let unwatched = NodeConfig {
+        watch: false,
+        ..NodeConfig::default()
+    };
+    let b = TestNode::start(&dir.path().join("home_b"), &unwatched);
+    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
+    share_along(&[&a, &b], &paths, "shape");
+    wait_converged(&paths, &[&a, &b], CONVERGE);
+
+    // B edits x; before B has published it, A replaces x with a directory of files.
+    fs::write(roots[1].join("x"), b"B's edit of the file x").unwrap();
+    fs::remove_file(roots[0].join("x")).unwrap();
+    fs::create_dir_all(roots[0].join("x/inner")).unwrap();
+    fs::write(roots[0].join("x/a.txt"), b"A's file in the directory x").unwrap();
+    fs::write(roots[0].join("x/inner/b.txt"), b"deeper").unwrap();
+    // B finds its edit when it goes to replace x (the pre-replace check), keeps it as
+    // a conflict copy, and then gets the files under x, which it refused while its
+    // file stood there.
+    let settled = wait_for(CONVERGE, || {
+        let trees: Vec<_> = paths.iter().map(|root| tree_digest(root)).collect();
+        trees[0] == trees[1]
+            && trees[0].contains_key("x/inner/b.txt")
+            && trees[0].keys().any(|p| p.starts_with("x.sync-conflict-"))
+    });
+    let tree = tree_digest(paths[1]);
+    assert!(
+        settled.is_some(),
+        "{:#?}\n{tree:#?}\n{}\n-----\n{}",
+        tree_digest(paths[0]),
+        a.log(),
+        b.log()
+    );
+    let hash = |bytes: &[u8]| blake3::hash(bytes).to_hex().to_string();
+    assert_eq!(tree.get("x"), Some(&"dir".to_string()), "{tree:#?}");
+    assert_eq!(
+        tree.get("x/a.txt"),
+        Some(&hash(b"A's file in the directory x")),
+        "{tree:#?}"
+    );
+    assert_eq!(
+        tree.get("x/inner/b.txt"),
+        Some(&hash(b"deeper")),
+        "{tree:#?}"
+    );
+    let copies: Vec<(&String, &String)> = tree
+        .iter()
+        .filter(|(p, _)| p.starts_with("x.sync-conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{tree:#?}");
+    assert_eq!(copies[0].1, &hash(b"B's edit of the file x"), "{tree:#?}");
 }
 
 #[test]
