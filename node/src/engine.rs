@@ -339,6 +339,36 @@ pub fn numbered_copy_path(copy: &RelPath, n: u32) -> Option<RelPath> {
 /// How many numbered alternatives to a conflict-copy name are tried.
 pub const MAX_COPY_NUMBER: u32 = 1000;
 
+/// The path a conflict copy (or a path inside a directory's conflict copy) stands for,
+/// read off the name [`conflict_copy_path`] or [`numbered_copy_path`] gave it:
+/// `a/b.sync-conflict-20261127-090304-ABCDEFG-2.txt` -> `a/b.txt`,
+/// `d.sync-conflict-20261127-090304-ABCDEFG/x` -> `d/x`. `None` if no marker is
+/// followed by a stamp and a short device ID. A name that was shortened to fit the
+/// 255-byte limit gives the shortened original.
+pub fn conflict_original(path: &str) -> Option<String> {
+    let marker = path.rfind(CONFLICT_MARKER)?;
+    let tail = &path[marker + CONFLICT_MARKER.len()..];
+    // YYYYMMDD-HHMMSS-<short device ID>
+    let stamp_len = 8 + 1 + 6 + 1 + weft_protocol::identity::SHORT_ID_LEN;
+    let stamp = tail.get(..stamp_len)?.as_bytes();
+    let digits = |bytes: &[u8]| bytes.iter().all(u8::is_ascii_digit);
+    if !(digits(&stamp[..8]) && stamp[8] == b'-' && digits(&stamp[9..15]) && stamp[15] == b'-') {
+        return None;
+    }
+    let mut rest = &tail[stamp_len..];
+    // A numbered copy's `-N`.
+    if let Some(number) = rest.strip_prefix('-') {
+        let end = number.find(['.', '/']).unwrap_or(number.len());
+        if end > 0 && digits(number[..end].as_bytes()) {
+            rest = &number[end..];
+        }
+    }
+    if !(rest.is_empty() || rest.starts_with('.') || rest.starts_with('/')) {
+        return None;
+    }
+    Some(format!("{}{rest}", &path[..marker]))
+}
+
 /// The conflict-copy name for a version of `path` (written at `mtime_ns` by `author`)
 /// that the document holds for no other version: the plain name
 /// ([`conflict_copy_path`]), else its numbered alternatives `-2`, `-3`, ...
@@ -1424,6 +1454,39 @@ mod tests {
         assert_eq!(numbered_copy_path(&path(), 2), None);
         let long = format!("{}.txt", "n".repeat(250));
         assert!(at(&long, mtime).starts_with("conflict.sync-conflict-"));
+    }
+
+    #[test]
+    fn a_copy_names_its_original() {
+        let id = device(1);
+        let mtime = 1_795_770_184 * 1_000_000_000;
+        for original in ["a/b/report.txt", "Makefile", ".bashrc", "x.tar.gz", "d/e"] {
+            let copy = conflict_copy_path(&RelPath::new(original).unwrap(), mtime, &id);
+            assert_eq!(conflict_original(copy.as_str()).as_deref(), Some(original));
+            for n in [2, 10, 1000] {
+                let numbered = numbered_copy_path(&copy, n).unwrap();
+                assert_eq!(
+                    conflict_original(numbered.as_str()).as_deref(),
+                    Some(original),
+                    "{numbered}"
+                );
+            }
+            // A file inside a directory's conflict copy.
+            let inside = format!("{copy}/inner/f.txt");
+            assert_eq!(
+                conflict_original(&inside),
+                Some(format!("{original}/inner/f.txt"))
+            );
+        }
+        let short = id.short();
+        for not_a_copy in [
+            "plain.txt".to_owned(),
+            "a.sync-conflict-.txt".to_owned(),
+            format!("a.sync-conflict-2026112-090304-{short}.txt"),
+            format!("a.sync-conflict-20261127-090304-{short}x.txt"),
+        ] {
+            assert_eq!(conflict_original(&not_a_copy), None, "{not_a_copy}");
+        }
     }
 
     #[test]

@@ -485,7 +485,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 let files: Vec<weft_node::node::FileInfo> =
                     client.get(&format!("/v1/folders/{}/files", record.id))?;
                 for file in files {
-                    if let Some(original) = conflict_original(&file.path) {
+                    if let Some(original) = weft_node::engine::conflict_original(&file.path) {
                         found.push(serde_json::json!({
                             "folder": record.id.to_string(),
                             "copy": file.path,
@@ -619,16 +619,6 @@ fn url_encode(text: &str) -> String {
 fn format_time(mtime_ns: i64) -> String {
     let seconds = mtime_ns.div_euclid(1_000_000_000);
     format!("@{seconds}")
-}
-
-/// `a/b.sync-conflict-20261127-090304-ABCDEFG.txt` -> `a/b.txt`.
-fn conflict_original(path: &str) -> Option<String> {
-    let marker = weft_node::engine::CONFLICT_MARKER;
-    let start = path.rfind(marker)?;
-    // YYYYMMDD-HHMMSS-DEVICE7 after the marker.
-    let suffix_len = 8 + 1 + 6 + 1 + 7;
-    let rest = path.get(start + marker.len() + suffix_len..)?;
-    Some(format!("{}{rest}", &path[..start]))
 }
 
 fn print_status(status: &NodeStatus) {

@@ -177,6 +177,14 @@ fn a_file_edited_while_it_became_a_directory_elsewhere_is_kept_and_the_directory
         .collect();
     assert_eq!(copies.len(), 1, "{tree:#?}");
     assert_eq!(copies[0].1, &hash(b"B's edit of the file x"), "{tree:#?}");
+    // `weft conflicts` names the copy and what it conflicts with.
+    let listed = weft_tests::weft(&b.home, &["conflicts", "shape", "--json"]);
+    assert!(listed.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(
+        listed,
+        serde_json::json!([{ "folder": "shape", "copy": copies[0].0, "original": "x" }])
+    );
 }
 
 #[test]
