@@ -359,7 +359,7 @@ pub fn conflict_original(path: &str) -> Option<String> {
     // A numbered copy's `-N`.
     if let Some(number) = rest.strip_prefix('-') {
         let end = number.find(['.', '/']).unwrap_or(number.len());
-        if end > 0 && digits(number[..end].as_bytes()) {
+        if end > 0 && digits(&number.as_bytes()[..end]) {
             rest = &number[end..];
         }
     }
