@@ -239,14 +239,29 @@ pub fn deleted_by_author(edit: &Entry, values: &[Entry]) -> bool {
 }
 
 /// The winner among concurrent values, the same on every device: an edit beats a
-/// delete (unless its own author deleted it later, [`deleted_by_author`]), then the
-/// newest mtime, then the larger device ID, then the larger encoding (so that even
-/// identical keys order totally).
+/// delete (unless its own author deleted it later, [`deleted_by_author`]), then a
+/// directory beats a file or symlink, then the newest mtime, then the larger device
+/// ID, then the larger encoding (so that even identical keys order totally).
+///
+/// Why a directory wins: the paths under it stay where they are, and the file or
+/// symlink becomes the conflict copy. A directory's copy would be the directory entry
+/// alone, with its contents left in the document under a path that is now a file: the
+/// devices that had the directory could not remove it, published it again, and so
+/// replaced the winning file's edit (found with two real nodes, session 15). A
+/// directory's own mtime is not synced (it is 0), so by time alone it always lost.
 pub fn pick_winner(values: &[Entry]) -> Option<&Entry> {
     let live = |e: &Entry| !e.deleted && !deleted_by_author(e, values);
+    let rank = |e: &Entry| {
+        (
+            live(e),
+            e.kind == EntryKind::Directory,
+            e.mtime_ns,
+            e.author,
+        )
+    };
     values.iter().max_by(|a, b| {
-        (live(a), a.mtime_ns, a.author)
-            .cmp(&(live(b), b.mtime_ns, b.author))
+        rank(a)
+            .cmp(&rank(b))
             .then_with(|| a.encode().cmp(&b.encode()))
     })
 }
@@ -267,24 +282,30 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// `name.sync-conflict-YYYYMMDD-HHMMSS-<short device>.ext` beside `path`, from the
-/// losing version's mtime (UTC) and author: every device derives the same name.
+/// losing version's mtime (UTC) and author: every device derives the same name. A
+/// version with no time (a directory: its mtime is not synced, so it is 0) gets no
+/// stamp, `name.sync-conflict-<short device>`, rather than a date in 1970.
 pub fn conflict_copy_path(path: &RelPath, mtime_ns: i64, author: &DeviceId) -> RelPath {
     let seconds = mtime_ns.div_euclid(1_000_000_000);
     let (year, month, day) = civil_from_days(seconds.div_euclid(86_400));
     let in_day = seconds.rem_euclid(86_400);
-    let stamp = format!(
-        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
-        in_day / 3600,
-        in_day / 60 % 60,
-        in_day % 60
-    );
+    let stamp = if mtime_ns == 0 {
+        String::new()
+    } else {
+        format!(
+            "{year:04}{month:02}{day:02}-{:02}{:02}{:02}-",
+            in_day / 3600,
+            in_day / 60 % 60,
+            in_day % 60
+        )
+    };
     let name = path.file_name();
     let (stem, extension) = match name.rfind('.') {
         Some(dot) if dot > 0 => (&name[..dot], &name[dot..]),
         _ => (name, ""),
     };
     let copy = format!(
-        "{stem}{CONFLICT_MARKER}{stamp}-{}{extension}",
+        "{stem}{CONFLICT_MARKER}{stamp}{}{extension}",
         author.short()
     );
     let joined = match path.parent() {
@@ -293,7 +314,7 @@ pub fn conflict_copy_path(path: &RelPath, mtime_ns: i64, author: &DeviceId) -> R
     };
     // A name too long for the filesystem: drop the original stem, keep the marker.
     joined.unwrap_or_else(|_| {
-        let short = format!("conflict{CONFLICT_MARKER}{stamp}-{}", author.short());
+        let short = format!("conflict{CONFLICT_MARKER}{stamp}{}", author.short());
         path.parent()
             .and_then(|parent| parent.join(&short).ok())
             .or_else(|| RelPath::new(&short).ok())
@@ -342,20 +363,32 @@ pub const MAX_COPY_NUMBER: u32 = 1000;
 /// The path a conflict copy (or a path inside a directory's conflict copy) stands for,
 /// read off the name [`conflict_copy_path`] or [`numbered_copy_path`] gave it:
 /// `a/b.sync-conflict-20261127-090304-ABCDEFG-2.txt` -> `a/b.txt`,
-/// `d.sync-conflict-20261127-090304-ABCDEFG/x` -> `d/x`. `None` if no marker is
-/// followed by a stamp and a short device ID. A name that was shortened to fit the
-/// 255-byte limit gives the shortened original.
+/// `d.sync-conflict-ABCDEFG/x` -> `d/x`. `None` if no marker is followed by a short
+/// device ID (after a stamp, unless the version had no time). A name that was
+/// shortened to fit the 255-byte limit gives the shortened original.
 pub fn conflict_original(path: &str) -> Option<String> {
     let marker = path.rfind(CONFLICT_MARKER)?;
-    let tail = &path[marker + CONFLICT_MARKER.len()..];
-    // YYYYMMDD-HHMMSS-<short device ID>
-    let stamp_len = 8 + 1 + 6 + 1 + weft_protocol::identity::SHORT_ID_LEN;
-    let stamp = tail.get(..stamp_len)?.as_bytes();
+    let mut tail = &path[marker + CONFLICT_MARKER.len()..];
     let digits = |bytes: &[u8]| bytes.iter().all(u8::is_ascii_digit);
-    if !(digits(&stamp[..8]) && stamp[8] == b'-' && digits(&stamp[9..15]) && stamp[15] == b'-') {
+    // YYYYMMDD-HHMMSS-, if the version had a time.
+    if let Some(stamp) = tail.as_bytes().get(..16)
+        && digits(&stamp[..8])
+        && stamp[8] == b'-'
+        && digits(&stamp[9..15])
+        && stamp[15] == b'-'
+    {
+        tail = &tail[16..];
+    }
+    // The short device ID: base32 capitals and digits 2-7.
+    let short_len = weft_protocol::identity::SHORT_ID_LEN;
+    let short = tail.as_bytes().get(..short_len)?;
+    if !short
+        .iter()
+        .all(|c| c.is_ascii_uppercase() || (b'2'..=b'7').contains(c))
+    {
         return None;
     }
-    let mut rest = &tail[stamp_len..];
+    let mut rest = &tail[short_len..];
     // A numbered copy's `-N`.
     if let Some(number) = rest.strip_prefix('-') {
         let end = number.find(['.', '/']).unwrap_or(number.len());
@@ -1085,6 +1118,43 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_beats_a_newer_file_or_symlink_but_not_a_newer_delete_of_it() {
+        let (a, b) = (device(1), device(2));
+        let directory = Entry {
+            kind: EntryKind::Directory,
+            deleted: false,
+            size: 0,
+            mtime_ns: 0,
+            mode: 0o755,
+            content: Content::None,
+            author: a,
+        };
+        let file = remote_file(1, b, 9_000_000_000);
+        let link = Entry {
+            kind: EntryKind::Symlink,
+            content: Content::Symlink("/etc".into()),
+            ..remote_file(2, b, 9_000_000_000)
+        };
+        for other in [file, link] {
+            let values = [other.clone(), directory.clone()];
+            assert_eq!(pick_winner(&values), Some(&directory));
+            let reversed = [directory.clone(), other.clone()];
+            assert_eq!(pick_winner(&reversed), Some(&directory));
+            // The file or symlink is the one kept as a copy.
+            let copies = resolution_copies(&path(), values.to_vec(), &|_| Remote::Absent);
+            assert_eq!(copies.len(), 1, "{copies:?}");
+            assert_eq!(copies[0].1, other);
+        }
+        // A live file beats a deleted directory.
+        let deleted = Entry {
+            deleted: true,
+            ..directory.clone()
+        };
+        let file = remote_file(3, b, 1);
+        assert_eq!(pick_winner(&[deleted, file.clone()]), Some(&file));
+    }
+
+    #[test]
     fn an_edit_its_author_deleted_later_does_not_come_back() {
         let (a, b) = (device(1), device(2));
         // B wrote a version at t=1 and deleted it at t=5; a device resolving an older
@@ -1431,9 +1501,12 @@ mod tests {
             format!(".bashrc.sync-conflict-20261127-090304-{short}")
         );
         assert_eq!(
-            at("x.tar.gz", 0),
-            format!("x.tar.sync-conflict-19700101-000000-{short}.gz")
+            at("x.tar.gz", 1_000_000_000),
+            format!("x.tar.sync-conflict-19700101-000001-{short}.gz")
         );
+        // No time (a directory): no stamp.
+        assert_eq!(at("photos", 0), format!("photos.sync-conflict-{short}"));
+        assert_eq!(at("x.tar.gz", 0), format!("x.tar.sync-conflict-{short}.gz"));
         let copy = RelPath::new(&at("a/b/report.txt", mtime)).unwrap();
         assert_eq!(
             numbered_copy_path(&copy, 2).unwrap().to_string(),
@@ -1460,7 +1533,10 @@ mod tests {
     fn a_copy_names_its_original() {
         let id = device(1);
         let mtime = 1_795_770_184 * 1_000_000_000;
-        for original in ["a/b/report.txt", "Makefile", ".bashrc", "x.tar.gz", "d/e"] {
+        for (original, mtime) in ["a/b/report.txt", "Makefile", ".bashrc", "x.tar.gz", "d/e"]
+            .into_iter()
+            .flat_map(|original| [(original, mtime), (original, 0)])
+        {
             let copy = conflict_copy_path(&RelPath::new(original).unwrap(), mtime, &id);
             assert_eq!(conflict_original(copy.as_str()).as_deref(), Some(original));
             for n in [2, 10, 1000] {
@@ -1484,6 +1560,8 @@ mod tests {
             "a.sync-conflict-.txt".to_owned(),
             format!("a.sync-conflict-2026112-090304-{short}.txt"),
             format!("a.sync-conflict-20261127-090304-{short}x.txt"),
+            "a.sync-conflict-abcdefg.txt".to_owned(),
+            "a.sync-conflict-ABC.txt".to_owned(),
         ] {
             assert_eq!(conflict_original(&not_a_copy), None, "{not_a_copy}");
         }

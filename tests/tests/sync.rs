@@ -188,6 +188,73 @@ fn a_file_edited_while_it_became_a_directory_elsewhere_is_kept_and_the_directory
 }
 
 #[test]
+fn a_file_edited_offline_against_a_directory_made_elsewhere_keeps_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|n| dir.path().join(format!("folder_{n}")))
+        .collect();
+    fs::create_dir_all(&roots[0]).unwrap();
+    fs::write(roots[0].join("x"), b"a file named x").unwrap();
+    let config = NodeConfig::default();
+    let a = TestNode::start(&dir.path().join("home_a"), &config);
+    let b = TestNode::start(&dir.path().join("home_b"), &config);
+    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
+    share_along(&[&a, &b], &paths, "shape");
+    wait_converged(&paths, &[&a, &b], CONVERGE);
+
+    // B is offline while it edits x and A replaces x with a directory of files: two
+    // concurrent versions of x.
+    let b_home = b.home.clone();
+    b.kill9();
+    fs::write(roots[1].join("x"), b"B's edit of the file x").unwrap();
+    fs::remove_file(roots[0].join("x")).unwrap();
+    fs::create_dir_all(roots[0].join("x/inner")).unwrap();
+    fs::write(roots[0].join("x/a.txt"), b"A's file in the directory x").unwrap();
+    fs::write(roots[0].join("x/inner/b.txt"), b"deeper").unwrap();
+    let scanned = wait_for(Duration::from_secs(10), || {
+        a.files("shape").iter().any(|f| f.path == "x/inner/b.txt")
+    });
+    assert!(scanned.is_some());
+    let b = TestNode::start(&b_home, &config);
+    // The directory wins (its contents stay where they are) and B's edit is kept as a
+    // conflict copy beside it, on both devices.
+    let settled = wait_for(CONVERGE, || {
+        let trees: Vec<_> = paths.iter().map(|root| tree_digest(root)).collect();
+        trees[0] == trees[1]
+            && trees[0].contains_key("x/inner/b.txt")
+            && trees[0].keys().any(|p| p.starts_with("x.sync-conflict-"))
+    });
+    let tree = tree_digest(paths[1]);
+    assert!(
+        settled.is_some(),
+        "{:#?}\n{tree:#?}\n{}\n-----\n{}",
+        tree_digest(paths[0]),
+        a.log(),
+        b.log()
+    );
+    let hash = |bytes: &[u8]| blake3::hash(bytes).to_hex().to_string();
+    assert_eq!(tree.get("x"), Some(&"dir".to_string()), "{tree:#?}");
+    assert_eq!(
+        tree.get("x/a.txt"),
+        Some(&hash(b"A's file in the directory x")),
+        "{tree:#?}"
+    );
+    assert_eq!(tree.get("x/inner/b.txt"), Some(&hash(b"deeper")));
+    let copies: Vec<(&String, &String)> = tree
+        .iter()
+        .filter(|(p, _)| p.starts_with("x.sync-conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{tree:#?}");
+    assert_eq!(copies[0].1, &hash(b"B's edit of the file x"), "{tree:#?}");
+    assert_eq!(
+        tree.len(),
+        5,
+        "x, x/a.txt, x/inner/, x/inner/b.txt, the copy: {tree:#?}"
+    );
+}
+
+#[test]
 fn a_download_interrupted_by_kill_9_resumes_without_refetching_verified_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let root_a = dir.path().join("folder_a");
