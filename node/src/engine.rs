@@ -726,9 +726,12 @@ fn plan_resolution(view: &PathView<'_>, values: &[Entry], winner: Entry) -> Vec<
     let mut losers: Vec<&Entry> = values.iter().collect();
     losers.sort_by_cached_key(|e| (e.mtime_ns, e.author, e.encode()));
     for loser in losers {
+        // A directory that lost to a directory differs in its mode only: the winner's
+        // applies, and an empty copy of it would keep nothing.
         if loser.deleted
             || deleted_by_author(loser, values)
             || same_content(Some(loser), Some(&winner))
+            || (loser.kind == EntryKind::Directory && winner.kind == EntryKind::Directory)
         {
             continue;
         }
@@ -1145,6 +1148,16 @@ mod tests {
             assert_eq!(copies.len(), 1, "{copies:?}");
             assert_eq!(copies[0].1, other);
         }
+        // Two directories: the winner's mode applies, and no empty copy is made.
+        let other_mode = Entry {
+            mode: 0o700,
+            author: b,
+            ..directory.clone()
+        };
+        let copies = resolution_copies(&path(), vec![directory.clone(), other_mode], &|_| {
+            Remote::Absent
+        });
+        assert!(copies.is_empty(), "{copies:?}");
         // A live file beats a deleted directory.
         let deleted = Entry {
             deleted: true,
