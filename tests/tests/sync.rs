@@ -116,109 +116,21 @@ fn concurrent_offline_edits_keep_every_version_as_a_conflict_copy() {
     );
 }
 
-#[test]
-fn a_file_edited_while_it_became_a_directory_elsewhere_is_kept_and_the_directory_filled() {
-    let dir = tempfile::tempdir().unwrap();
-    let roots: Vec<_> = ["a", "b"]
-        .iter()
-        .map(|n| dir.path().join(format!("folder_{n}")))
-        .collect();
-    fs::create_dir_all(&roots[0]).unwrap();
-    fs::write(roots[0].join("x"), b"a file named x").unwrap();
-    let a = TestNode::start(&dir.path().join("home_a"), &NodeConfig::default());
-    // B does not watch: its edit below is found only when B looks at x again.
-    let unwatched = NodeConfig {
-        watch: false,
-        ..NodeConfig::default()
-    };
-    let b = TestNode::start(&dir.path().join("home_b"), &unwatched);
-    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
-    share_along(&[&a, &b], &paths, "shape");
-    wait_converged(&paths, &[&a, &b], CONVERGE);
-
-    // B edits x; before B has published it, A replaces x with a directory of files.
-    fs::write(roots[1].join("x"), b"B's edit of the file x").unwrap();
-    fs::remove_file(roots[0].join("x")).unwrap();
-    fs::create_dir_all(roots[0].join("x/inner")).unwrap();
-    fs::write(roots[0].join("x/a.txt"), b"A's file in the directory x").unwrap();
-    fs::write(roots[0].join("x/inner/b.txt"), b"deeper").unwrap();
-    // B finds its edit when it goes to replace x (the pre-replace check), keeps it as
-    // a conflict copy, and then gets the files under x, which it refused while its
-    // file stood there.
-    let settled = wait_for(CONVERGE, || {
-        let trees: Vec<_> = paths.iter().map(|root| tree_digest(root)).collect();
-        trees[0] == trees[1]
-            && trees[0].contains_key("x/inner/b.txt")
-            && trees[0].keys().any(|p| p.starts_with("x.sync-conflict-"))
-    });
-    let tree = tree_digest(paths[1]);
-    assert!(
-        settled.is_some(),
-        "{:#?}\n{tree:#?}\n{}\n-----\n{}",
-        tree_digest(paths[0]),
-        a.log(),
-        b.log()
-    );
-    let hash = |bytes: &[u8]| blake3::hash(bytes).to_hex().to_string();
-    assert_eq!(tree.get("x"), Some(&"dir".to_string()), "{tree:#?}");
-    assert_eq!(
-        tree.get("x/a.txt"),
-        Some(&hash(b"A's file in the directory x")),
-        "{tree:#?}"
-    );
-    assert_eq!(
-        tree.get("x/inner/b.txt"),
-        Some(&hash(b"deeper")),
-        "{tree:#?}"
-    );
-    let copies: Vec<(&String, &String)> = tree
-        .iter()
-        .filter(|(p, _)| p.starts_with("x.sync-conflict-"))
-        .collect();
-    assert_eq!(copies.len(), 1, "{tree:#?}");
-    assert_eq!(copies[0].1, &hash(b"B's edit of the file x"), "{tree:#?}");
-    // `weft conflicts` names the copy and what it conflicts with.
-    let listed = weft_tests::weft(&b.home, &["conflicts", "shape", "--json"]);
-    assert!(listed.status.success());
-    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-    assert_eq!(
-        listed,
-        serde_json::json!([{ "folder": "shape", "copy": copies[0].0, "original": "x" }])
-    );
+/// A replaces the file `x` of its folder with a directory of two files.
+fn replace_x_with_a_directory(root: &std::path::Path) {
+    fs::remove_file(root.join("x")).unwrap();
+    fs::create_dir_all(root.join("x/inner")).unwrap();
+    fs::write(root.join("x/a.txt"), b"A's file in the directory x").unwrap();
+    fs::write(root.join("x/inner/b.txt"), b"deeper").unwrap();
 }
 
-#[test]
-fn a_file_edited_offline_against_a_directory_made_elsewhere_keeps_both() {
-    let dir = tempfile::tempdir().unwrap();
-    let roots: Vec<_> = ["a", "b"]
-        .iter()
-        .map(|n| dir.path().join(format!("folder_{n}")))
-        .collect();
-    fs::create_dir_all(&roots[0]).unwrap();
-    fs::write(roots[0].join("x"), b"a file named x").unwrap();
-    let config = NodeConfig::default();
-    let a = TestNode::start(&dir.path().join("home_a"), &config);
-    let b = TestNode::start(&dir.path().join("home_b"), &config);
-    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
-    share_along(&[&a, &b], &paths, "shape");
-    wait_converged(&paths, &[&a, &b], CONVERGE);
-
-    // B is offline while it edits x and A replaces x with a directory of files: two
-    // concurrent versions of x.
-    let b_home = b.home.clone();
-    b.kill9();
-    fs::write(roots[1].join("x"), b"B's edit of the file x").unwrap();
-    fs::remove_file(roots[0].join("x")).unwrap();
-    fs::create_dir_all(roots[0].join("x/inner")).unwrap();
-    fs::write(roots[0].join("x/a.txt"), b"A's file in the directory x").unwrap();
-    fs::write(roots[0].join("x/inner/b.txt"), b"deeper").unwrap();
-    let scanned = wait_for(Duration::from_secs(10), || {
-        a.files("shape").iter().any(|f| f.path == "x/inner/b.txt")
-    });
-    assert!(scanned.is_some());
-    let b = TestNode::start(&b_home, &config);
-    // The directory wins (its contents stay where they are) and B's edit is kept as a
-    // conflict copy beside it, on both devices.
+/// Waits until both folders hold A's directory `x` with its files and B's edit of the
+/// file `x` as the one conflict copy beside it; returns the copy's path.
+fn wait_directory_kept_and_edit_copied(
+    paths: &[&std::path::Path],
+    a: &TestNode,
+    b: &TestNode,
+) -> String {
     let settled = wait_for(CONVERGE, || {
         let trees: Vec<_> = paths.iter().map(|root| tree_digest(root)).collect();
         trees[0] == trees[1]
@@ -252,6 +164,75 @@ fn a_file_edited_offline_against_a_directory_made_elsewhere_keeps_both() {
         5,
         "x, x/a.txt, x/inner/, x/inner/b.txt, the copy: {tree:#?}"
     );
+    copies[0].0.clone()
+}
+
+/// Two nodes sharing folder "shape", which holds the file `x`; B with `b_config`.
+fn pair_sharing_x(
+    dir: &std::path::Path,
+    b_config: &NodeConfig,
+) -> (Vec<std::path::PathBuf>, TestNode, TestNode) {
+    let roots: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|n| dir.join(format!("folder_{n}")))
+        .collect();
+    fs::create_dir_all(&roots[0]).unwrap();
+    fs::write(roots[0].join("x"), b"a file named x").unwrap();
+    let a = TestNode::start(&dir.join("home_a"), &NodeConfig::default());
+    let b = TestNode::start(&dir.join("home_b"), b_config);
+    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
+    share_along(&[&a, &b], &paths, "shape");
+    wait_converged(&paths, &[&a, &b], CONVERGE);
+    (roots, a, b)
+}
+
+#[test]
+fn a_file_edited_while_it_became_a_directory_elsewhere_is_kept_and_the_directory_filled() {
+    let dir = tempfile::tempdir().unwrap();
+    // B does not watch: its edit below is found only when B looks at x again.
+    let unwatched = NodeConfig {
+        watch: false,
+        ..NodeConfig::default()
+    };
+    let (roots, a, b) = pair_sharing_x(dir.path(), &unwatched);
+    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
+    // B edits x; before B has published it, A replaces x with a directory of files.
+    fs::write(roots[1].join("x"), b"B's edit of the file x").unwrap();
+    replace_x_with_a_directory(&roots[0]);
+    // B finds its edit when it goes to replace x (the pre-replace check), keeps it as
+    // a conflict copy, and then gets the files under x, which it refused while its
+    // file stood there.
+    let copy = wait_directory_kept_and_edit_copied(&paths, &a, &b);
+    // `weft conflicts` names the copy and what it conflicts with.
+    let listed = weft_tests::weft(&b.home, &["conflicts", "shape", "--json"]);
+    assert!(listed.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(
+        listed,
+        serde_json::json!([{ "folder": "shape", "copy": copy, "original": "x" }])
+    );
+}
+
+#[test]
+fn a_file_edited_offline_against_a_directory_made_elsewhere_keeps_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig::default();
+    let (roots, a, b) = pair_sharing_x(dir.path(), &config);
+    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
+    // B is offline while it edits x and A replaces x with a directory of files: two
+    // concurrent versions of x.
+    let b_home = b.home.clone();
+    b.kill9();
+    fs::write(roots[1].join("x"), b"B's edit of the file x").unwrap();
+    replace_x_with_a_directory(&roots[0]);
+    let scanned = wait_for(Duration::from_secs(10), || {
+        a.files("shape").iter().any(|f| f.path == "x/inner/b.txt")
+    });
+    assert!(scanned.is_some());
+    let b = TestNode::start(&b_home, &config);
+    // The directory wins (its contents stay where they are) and B's edit is kept as a
+    // conflict copy beside it, on both devices.
+    wait_directory_kept_and_edit_copied(&paths, &a, &b);
 }
 
 #[test]
