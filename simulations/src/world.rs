@@ -904,8 +904,41 @@ impl World {
         let roll = self.rng.below(100);
         let now = self.now;
         match roll {
+            // Replace a file by a directory of the same name, with a file in it.
+            0..=1 => {
+                let Some(path) = self.rng.pick(&files).cloned() else {
+                    return;
+                };
+                if path.matches('/').count() >= 2 {
+                    return;
+                }
+                let Some(old) = self.devices[index].disk.read(&path).map(<[u8]>::to_vec) else {
+                    return;
+                };
+                if self.devices[index]
+                    .disk
+                    .remove_file(&path, 100, false)
+                    .is_err()
+                {
+                    return;
+                }
+                self.discard(&old);
+                self.trace(format!(
+                    "dev{index} user replaces file {path} by a directory"
+                ));
+                self.touched(index, &[&path]);
+                if self.devices[index]
+                    .disk
+                    .create_dir_all(&path, 100, false)
+                    .is_ok()
+                {
+                    let inner = Self::join(&path, NAMES[self.rng.index(NAMES.len())]);
+                    let data = self.content(false);
+                    self.write(index, &inner, data, "creates");
+                }
+            }
             // Create a file.
-            0..=19 => {
+            2..=19 => {
                 let Some(dir) = self.random_dir(index) else {
                     return;
                 };
