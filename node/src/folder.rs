@@ -13,7 +13,7 @@
 //! ([`crate::store::Store::commit_scan_batch`]), so a crash loses at most the batch in
 //! flight, and the rescan after restart redoes exactly that.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
@@ -438,6 +438,7 @@ pub fn start(
         finished: Vec::new(),
         finished_since: None,
         failed: BTreeSet::new(),
+        blocked: BTreeMap::new(),
         dirty: DirtyPaths::new(settings.debounce),
         settings,
         receiver,
@@ -498,6 +499,11 @@ struct FolderActor {
     finished_since: Option<Instant>,
     /// Paths whose download failed; planned again when peers change.
     failed: BTreeSet<RelPath>,
+    /// Paths refused because a parent is a file or symlink on this device, by that
+    /// parent. Planned again once it is a directory or gone, whatever made it so (a
+    /// directory applied over it, the file moved aside as a conflict copy, the user
+    /// deleting it): see [`FolderActor::unblocked`].
+    blocked: BTreeMap<RelPath, BTreeSet<RelPath>>,
     settings: FolderSettings,
     receiver: mpsc::Receiver<FolderCommand>,
     dirty: DirtyPaths,
@@ -893,6 +899,19 @@ fn parents_are_directories(root: &std::path::Path, path: &RelPath) -> bool {
     crate::fetch::non_directory_parent(root, &root.join(path.as_str())).is_none()
 }
 
+/// The nearest ancestor of `path` inside `root` that exists and is not a real
+/// directory (a file, a symlink, or unreadable), as a path of the folder.
+fn non_directory_parent(root: &std::path::Path, path: &RelPath) -> Option<RelPath> {
+    let dir = crate::fetch::non_directory_parent(root, &root.join(path.as_str()))?;
+    // Below `root` by construction; should it not read as a path of the folder, the
+    // path is still refused, under the nearest parent.
+    dir.strip_prefix(root)
+        .ok()
+        .and_then(|relative| relative.to_str())
+        .and_then(|relative| RelPath::new(relative).ok())
+        .or_else(|| path.parent())
+}
+
 /// When the paths a command touches are planned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Plan {
@@ -1195,6 +1214,7 @@ impl FolderActor {
     fn plan_paths(&mut self, mut paths: Vec<RelPath>) {
         // Children before their parents: a directory is removed after its contents
         // (and files create their parent directories themselves).
+        paths.extend(self.unblocked());
         paths.sort_unstable_by(|a, b| b.cmp(a));
         paths.dedup();
         let mut queue: VecDeque<RelPath> = paths.into_iter().collect();
@@ -1239,6 +1259,7 @@ impl FolderActor {
                 let mut next: Vec<RelPath> = std::mem::take(&mut self.recorder.needs_plan)
                     .into_iter()
                     .collect();
+                next.extend(self.unblocked());
                 next.extend(queue.drain(..));
                 next.sort_unstable_by(|a, b| b.cmp(a));
                 next.dedup();
@@ -1251,6 +1272,31 @@ impl FolderActor {
         }
         // Started once everything is planned, so that small files go in groups.
         self.pump_downloads();
+    }
+
+    /// Takes the [`blocked`](FolderActor::blocked) paths whose blocking parent is now a
+    /// directory or gone (one `lstat` per blocking parent), to be planned again. One
+    /// still blocked by something further up is refused again under that.
+    fn unblocked(&mut self) -> Vec<RelPath> {
+        if self.blocked.is_empty() {
+            return Vec::new();
+        }
+        let root = self.root();
+        let free: Vec<RelPath> = self
+            .blocked
+            .keys()
+            .filter(
+                |blocker| match std::fs::symlink_metadata(root.join(blocker.as_str())) {
+                    Ok(metadata) => metadata.is_dir(),
+                    Err(error) => error.kind() == std::io::ErrorKind::NotFound,
+                },
+            )
+            .cloned()
+            .collect();
+        free.iter()
+            .filter_map(|blocker| self.blocked.remove(blocker))
+            .flatten()
+            .collect()
     }
 
     fn execute(
@@ -1268,9 +1314,13 @@ impl FolderActor {
             _ => None,
         };
         if let Some(path) = touches_disk
-            && !parents_are_directories(&root, path)
+            && let Some(blocker) = non_directory_parent(&root, path)
         {
-            tracing::warn!(folder = %self.record.id, %path, "refused: a parent of this path is a symlink or file on this device");
+            tracing::warn!(folder = %self.record.id, %path, %blocker, "refused: a parent of this path is a symlink or file on this device; planned again when it is a directory or gone");
+            self.blocked
+                .entry(blocker)
+                .or_default()
+                .insert(path.clone());
             return;
         }
         match action {
@@ -1343,9 +1393,6 @@ impl FolderActor {
                             }
                             let _ = std::fs::remove_file(&absolute);
                         }
-                        let replaced = expected
-                            .as_ref()
-                            .is_some_and(|e| e.kind != EntryKind::Directory);
                         let created = match std::fs::create_dir_all(&absolute) {
                             Ok(()) => true,
                             Err(error) => {
@@ -1353,13 +1400,6 @@ impl FolderActor {
                                 false
                             }
                         };
-                        if created && replaced {
-                            // Paths under it were refused while it was a file or symlink:
-                            // plan them again now that it is a directory.
-                            self.recorder
-                                .needs_plan
-                                .extend(self.recorder.document.paths_under(&path));
-                        }
                         if created && entry.mode & 0o777 != 0 {
                             use std::os::unix::fs::PermissionsExt;
                             let mode = std::fs::Permissions::from_mode(entry.mode & 0o7777);
@@ -1477,13 +1517,6 @@ impl FolderActor {
                 match std::fs::rename(&from, &target) {
                     Ok(()) => {
                         tracing::info!(folder = %self.record.id, %path, copy = %to, "conflict: local version kept as a conflict copy");
-                        if expected.kind != EntryKind::Directory {
-                            // Paths under it were refused while the local file or
-                            // symlink stood there: plan them again now that it is gone.
-                            self.recorder
-                                .needs_plan
-                                .extend(self.recorder.document.paths_under(&path));
-                        }
                     }
                     Err(error) => {
                         tracing::warn!(folder = %self.record.id, %path, %error, "cannot make a conflict copy");

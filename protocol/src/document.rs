@@ -418,18 +418,6 @@ impl FolderDocument {
         })
     }
 
-    /// The paths under directory `dir` that the document has (tombstones included), in
-    /// path order; paths that do not validate are skipped.
-    pub fn paths_under(&self, dir: &RelPath) -> Vec<RelPath> {
-        let start = format!("{ENTRY_PREFIX}{dir}/");
-        // '/' is followed by '0' in byte order.
-        let end = format!("{ENTRY_PREFIX}{dir}0");
-        self.doc
-            .map_range(automerge::ROOT, start..end)
-            .filter_map(|item| RelPath::new(&item.key[ENTRY_PREFIX.len()..]).ok())
-            .collect()
-    }
-
     /// Number of paths (including tombstones).
     pub fn len(&self) -> usize {
         self.doc
@@ -624,25 +612,6 @@ mod tests {
             actor_id(&self::device(device), [device; 8]),
         )
         .unwrap()
-    }
-
-    #[test]
-    fn paths_under_a_directory() {
-        let mut doc = merged(1, &[]);
-        for p in ["a", "a/b", "a/b/c", "a.txt", "a0", "ab/x", "b/a/c"] {
-            doc.put(&path(p), &file(device(1), p.as_bytes())).unwrap();
-        }
-        doc.commit(0, "tree");
-        let under = |dir: &str| -> Vec<String> {
-            doc.paths_under(&path(dir))
-                .iter()
-                .map(|p| p.to_string())
-                .collect()
-        };
-        assert_eq!(under("a"), vec!["a/b", "a/b/c"]);
-        assert_eq!(under("a/b"), vec!["a/b/c"]);
-        assert!(under("ab/x").is_empty());
-        assert!(under("c").is_empty());
     }
 
     #[test]

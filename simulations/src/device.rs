@@ -176,6 +176,9 @@ pub struct Device {
     peers: BTreeMap<DeviceId, SyncState>,
     downloads: BTreeMap<RelPath, Download>,
     failed: BTreeSet<RelPath>,
+    /// Paths refused because a parent is a file or symlink, by that parent: planned
+    /// again once it is a directory or gone (the node's `FolderActor::blocked`).
+    blocked: BTreeMap<RelPath, BTreeSet<RelPath>>,
     needs_plan: BTreeSet<RelPath>,
     published: bool,
     unsaved: Vec<u8>,
@@ -215,6 +218,7 @@ impl Device {
             peers: BTreeMap::new(),
             downloads: BTreeMap::new(),
             failed: BTreeSet::new(),
+            blocked: BTreeMap::new(),
             needs_plan: BTreeSet::new(),
             published: false,
             unsaved: Vec::new(),
@@ -258,6 +262,7 @@ impl Device {
         self.peers.clear();
         self.downloads.clear();
         self.failed.clear();
+        self.blocked.clear();
         self.needs_plan.clear();
         self.dirty.clear();
         self.published = false;
@@ -775,6 +780,7 @@ impl Device {
         if self.crashed {
             return;
         }
+        paths.extend(self.unblocked());
         paths.sort_unstable_by(|a, b| b.cmp(a));
         paths.dedup();
         let mut queue: std::collections::VecDeque<RelPath> = paths.into_iter().collect();
@@ -807,6 +813,7 @@ impl Device {
                 self.scan(Some(collapse(rescan)));
             }
             let mut next: Vec<RelPath> = std::mem::take(&mut self.needs_plan).into_iter().collect();
+            next.extend(self.unblocked());
             next.extend(queue.drain(..));
             next.sort_unstable_by(|a, b| b.cmp(a));
             next.dedup();
@@ -822,15 +829,33 @@ impl Device {
     }
 
     fn parents_are_directories(&self, path: &RelPath) -> bool {
+        self.non_directory_parent(path).is_none()
+    }
+
+    fn non_directory_parent(&self, path: &RelPath) -> Option<RelPath> {
         let mut at = path.parent();
         while let Some(dir) = at {
             match self.disk.get(dir.as_str()) {
                 Some(Node::Dir) | None => {}
-                Some(_) => return false,
+                Some(_) => return Some(dir),
             }
             at = dir.parent();
         }
-        true
+        None
+    }
+
+    /// Takes the blocked paths whose blocking parent is now a directory or gone.
+    fn unblocked(&mut self) -> Vec<RelPath> {
+        let free: Vec<RelPath> = self
+            .blocked
+            .keys()
+            .filter(|blocker| matches!(self.disk.get(blocker.as_str()), Some(Node::Dir) | None))
+            .cloned()
+            .collect();
+        free.iter()
+            .filter_map(|blocker| self.blocked.remove(blocker))
+            .flatten()
+            .collect()
     }
 
     fn disk_matches(&self, path: &RelPath, expected: Option<&LocalEntry>) -> bool {
@@ -853,9 +878,10 @@ impl Device {
             _ => None,
         };
         if let Some(path) = touches_disk
-            && !self.parents_are_directories(&path)
+            && let Some(blocker) = self.non_directory_parent(&path)
         {
-            self.note(format!("refused {path}: a parent is a symlink or file"));
+            self.note(format!("refused {path}: {blocker} is a symlink or file"));
+            self.blocked.entry(blocker).or_default().insert(path);
             return;
         }
         match action {
@@ -928,13 +954,8 @@ impl Device {
                             let roll = self.roll();
                             let _ = self.disk.remove_file(disk_path(&path), roll, true);
                         }
-                        let replaced = expected
-                            .as_ref()
-                            .is_some_and(|e| e.kind != EntryKind::Directory);
                         if let Err(error) = self.disk.create_dir_all(disk_path(&path), roll, true) {
                             self.note(format!("cannot create directory {path}: {error:?}"));
-                        } else if replaced {
-                            self.needs_plan.extend(self.doc.paths_under(&path));
                         }
                         rescan.insert(path);
                     }
@@ -1022,12 +1043,7 @@ impl Device {
                     .disk
                     .rename(disk_path(&path), disk_path(&to), roll, true)
                 {
-                    Ok(()) => {
-                        self.note(format!("conflict: {path} kept as {to}"));
-                        if expected.kind != EntryKind::Directory {
-                            self.needs_plan.extend(self.doc.paths_under(&path));
-                        }
-                    }
+                    Ok(()) => self.note(format!("conflict: {path} kept as {to}")),
                     Err(error) => {
                         self.note(format!("cannot make conflict copy of {path}: {error:?}"))
                     }

@@ -365,18 +365,20 @@ fn old_versions_are_listed_and_restored_and_the_restore_syncs_back() {
     assert_eq!(versions.as_array().unwrap().len(), 3);
 }
 
-#[test]
-fn a_view_only_device_receives_but_keeps_its_edits_local() {
-    let dir = tempfile::tempdir().unwrap();
-    let root_a = dir.path().join("folder_a");
-    let root_b = dir.path().join("folder_b");
-    fs::create_dir_all(&root_a).unwrap();
+/// A shares `root_a` (holding `shared.txt`) with B as view-only; B accepts into
+/// `root_b`. Returns once both hold the same tree.
+fn share_view_only(
+    dir: &std::path::Path,
+    root_a: &std::path::Path,
+    root_b: &std::path::Path,
+) -> (TestNode, TestNode) {
+    fs::create_dir_all(root_a).unwrap();
     fs::write(root_a.join("shared.txt"), b"from A").unwrap();
     let config = NodeConfig::default();
-    let a = TestNode::start(&dir.path().join("home_a"), &config);
-    let b = TestNode::start(&dir.path().join("home_b"), &config);
+    let a = TestNode::start(&dir.join("home_a"), &config);
+    let b = TestNode::start(&dir.join("home_b"), &config);
     connect(&a, &b);
-    a.add_folder(&root_a, "view");
+    a.add_folder(root_a, "view");
     let output = weft_tests::weft(
         &a.home,
         &["folder", "share", "view", &b.id(), "--perm", "view"],
@@ -400,7 +402,16 @@ fn a_view_only_device_receives_but_keeps_its_edits_local() {
         ],
     );
     assert!(output.status.success());
-    wait_converged(&[&root_a, &root_b], &[&a, &b], CONVERGE);
+    wait_converged(&[root_a, root_b], &[&a, &b], CONVERGE);
+    (a, b)
+}
+
+#[test]
+fn a_view_only_device_receives_but_keeps_its_edits_local() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_a = dir.path().join("folder_a");
+    let root_b = dir.path().join("folder_b");
+    let (a, b) = share_view_only(dir.path(), &root_a, &root_b);
     // B edits and adds: nothing reaches A. A's edits still reach B's other files.
     fs::write(root_b.join("local_only.txt"), b"B's own").unwrap();
     fs::write(root_a.join("second.txt"), b"more from A").unwrap();
@@ -413,6 +424,44 @@ fn a_view_only_device_receives_but_keeps_its_edits_local() {
         !root_a.join("local_only.txt").exists(),
         "a view-only device's file reached A"
     );
+    drop(a);
+}
+
+#[test]
+fn files_refused_under_a_local_file_arrive_once_the_user_deletes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_a = dir.path().join("folder_a");
+    let root_b = dir.path().join("folder_b");
+    fs::create_dir_all(root_a.join("d")).unwrap();
+    fs::write(root_a.join("d/f.txt"), b"first").unwrap();
+    let (a, b) = share_view_only(dir.path(), &root_a, &root_b);
+    // B, view-only, replaces the directory `d` with a file of its own: a local change
+    // that stays local.
+    fs::remove_dir_all(root_b.join("d")).unwrap();
+    fs::write(root_b.join("d"), b"B's own file d").unwrap();
+    let listed = wait_for(CONVERGE, || {
+        b.status()
+            .folders
+            .iter()
+            .any(|f| f.local_only.iter().any(|p| p == "d"))
+    });
+    assert!(listed.is_some(), "B did not list d as local:\n{}", b.log());
+    // A edits the file in its directory `d`: B must refuse it while its file stands.
+    fs::write(root_a.join("d/f.txt"), b"second, from A").unwrap();
+    let refused = wait_for(CONVERGE, || {
+        let log = b.log();
+        log.contains("refused") && log.contains("d/f.txt")
+    });
+    assert!(refused.is_some(), "B did not refuse d/f.txt:\n{}", b.log());
+    assert!(root_b.join("d").is_file(), "{}", b.log());
+    // The user deletes the file: the directory and the file refused under it come at
+    // once (not at the next full scan, a day away in these tests).
+    fs::remove_file(root_b.join("d")).unwrap();
+    let arrived = wait_for(CONVERGE, || {
+        fs::read(root_b.join("d/f.txt")).is_ok_and(|data| data == b"second, from A")
+    });
+    assert!(arrived.is_some(), "{}", b.log());
+    drop(a);
 }
 
 #[test]
