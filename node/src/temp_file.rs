@@ -37,9 +37,11 @@ use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 pub const SECTOR: usize = 4096;
 /// Files from this size on are written with direct I/O.
 pub const DIRECT_MIN_SIZE: u64 = 1024 * 1024;
-/// Largest direct write: bounds each blocking thread's aligned buffer (an answer of
-/// [`crate::fetch::BATCH_BLOCKS`] average blocks is one write).
-const DIRECT_PIECE: usize = 4 * 1024 * 1024;
+/// Largest direct write, and so the size of each aligned buffer. At 4 MiB the
+/// [`DIRECT_BUFFERS`] buffers were 19 MiB of the receiver's 71 MiB peak heap in an
+/// initial sync of the bench dataset (heaptrack, session 16); 1 MiB writes keep the
+/// disk as busy (the same sync time over eight alternating repetitions).
+const DIRECT_PIECE: usize = 1024 * 1024;
 /// Aligned buffers for direct writes that exist at once (a writer waits for a free
 /// one): bounds their memory, and a few large writes at a time keep the disk busy.
 const DIRECT_BUFFERS: usize = 4;
