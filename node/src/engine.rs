@@ -439,6 +439,28 @@ pub fn free_copy_path(
         .find(|candidate| free(candidate))
 }
 
+/// Where a file or symlink goes that replaced a directory on another device while
+/// this device's copy of the directory still holds files (an edit inside, a file the
+/// replacing device never saw, an ignored file): the directory stays and is published
+/// again, so the replacement loses like any version that loses to a directory
+/// ([`pick_winner`]) and is kept as a conflict copy, named as any loser's. Without the
+/// copy, the directory published over it superseded it and it was left only in version
+/// stores (simulation seed 40 under the stricter "nothing lost" check, session 16).
+pub fn replacement_copy_path(
+    path: &RelPath,
+    replacement: &Entry,
+    remote_at: &dyn Fn(&RelPath) -> Remote,
+) -> Option<RelPath> {
+    let same = |entry: &Entry| same_content(Some(entry), Some(replacement));
+    free_copy_path(
+        path,
+        replacement.mtime_ns,
+        &replacement.author,
+        &same,
+        remote_at,
+    )
+}
+
 /// The entry a local row would publish, for conflict-copy naming and comparisons.
 fn local_mtime(local: &LocalEntry) -> i64 {
     local.mtime_ns

@@ -1374,6 +1374,7 @@ impl FolderActor {
                     if let Err(error) = std::fs::remove_dir(&absolute) {
                         tracing::info!(folder = %self.record.id, %path, %error, "directory kept: it still holds files");
                         if self.recorder.mode == FolderMode::SendReceive && local.is_some() {
+                            self.keep_replacement_as_copy(&path, &entry);
                             self.publish(&path, local);
                         }
                         rescan.insert(path);
@@ -1513,6 +1514,15 @@ impl FolderActor {
                     }
                     n += 1;
                 }
+                // Nothing is synced at `path` once its version is moved aside: forgotten
+                // first (a crash between the two then only resolves again). Kept, the
+                // old row made the empty path read as the user's delete of it, and a
+                // later remote value with that same content (another device renaming the
+                // copy back, say) as unchanged: the node published the delete
+                // (simulation seed 200 under the stricter "nothing lost" check).
+                if !self.recorder.commit_decisions(&[(path.clone(), None)]) {
+                    return;
+                }
                 let target = root.join(to.as_str());
                 match std::fs::rename(&from, &target) {
                     Ok(()) => {
@@ -1533,6 +1543,24 @@ impl FolderActor {
                         status.local_only.push(path.to_string());
                     }
                 });
+            }
+        }
+    }
+
+    /// Puts `replacement`, the file or symlink that lost to the directory kept at
+    /// `path`, into the document as a conflict copy ([`engine::replacement_copy_path`]);
+    /// committed with the directory's publication that follows.
+    fn keep_replacement_as_copy(&mut self, path: &RelPath, replacement: &Entry) {
+        let document = &self.recorder.document;
+        let copy =
+            engine::replacement_copy_path(path, replacement, &|other| remote_of(document, other));
+        match copy {
+            Some(copy) if self.recorder.document.put(&copy, replacement).is_ok() => {
+                tracing::info!(folder = %self.record.id, %path, %copy, "conflict: the file that replaced the directory is kept as a conflict copy");
+                self.recorder.needs_plan.insert(copy);
+            }
+            _ => {
+                tracing::warn!(folder = %self.record.id, %path, "no conflict-copy name for the file that replaced the directory; the directory wins alone")
             }
         }
     }

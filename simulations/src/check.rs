@@ -5,7 +5,10 @@
 //!    identical.
 //! 2. **Nothing lost** ([`nothing_lost`]): every version a user wrote, that a device's
 //!    store recorded and that no user deleted or overwrote, is at the end a file on
-//!    some device (at any path: a conflict copy counts) or in some version store.
+//!    some device (at any path: a conflict copy counts). Version stores do not count:
+//!    a version kept only there is gone from the folder, which is what users see (until
+//!    session 16 they counted, and two bugs that superseded a version without a copy
+//!    went unseen: seeds 40 and 200 in docs/simulation.md).
 //! 3. **No corruption** ([`every_step`]): every visible file, at every step, holds a
 //!    complete version some user wrote; temp files never enter a store's local tree.
 //! 4. **Termination**: checked by the world's settle phase.
@@ -180,14 +183,13 @@ pub fn nothing_lost(world: &World) -> Result<(), Violation> {
                 present.insert(manifest_of(data).hash());
             }
         }
-        present.extend(device.store.versions.keys().copied());
     }
     for (hash, version) in &world.versions {
         if version.observed && !version.discarded && !present.contains(hash) {
             return Err(Violation::new(
                 "nothing lost",
                 format!(
-                    "the version of {} written on dev{} ({}) is on no device and in no version store",
+                    "the version of {} written on dev{} ({}) is in no device's folder",
                     version.origin.1,
                     version.origin.0,
                     &hash.to_hex()[..12]

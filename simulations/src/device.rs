@@ -701,6 +701,15 @@ impl Device {
     }
 
     /// Commits document decisions and synced rows (Recorder::commit_decisions).
+    /// Removes `path`'s synced row, committed like a decision.
+    fn forget_synced(&mut self, path: &RelPath) -> bool {
+        if !self.commit_decisions(Vec::new()) {
+            return false;
+        }
+        self.store.synced.remove(path);
+        true
+    }
+
     fn commit_decisions(&mut self, synced_updates: Vec<(RelPath, SyncedEntry)>) -> bool {
         if self.crashed {
             return false;
@@ -934,6 +943,18 @@ impl Device {
                     if let Err(error) = self.disk.remove_dir(disk_path(&path), roll, true) {
                         self.note(format!("directory {path} kept: {error:?}"));
                         if local.is_some() {
+                            let doc = &self.doc;
+                            let copy = engine::replacement_copy_path(&path, &entry, &|other| {
+                                remote_of(doc, other)
+                            });
+                            if let Some(copy) = copy
+                                && self.doc.put(&copy, &entry).is_ok()
+                            {
+                                self.note(format!(
+                                    "{path} kept as directory; its replacement kept as {copy}"
+                                ));
+                                self.needs_plan.insert(copy);
+                            }
                             self.publish(&path, local);
                         }
                         rescan.insert(path);
@@ -1037,6 +1058,11 @@ impl Device {
                         _ => return,
                     }
                     n += 1;
+                }
+                // Nothing is synced at `path` once its version is moved aside (the
+                // node's `MoveToConflictCopy`).
+                if !self.forget_synced(&path) {
+                    return;
                 }
                 let roll = self.roll();
                 match self

@@ -5,7 +5,7 @@ use weft_simulations::{Config, Sabotage, simulate};
 
 /// Seeds that found engine bugs, with the shape they failed in (see
 /// docs/simulation.md for each bug and its fix).
-const REGRESSIONS: [(u64, usize, u64); 11] = [
+const REGRESSIONS: [(u64, usize, u64); 13] = [
     // A deleted directory kept alive by an abandoned temp file: planning looped.
     (0, 2, 1500),
     // A document reloaded after a failed commit, with peers' sync states kept: the
@@ -34,6 +34,13 @@ const REGRESSIONS: [(u64, usize, u64); 11] = [
     // A file refused under a symlink was not planned again once the symlink became the
     // document's directory.
     (153, 5, 1500),
+    // A file that replaced a directory elsewhere lost to the directory, kept because it
+    // still held a file, with no conflict copy: it was left in version stores only.
+    (40, 2, 1500),
+    // A path emptied by moving its version aside as a conflict copy kept its synced
+    // row; the copy renamed back elsewhere then read as unchanged, and the empty path
+    // as the user's delete.
+    (200, 2, 93),
 ];
 
 /// Seeds searched for one that catches a sabotaged shell.

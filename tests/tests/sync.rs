@@ -236,6 +236,73 @@ fn a_file_edited_offline_against_a_directory_made_elsewhere_keeps_both() {
 }
 
 #[test]
+fn a_directory_replaced_by_a_file_while_a_file_was_added_to_it_offline_keeps_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|n| dir.path().join(format!("folder_{n}")))
+        .collect();
+    fs::create_dir_all(roots[0].join("d")).unwrap();
+    fs::write(
+        roots[0].join("d/old.txt"),
+        b"in the directory from the start",
+    )
+    .unwrap();
+    let config = NodeConfig::default();
+    let a = TestNode::start(&dir.path().join("home_a"), &config);
+    let b = TestNode::start(&dir.path().join("home_b"), &config);
+    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
+    share_along(&[&a, &b], &paths, "shape");
+    wait_converged(&paths, &[&a, &b], CONVERGE);
+    // B is offline while it adds a file to d and A replaces d (and what it knew in it)
+    // with a file of the same name.
+    let b_home = b.home.clone();
+    b.kill9();
+    fs::write(roots[1].join("d/new.txt"), b"B's new file in d").unwrap();
+    fs::remove_dir_all(roots[0].join("d")).unwrap();
+    fs::write(roots[0].join("d"), b"A's file d").unwrap();
+    let scanned = wait_for(Duration::from_secs(10), || {
+        a.files("shape")
+            .iter()
+            .any(|f| f.path == "d" && f.entry.kind == weft_protocol::document::EntryKind::File)
+    });
+    assert!(scanned.is_some(), "{}", a.log());
+    let b = TestNode::start(&b_home, &config);
+    // B cannot remove its d, which holds a file A never saw: the directory stays, with
+    // B's new file, and A's file d is kept beside it as a conflict copy (it was lost
+    // from the folder before: the directory published again superseded it).
+    let settled = wait_for(CONVERGE, || {
+        let trees: Vec<_> = paths.iter().map(|root| tree_digest(root)).collect();
+        trees[0] == trees[1]
+            && trees[0].contains_key("d/new.txt")
+            && trees[0].keys().any(|p| p.starts_with("d.sync-conflict-"))
+    });
+    let tree = tree_digest(paths[0]);
+    assert!(
+        settled.is_some(),
+        "{tree:#?}\n{:#?}\n{}\n-----\n{}",
+        tree_digest(paths[1]),
+        a.log(),
+        b.log()
+    );
+    let copy = tree
+        .keys()
+        .find(|p| p.starts_with("d.sync-conflict-"))
+        .unwrap();
+    assert_eq!(fs::read(roots[1].join(copy)).unwrap(), b"A's file d");
+    assert_eq!(
+        fs::read(roots[0].join("d/new.txt")).unwrap(),
+        b"B's new file in d"
+    );
+    assert!(!tree.contains_key("d/old.txt"), "{tree:#?}");
+    assert_eq!(
+        tree.keys().filter(|p| p.contains("sync-conflict")).count(),
+        1,
+        "{tree:#?}"
+    );
+}
+
+#[test]
 fn a_download_interrupted_by_kill_9_resumes_without_refetching_verified_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let root_a = dir.path().join("folder_a");
