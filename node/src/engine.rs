@@ -461,6 +461,20 @@ pub fn replacement_copy_path(
     )
 }
 
+/// Paths refused because a parent is a file or symlink on this device, by that parent.
+pub type Blocked = std::collections::BTreeMap<RelPath, std::collections::BTreeSet<RelPath>>;
+
+/// Takes out of `blocked` the paths whose blocking parent `is_free` now says is a
+/// directory or gone, to be planned again (one still blocked further up is refused
+/// again, under that parent).
+pub fn take_unblocked(blocked: &mut Blocked, is_free: impl Fn(&RelPath) -> bool) -> Vec<RelPath> {
+    let free: Vec<RelPath> = blocked.keys().filter(|b| is_free(b)).cloned().collect();
+    free.iter()
+        .filter_map(|blocker| blocked.remove(blocker))
+        .flatten()
+        .collect()
+}
+
 /// The entry a local row would publish, for conflict-copy naming and comparisons.
 fn local_mtime(local: &LocalEntry) -> i64 {
     local.mtime_ns
@@ -1512,6 +1526,27 @@ mod tests {
             copy_of(Remote::Value(remote_file(7, b, 1))),
             numbered_copy_path(&mine, 2).unwrap()
         );
+    }
+
+    #[test]
+    fn blocked_paths_come_back_once_their_parent_is_free() {
+        let rel = |p: &str| RelPath::new(p).unwrap();
+        let mut blocked = Blocked::new();
+        blocked
+            .entry(rel("a"))
+            .or_default()
+            .extend([rel("a/x"), rel("a/y/z")]);
+        blocked.entry(rel("b")).or_default().insert(rel("b/w"));
+        // Nothing free: nothing comes back, nothing is forgotten.
+        assert!(take_unblocked(&mut blocked, |_| false).is_empty());
+        assert_eq!(blocked.len(), 2);
+        assert_eq!(
+            take_unblocked(&mut blocked, |p| p.as_str() == "a"),
+            vec![rel("a/x"), rel("a/y/z")]
+        );
+        assert_eq!(blocked.keys().collect::<Vec<_>>(), vec![&rel("b")]);
+        assert_eq!(take_unblocked(&mut blocked, |_| true), vec![rel("b/w")]);
+        assert!(blocked.is_empty());
     }
 
     #[test]

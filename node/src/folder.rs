@@ -503,7 +503,7 @@ struct FolderActor {
     /// parent. Planned again once it is a directory or gone, whatever made it so (a
     /// directory applied over it, the file moved aside as a conflict copy, the user
     /// deleting it): see [`FolderActor::unblocked`].
-    blocked: BTreeMap<RelPath, BTreeSet<RelPath>>,
+    blocked: engine::Blocked,
     settings: FolderSettings,
     receiver: mpsc::Receiver<FolderCommand>,
     dirty: DirtyPaths,
@@ -1282,21 +1282,13 @@ impl FolderActor {
             return Vec::new();
         }
         let root = self.root();
-        let free: Vec<RelPath> = self
-            .blocked
-            .keys()
-            .filter(
-                |blocker| match std::fs::symlink_metadata(root.join(blocker.as_str())) {
-                    Ok(metadata) => metadata.is_dir(),
-                    Err(error) => error.kind() == std::io::ErrorKind::NotFound,
-                },
-            )
-            .cloned()
-            .collect();
-        free.iter()
-            .filter_map(|blocker| self.blocked.remove(blocker))
-            .flatten()
-            .collect()
+        engine::take_unblocked(
+            &mut self.blocked,
+            |blocker| match std::fs::symlink_metadata(root.join(blocker.as_str())) {
+                Ok(metadata) => metadata.is_dir(),
+                Err(error) => error.kind() == std::io::ErrorKind::NotFound,
+            },
+        )
     }
 
     fn execute(

@@ -178,7 +178,7 @@ pub struct Device {
     failed: BTreeSet<RelPath>,
     /// Paths refused because a parent is a file or symlink, by that parent: planned
     /// again once it is a directory or gone (the node's `FolderActor::blocked`).
-    blocked: BTreeMap<RelPath, BTreeSet<RelPath>>,
+    blocked: engine::Blocked,
     needs_plan: BTreeSet<RelPath>,
     published: bool,
     unsaved: Vec<u8>,
@@ -855,16 +855,10 @@ impl Device {
 
     /// Takes the blocked paths whose blocking parent is now a directory or gone.
     fn unblocked(&mut self) -> Vec<RelPath> {
-        let free: Vec<RelPath> = self
-            .blocked
-            .keys()
-            .filter(|blocker| matches!(self.disk.get(blocker.as_str()), Some(Node::Dir) | None))
-            .cloned()
-            .collect();
-        free.iter()
-            .filter_map(|blocker| self.blocked.remove(blocker))
-            .flatten()
-            .collect()
+        let disk = &self.disk;
+        engine::take_unblocked(&mut self.blocked, |blocker| {
+            matches!(disk.get(blocker.as_str()), Some(Node::Dir) | None)
+        })
     }
 
     fn disk_matches(&self, path: &RelPath, expected: Option<&LocalEntry>) -> bool {

@@ -131,20 +131,7 @@ fn wait_directory_kept_and_edit_copied(
     a: &TestNode,
     b: &TestNode,
 ) -> String {
-    let settled = wait_for(CONVERGE, || {
-        let trees: Vec<_> = paths.iter().map(|root| tree_digest(root)).collect();
-        trees[0] == trees[1]
-            && trees[0].contains_key("x/inner/b.txt")
-            && trees[0].keys().any(|p| p.starts_with("x.sync-conflict-"))
-    });
-    let tree = tree_digest(paths[1]);
-    assert!(
-        settled.is_some(),
-        "{:#?}\n{tree:#?}\n{}\n-----\n{}",
-        tree_digest(paths[0]),
-        a.log(),
-        b.log()
-    );
+    let tree = wait_for_copy_beside(paths, a, b, "x/inner/b.txt", "x.sync-conflict-");
     let hash = |bytes: &[u8]| blake3::hash(bytes).to_hex().to_string();
     assert_eq!(tree.get("x"), Some(&"dir".to_string()), "{tree:#?}");
     assert_eq!(
@@ -165,6 +152,32 @@ fn wait_directory_kept_and_edit_copied(
         "x, x/a.txt, x/inner/, x/inner/b.txt, the copy: {tree:#?}"
     );
     copies[0].0.clone()
+}
+
+/// Waits until both folders hold the same tree, with `path` and a name starting with
+/// `copy_prefix` in it; returns that tree.
+fn wait_for_copy_beside(
+    paths: &[&std::path::Path],
+    a: &TestNode,
+    b: &TestNode,
+    path: &str,
+    copy_prefix: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let settled = wait_for(CONVERGE, || {
+        let trees: Vec<_> = paths.iter().map(|root| tree_digest(root)).collect();
+        trees[0] == trees[1]
+            && trees[0].contains_key(path)
+            && trees[0].keys().any(|p| p.starts_with(copy_prefix))
+    });
+    let tree = tree_digest(paths[1]);
+    assert!(
+        settled.is_some(),
+        "{:#?}\n{tree:#?}\n{}\n-----\n{}",
+        tree_digest(paths[0]),
+        a.log(),
+        b.log()
+    );
+    tree
 }
 
 /// Two nodes sharing folder "shape", which holds the file `x`; B with `b_config`.
@@ -271,20 +284,7 @@ fn a_directory_replaced_by_a_file_while_a_file_was_added_to_it_offline_keeps_bot
     // B cannot remove its d, which holds a file A never saw: the directory stays, with
     // B's new file, and A's file d is kept beside it as a conflict copy (it was lost
     // from the folder before: the directory published again superseded it).
-    let settled = wait_for(CONVERGE, || {
-        let trees: Vec<_> = paths.iter().map(|root| tree_digest(root)).collect();
-        trees[0] == trees[1]
-            && trees[0].contains_key("d/new.txt")
-            && trees[0].keys().any(|p| p.starts_with("d.sync-conflict-"))
-    });
-    let tree = tree_digest(paths[0]);
-    assert!(
-        settled.is_some(),
-        "{tree:#?}\n{:#?}\n{}\n-----\n{}",
-        tree_digest(paths[1]),
-        a.log(),
-        b.log()
-    );
+    let tree = wait_for_copy_beside(&paths, &a, &b, "d/new.txt", "d.sync-conflict-");
     let copy = tree
         .keys()
         .find(|p| p.starts_with("d.sync-conflict-"))
