@@ -700,7 +700,6 @@ impl Device {
         }
     }
 
-    /// Commits document decisions and synced rows (Recorder::commit_decisions).
     /// Removes `path`'s synced row, committed like a decision.
     fn forget_synced(&mut self, path: &RelPath) -> bool {
         if !self.commit_decisions(Vec::new()) {
@@ -710,6 +709,7 @@ impl Device {
         true
     }
 
+    /// Commits document decisions and synced rows (Recorder::commit_decisions).
     fn commit_decisions(&mut self, synced_updates: Vec<(RelPath, SyncedEntry)>) -> bool {
         if self.crashed {
             return false;
