@@ -84,6 +84,9 @@ pub struct FetchedItem {
 
 /// How often failed downloads are tried again (also whenever a peer connects).
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// Earliest a racy file (see the `scan` module doc) is hashed again after the scan that
+/// found it racy.
+pub const RACY_RECHECK_AFTER: Duration = Duration::from_secs(1);
 /// Problems kept in the status (the most recent scan's first ones).
 pub const MAX_PROBLEMS_SHOWN: usize = 100;
 /// Sync messages with unsigned or forged changes a device may send without one
@@ -439,6 +442,7 @@ pub fn start(
         finished_since: None,
         failed: BTreeSet::new(),
         blocked: BTreeMap::new(),
+        racy: BTreeMap::new(),
         dirty: DirtyPaths::new(settings.debounce),
         settings,
         receiver,
@@ -504,6 +508,12 @@ struct FolderActor {
     /// directory applied over it, the file moved aside as a conflict copy, the user
     /// deleting it): see [`FolderActor::unblocked`].
     blocked: engine::Blocked,
+    /// Files a scan hashed within their timestamp granularity of their last write
+    /// (racily clean, see the `scan` module doc), and when to hash them again whatever
+    /// their metadata says. Every scan that covers one hashes it again; it leaves the
+    /// map once a hash finds it no longer racy. In memory only: a node stopped within
+    /// the window (at most two seconds) after such a hash does not look again.
+    racy: BTreeMap<RelPath, Instant>,
     settings: FolderSettings,
     receiver: mpsc::Receiver<FolderCommand>,
     dirty: DirtyPaths,
@@ -527,6 +537,9 @@ impl FolderActor {
             }
             if let Some(since) = self.finished_since {
                 deadline = deadline.min(since + FINALIZE_DELAY);
+            }
+            if let Some(due) = self.racy.values().min() {
+                deadline = deadline.min(*due);
             }
             let timeout = deadline.saturating_duration_since(Instant::now());
             let next = match self.deferred.pop_front() {
@@ -589,6 +602,15 @@ impl FolderActor {
                     self.scan(Scope::Paths(collapse(paths)));
                 }
                 None => {}
+            }
+            let racy_due: BTreeSet<RelPath> = self
+                .racy
+                .iter()
+                .filter(|(_, due)| **due <= now)
+                .map(|(path, _)| path.clone())
+                .collect();
+            if !racy_due.is_empty() {
+                self.scan(Scope::Paths(collapse(racy_due)));
             }
             if now >= next_full {
                 self.scan(Scope::Full);
@@ -696,6 +718,17 @@ impl FolderActor {
         if full {
             self.recorder.recount(&previous);
         }
+        // Racy files in scope are hashed again, due or not: a write since the last hash
+        // may have left their metadata as it was.
+        let rehash: BTreeSet<RelPath> = self
+            .racy
+            .keys()
+            .filter(|path| match &scope {
+                Scope::Full => true,
+                Scope::Paths(paths) => paths.iter().any(|scoped| path.starts_with(scoped)),
+            })
+            .cloned()
+            .collect();
         let shared = self.recorder.shared.clone();
         let events = self.recorder.events.clone();
         let (stop_ticker, ticker_stopped) = mpsc::channel::<()>();
@@ -725,32 +758,50 @@ impl FolderActor {
             let mut interval = FIRST_BATCH_INTERVAL;
             let scanner = Arc::clone(&self.scanner);
             let actor = &mut *self;
-            let summary = scanner.scan(&scope, &previous, &shared.progress, &mut |change| {
-                batch.push(change);
-                // A peer's message is answered with everything hashed so far.
-                let command = actor.command_during_scan();
-                if batch.len() >= BATCH_CHANGES
-                    || last_commit.elapsed() >= interval
-                    || command.is_some()
-                {
-                    actor.recorder.commit(std::mem::take(&mut batch), &previous);
-                    last_commit = Instant::now();
-                    interval = BATCH_INTERVAL;
-                    // Offer each committed batch at once: peers start fetching while
-                    // the rest of a long scan goes on.
-                    if actor.recorder.published {
-                        actor.recorder.published = false;
-                        actor.broadcast();
+            let summary = scanner.scan(
+                &scope,
+                &previous,
+                &rehash,
+                &shared.progress,
+                &mut |change| {
+                    batch.push(change);
+                    // A peer's message is answered with everything hashed so far.
+                    let command = actor.command_during_scan();
+                    if batch.len() >= BATCH_CHANGES
+                        || last_commit.elapsed() >= interval
+                        || command.is_some()
+                    {
+                        actor.recorder.commit(std::mem::take(&mut batch), &previous);
+                        last_commit = Instant::now();
+                        interval = BATCH_INTERVAL;
+                        // Offer each committed batch at once: peers start fetching while
+                        // the rest of a long scan goes on.
+                        if actor.recorder.published {
+                            actor.recorder.published = false;
+                            actor.broadcast();
+                        }
                     }
-                }
-                if let Some(command) = command {
-                    actor.exchange_during_scan(command);
-                }
-            });
+                    if let Some(command) = command {
+                        actor.exchange_during_scan(command);
+                    }
+                },
+            );
             self.recorder.commit(batch, &previous);
             drop(stop_ticker);
             summary
         });
+        for path in &rehash {
+            self.racy.remove(path);
+        }
+        // Hashed again once the window has passed, at the earliest after
+        // [`RACY_RECHECK_AFTER`] and after as long as this scan took: a file written without
+        // pause costs at most one more hash per scan, and the second hash does not
+        // compete with the transfers the first one started.
+        let wait = RACY_RECHECK_AFTER.max(started.elapsed());
+        for (path, window) in &summary.racy {
+            self.racy
+                .insert(path.clone(), Instant::now() + (*window).max(wait));
+        }
         let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let finished_ms = u64::try_from(now_ns() / 1_000_000).unwrap_or(0);
         let mut summary = summary;
@@ -1209,6 +1260,30 @@ impl FolderActor {
         });
     }
 
+    /// Whether the file at `path` (`absolute`), racily clean in the store (see the
+    /// `scan` module doc), now holds other bytes than `expected` says: a write of the
+    /// same size within its timestamp granularity leaves everything [`disk_matches`]
+    /// compares as it was. Only racy paths are hashed here; a file that cannot be read
+    /// counts as changed (the rescan that follows says why).
+    fn racy_write_under(
+        &self,
+        path: &RelPath,
+        absolute: &std::path::Path,
+        expected: Option<&LocalEntry>,
+    ) -> bool {
+        let Some(want) = expected
+            .filter(|e| e.kind == EntryKind::File && self.racy.contains_key(path))
+            .and_then(|e| e.manifest)
+        else {
+            return false;
+        };
+        let Ok(file) = std::fs::File::open(absolute) else {
+            return true;
+        };
+        weft_protocol::chunk::build_manifest(&file, &self.record.params, |_| {})
+            .map_or(true, |manifest| manifest.hash() != want)
+    }
+
     /// Plans `paths` and carries the actions out; disk changes are rescanned, which
     /// records them and may plan again (bounded by [`MAX_PLAN_ROUNDS`]).
     fn plan_paths(&mut self, mut paths: Vec<RelPath>) {
@@ -1349,7 +1424,9 @@ impl FolderActor {
                 expected,
             } => {
                 let absolute = root.join(path.as_str());
-                if !disk_matches(&absolute, expected.as_ref()) {
+                if !disk_matches(&absolute, expected.as_ref())
+                    || self.racy_write_under(&path, &absolute, expected.as_ref())
+                {
                     rescan.insert(path);
                     return;
                 }
@@ -1426,7 +1503,9 @@ impl FolderActor {
             }
             Action::Remove { path, expected, .. } => {
                 let absolute = root.join(path.as_str());
-                if !disk_matches(&absolute, Some(&expected)) {
+                if !disk_matches(&absolute, Some(&expected))
+                    || self.racy_write_under(&path, &absolute, Some(&expected))
+                {
                     rescan.insert(path);
                     return;
                 }
@@ -1757,6 +1836,7 @@ impl FolderActor {
             let absolute = root.join(path.as_str());
             if !still_wanted
                 || !disk_matches(&absolute, expected.as_ref())
+                || self.racy_write_under(&path, &absolute, expected.as_ref())
                 || !parents_are_directories(&root, &path)
             {
                 // Changed here or there meanwhile: decide again. The temp file is kept

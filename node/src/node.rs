@@ -174,8 +174,9 @@ impl StoreSource {
     /// still passes the scanner's own test for skipping a re-hash
     /// ([`crate::engine::metadata_unchanged`]) against the row of the scan that indexed
     /// it (`scanned`, looked up once per path and kept for the caller's next blocks),
-    /// its bytes are what that scan hashed, as far as the scanner itself can tell;
-    /// otherwise the block is hashed before it is served. Either way the receiver
+    /// its bytes are what that scan hashed, as far as the scanner itself can tell,
+    /// unless the file was written in the last [`crate::scan::RECENT_WRITE`] (it may
+    /// be racily clean); otherwise the block is hashed before it is served. Either way the receiver
     /// verifies every block, so this only spares the sender a second BLAKE3 pass over
     /// everything it serves (a third of the hashing in an initial sync: A's scan, A's
     /// serving, B's check) while keeping a changed file's bytes off the wire.
@@ -209,8 +210,11 @@ impl StoreSource {
                 let row = scanned
                     .entry(location.path.clone())
                     .or_insert_with(|| self.store.local(folder, &location.path).ok().flatten());
+                // A file written in the last seconds may be racily clean in the store
+                // (see the `scan` module doc): its bytes are checked.
                 let unchanged = matches!((&*row, &now), (Some(row), Some(now))
-                    if crate::engine::metadata_unchanged(row, now));
+                    if crate::engine::metadata_unchanged(row, now)
+                        && !crate::scan::recently_written(now.mtime_ns));
                 (data.len() == len && (unchanged || weft_protocol::BlockHash::of(&data) == *hash))
                     .then_some(data)
             })

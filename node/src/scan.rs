@@ -18,6 +18,13 @@
 //!   stored entry (if any) is kept, not deleted.
 //! - A file that changes while it is hashed is hashed again (up to
 //!   [`MAX_HASH_ATTEMPTS`] times), then reported and left for the next scan.
+//! - A file hashed while its mtime is within the filesystem's timestamp granularity of
+//!   the hash ([`racy_window`]) is *racy*: a write of the same size right after the
+//!   hash can get the very same mtime (FAT keeps even seconds, HFS+ and ext3 whole
+//!   seconds, ext4 before Linux 6.13 one clock tick), and then size, mtime and inode
+//!   all say "unchanged". The scan reports such files ([`ScanSummary::racy`]); the
+//!   caller has them hashed again, whatever their metadata says, once the window has
+//!   passed (`rehash` of [`Scanner::scan`]). Git calls these entries "racily clean".
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -25,6 +32,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use weft_protocol::chunk::{build_manifest, build_manifest_like};
@@ -38,6 +46,44 @@ use crate::store::{LocalChange, LocalEntry};
 pub const IGNORE_FILE: &str = ".weftignore";
 /// Times a file that keeps changing under the hasher is hashed before giving up.
 pub const MAX_HASH_ATTEMPTS: usize = 3;
+/// Timestamp granularity assumed for an mtime with a fraction of a second: above the
+/// longest Linux clock tick (10 ms), exFAT's 10 ms, and what NTFS and APFS keep.
+pub const FINE_RACY_WINDOW: Duration = Duration::from_millis(100);
+/// Timestamp granularity assumed for an mtime of whole seconds: FAT's two seconds
+/// (HFS+ and ext3 keep one).
+pub const COARSE_RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// How long after `mtime_ns` a write of the same size could still get the same mtime
+/// (see the module doc): [`COARSE_RACY_WINDOW`] for whole seconds, else
+/// [`FINE_RACY_WINDOW`].
+pub fn racy_window(mtime_ns: i64) -> Duration {
+    if mtime_ns % 1_000_000_000 == 0 {
+        COARSE_RACY_WINDOW
+    } else {
+        FINE_RACY_WINDOW
+    }
+}
+
+/// Whether a file with `mtime_ns`, hashed from `hashed_at_ns` on, is racy: its mtime is
+/// within its [`racy_window`] of the hash, on either side (a filesystem's clock may run
+/// a little ahead of ours; an mtime further ahead is no sign of a recent write).
+pub fn is_racy(mtime_ns: i64, hashed_at_ns: i64) -> bool {
+    let window = i64::try_from(racy_window(mtime_ns).as_nanos()).unwrap_or(i64::MAX);
+    mtime_ns.abs_diff(hashed_at_ns) < window.unsigned_abs()
+}
+
+/// Files written this recently may still be racy in the store (their second hash may
+/// not have run yet): whoever trusts a stored hash by metadata alone checks the bytes.
+pub const RECENT_WRITE: Duration = Duration::from_secs(10);
+
+/// Whether `mtime_ns` is within [`RECENT_WRITE`] of now (or ahead of it).
+pub fn recently_written(mtime_ns: i64) -> bool {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    let recent = i64::try_from(RECENT_WRITE.as_nanos()).unwrap_or(i64::MAX);
+    mtime_ns > now.saturating_sub(recent)
+}
 
 /// Which part of a folder to scan.
 #[derive(Clone, Debug)]
@@ -94,6 +140,10 @@ pub struct ScanSummary {
     pub problems: Vec<Problem>,
     /// The node's temp files the walk passed (`.weft.tmp.*`), for cleanup.
     pub temp_files: Vec<PathBuf>,
+    /// Files hashed so soon after their last write that another write of the same size
+    /// could have the same mtime (see the module doc), with their [`racy_window`]: to
+    /// hash again once it has passed.
+    pub racy: Vec<(RelPath, Duration)>,
 }
 
 /// A folder's scanner: its root, chunk parameters and ignore rules.
@@ -176,6 +226,15 @@ impl Walk {
             error,
         });
     }
+}
+
+/// A file hashed by [`Scanner::hash_file`].
+struct Hashed {
+    path: RelPath,
+    entry: LocalEntry,
+    manifest: Manifest,
+    /// The file's [`racy_window`] if it is racy.
+    racy: Option<Duration>,
 }
 
 /// An entry found on disk, before hashing.
@@ -287,11 +346,14 @@ impl Scanner {
     /// and sends every change to `sink` as soon as it is known. Returns a summary.
     ///
     /// `previous` must hold every stored row inside the scope: a row not seen on disk is
-    /// reported removed.
+    /// reported removed. Files at the paths in `rehash` (racy ones of earlier scans) are
+    /// hashed even if their metadata is unchanged, and reported only if their content
+    /// changed.
     pub fn scan(
         &self,
         scope: &Scope,
         previous: &BTreeMap<RelPath, LocalEntry>,
+        rehash: &std::collections::BTreeSet<RelPath>,
         progress: &ScanProgress,
         sink: &mut dyn FnMut(LocalChange),
     ) -> ScanSummary {
@@ -337,9 +399,10 @@ impl Scanner {
         // Directories and symlinks need no hashing; files only when metadata changed.
         let mut to_hash = Vec::new();
         for item in observed {
-            if previous
-                .get(&item.path)
-                .is_some_and(|old| crate::engine::metadata_unchanged(old, &item.entry))
+            if !rehash.contains(&item.path)
+                && previous
+                    .get(&item.path)
+                    .is_some_and(|old| crate::engine::metadata_unchanged(old, &item.entry))
             {
                 continue;
             }
@@ -375,7 +438,7 @@ impl Scanner {
             return;
         }
         let order = HashOrder::new(files.len());
-        let (sender, receiver) = mpsc::channel::<Result<LocalChange, Problem>>();
+        let (sender, receiver) = mpsc::channel::<Result<Hashed, Problem>>();
         std::thread::scope(|scope| {
             for worker in 0..self.workers.min(files.len()) {
                 let sender = sender.clone();
@@ -395,9 +458,25 @@ impl Scanner {
             drop(sender);
             for result in receiver {
                 match result {
-                    Ok(change) => {
+                    Ok(Hashed {
+                        path,
+                        entry,
+                        manifest,
+                        racy,
+                    }) => {
+                        if let Some(window) = racy {
+                            summary.racy.push((path.clone(), window));
+                        }
+                        // A racy file hashed again to the same content is no change.
+                        if previous.get(&path) == Some(&entry) {
+                            continue;
+                        }
                         summary.changes += 1;
-                        sink(change);
+                        sink(LocalChange::Upsert {
+                            path,
+                            entry,
+                            manifest: Some(manifest),
+                        });
                     }
                     Err(problem) => summary.problems.push(problem),
                 }
@@ -412,7 +491,7 @@ impl Scanner {
         item: &Observed,
         like: Option<ManifestHash>,
         progress: &ScanProgress,
-    ) -> Result<LocalChange, Problem> {
+    ) -> Result<Hashed, Problem> {
         let absolute = self.root.join(item.path.as_str());
         let problem = |error: String| Problem {
             path: item.path.to_string(),
@@ -424,6 +503,9 @@ impl Scanner {
             .zip(self.manifests.as_ref())
             .and_then(|(hash, lookup)| lookup(&hash));
         for _ in 0..MAX_HASH_ATTEMPTS {
+            let hashed_at = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
             let file =
                 fs::File::open(&absolute).map_err(|e| problem(format!("cannot read: {e}")))?;
             let opened = file
@@ -460,10 +542,12 @@ impl Scanner {
                 progress.files_hashed.fetch_add(1, Ordering::Relaxed);
                 let mut entry = after;
                 entry.manifest = Some(manifest.hash());
-                return Ok(LocalChange::Upsert {
+                let racy = is_racy(entry.mtime_ns, hashed_at).then(|| racy_window(entry.mtime_ns));
+                return Ok(Hashed {
                     path: item.path.clone(),
                     entry,
-                    manifest: Some(manifest),
+                    manifest,
+                    racy,
                 });
             }
             before = after;
@@ -713,5 +797,85 @@ mod tests {
             [Some(4), Some(0), Some(1), Some(3), Some(2), None, None]
         );
         assert_eq!(HashOrder::new(0).take(true), None);
+    }
+
+    #[test]
+    fn racy_means_within_the_timestamp_granularity_on_either_side() {
+        let second = 1_000_000_000i64;
+        let fine = 1_700_000_000 * second + 123_456_789;
+        assert_eq!(racy_window(fine), FINE_RACY_WINDOW);
+        assert!(is_racy(fine, fine + 99_000_000));
+        assert!(!is_racy(fine, fine + 100_000_000));
+        assert!(is_racy(fine, fine - 50_000_000));
+        // Whole seconds: FAT's two-second buckets.
+        let coarse = 1_700_000_000 * second;
+        assert_eq!(racy_window(coarse), COARSE_RACY_WINDOW);
+        assert!(is_racy(coarse, coarse + 1_999_000_000));
+        assert!(!is_racy(coarse, coarse + 2 * second));
+        // Far in the future or the past: no sign of a write just now.
+        assert!(!is_racy(coarse + 3600 * second, coarse));
+        assert!(!is_racy(i64::MIN, i64::MAX));
+    }
+
+    /// Every change of one scan, and its summary.
+    fn scan_once(
+        scanner: &Scanner,
+        previous: &BTreeMap<RelPath, LocalEntry>,
+        rehash: &[&str],
+    ) -> (Vec<LocalChange>, ScanSummary) {
+        let rehash = rehash.iter().map(|p| RelPath::new(p).unwrap()).collect();
+        let mut changes = Vec::new();
+        let summary = scanner.scan(
+            &Scope::Full,
+            previous,
+            &rehash,
+            &ScanProgress::default(),
+            &mut |change| changes.push(change),
+        );
+        (changes, summary)
+    }
+
+    #[test]
+    fn a_racy_file_hashed_again_reports_a_same_size_write_with_the_same_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.txt");
+        // Whole seconds, like FAT: a second write in the same two seconds keeps the mtime.
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let mtime = UNIX_EPOCH + Duration::from_secs(now.as_secs());
+        let write = |contents: &[u8]| {
+            fs::write(&path, contents).unwrap();
+            let file = fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(mtime).unwrap();
+        };
+        write(b"first");
+        let (scanner, _) = Scanner::new(dir.path().to_path_buf(), ChunkParams::default());
+        let (changes, summary) = scan_once(&scanner, &BTreeMap::new(), &[]);
+        let f = RelPath::new("f.txt").unwrap();
+        assert_eq!(summary.racy, vec![(f.clone(), COARSE_RACY_WINDOW)]);
+        let mut previous = BTreeMap::new();
+        for change in changes {
+            if let LocalChange::Upsert { path, entry, .. } = change {
+                previous.insert(path, entry);
+            }
+        }
+        let first = previous[&f].manifest;
+
+        // Hashed again with nothing written: no change.
+        let (changes, _) = scan_once(&scanner, &previous, &["f.txt"]);
+        assert!(changes.is_empty(), "{changes:?}");
+
+        // The same size, the same mtime: metadata alone cannot tell...
+        write(b"other");
+        let (changes, _) = scan_once(&scanner, &previous, &[]);
+        assert!(changes.is_empty(), "{changes:?}");
+        // ... hashing it again does.
+        let (changes, _) = scan_once(&scanner, &previous, &["f.txt"]);
+        match changes.as_slice() {
+            [LocalChange::Upsert { path, entry, .. }] => {
+                assert_eq!(path, &f);
+                assert!(entry.manifest.is_some() && entry.manifest != first);
+            }
+            other => panic!("expected one upsert of f.txt, got {other:?}"),
+        }
     }
 }

@@ -678,3 +678,140 @@ fn a_peer_gets_the_first_files_of_a_long_first_scan_before_the_scan_ends() {
     let tree = wait_converged(&paths, &[&a, &b], CONVERGE);
     assert!(tree.len() > 12_000, "{} paths", tree.len());
 }
+
+/// Writes `contents` into `path` in place (same inode) and gives it the mtime `mtime`.
+fn write_with_mtime(path: &std::path::Path, contents: &[u8], mtime: std::time::SystemTime) {
+    fs::write(path, contents).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+}
+
+/// Waits for the start of the next two seconds of the clock (FAT's mtime buckets) and
+/// returns the mtime FAT gives every write in them, and when they started.
+fn next_fat_bucket() -> (std::time::SystemTime, std::time::Instant) {
+    use std::time::{Instant, SystemTime, UNIX_EPOCH};
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let into_bucket = Duration::from_nanos((since_epoch.as_nanos() % 2_000_000_000) as u64);
+    if into_bucket > Duration::from_millis(100) {
+        std::thread::sleep(Duration::from_secs(2) - into_bucket);
+    }
+    let started = Instant::now();
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let bucket = UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs() / 2 * 2);
+    (bucket, started)
+}
+
+/// On FAT two writes have the same mtime only while the clock stays in the same two
+/// seconds: an attempt that took longer (a loaded machine) says nothing.
+const SAME_BUCKET: Duration = Duration::from_millis(1500);
+
+/// On a filesystem with coarse timestamps (FAT: 2 s; HFS+ and ext3: 1 s; ext4 before
+/// Linux 6.13: one clock tick), a second write of the same size soon after the first
+/// gets the same mtime as the first, so size, mtime and inode all match what the scan
+/// of the first write recorded. Emulated here by giving both writes the mtime FAT would
+/// (the even second before the first write): the second write must still reach B.
+#[test]
+fn a_same_size_write_within_the_timestamp_granularity_still_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (roots, a, b) = pair_sharing_x(dir.path(), &NodeConfig::default());
+    for attempt in 0..5 {
+        let (bucket, started) = next_fat_bucket();
+        let name = format!("coarse{attempt}.txt");
+        let (on_a, on_b) = (roots[0].join(&name), roots[1].join(&name));
+        write_with_mtime(&on_a, b"first version", bucket);
+        let first = wait_for(Duration::from_secs(20), || {
+            fs::read(&on_b).is_ok_and(|bytes| bytes == b"first version")
+        });
+        assert!(
+            first.is_some(),
+            "the first write never reached B:\n{}",
+            b.log()
+        );
+        write_with_mtime(&on_a, b"other version", bucket);
+        if started.elapsed() > SAME_BUCKET {
+            continue;
+        }
+        let second = wait_for(Duration::from_secs(20), || {
+            fs::read(&on_b).is_ok_and(|bytes| bytes == b"other version")
+        });
+        assert!(
+            second.is_some(),
+            "the second write (same size, same mtime) never reached B:\nA:\n{}\nB:\n{}",
+            a.log(),
+            b.log()
+        );
+        return;
+    }
+    panic!("no attempt wrote twice within two seconds; the machine is too loaded for this test");
+}
+
+/// The same kind of write, unseen by any scan yet (A has no watcher), when a peer's
+/// edit of the file arrives: A must not replace its bytes on the strength of their
+/// unchanged metadata. Both versions survive, one as a conflict copy.
+#[test]
+fn a_peer_edit_does_not_replace_a_same_size_write_the_metadata_cannot_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|n| dir.path().join(format!("folder_{n}")))
+        .collect();
+    fs::create_dir_all(&roots[0]).unwrap();
+    let unwatched = NodeConfig {
+        watch: false,
+        ..NodeConfig::default()
+    };
+    let a = TestNode::start(&dir.path().join("home_a"), &unwatched);
+    let b = TestNode::start(&dir.path().join("home_b"), &NodeConfig::default());
+    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
+    share_along(&[&a, &b], &paths, "racy");
+    for attempt in 0..5 {
+        let (bucket, started) = next_fat_bucket();
+        let name = format!("coarse{attempt}.txt");
+        let (on_a, on_b) = (roots[0].join(&name), roots[1].join(&name));
+        write_with_mtime(&on_a, b"first version", bucket);
+        a.scan("racy");
+        let first = wait_for(Duration::from_secs(20), || {
+            fs::read(&on_b).is_ok_and(|bytes| bytes == b"first version")
+        });
+        assert!(
+            first.is_some(),
+            "the first write never reached B:\n{}",
+            b.log()
+        );
+        write_with_mtime(&on_a, b"A's version!!", bucket);
+        fs::write(&on_b, b"B's later version").unwrap();
+        // B's edit must reach A before A's second look at the racy file (two seconds
+        // after its scan): A's file must then be the one B's edit finds.
+        let arrived = wait_for(Duration::from_secs(20), || {
+            a.files("racy")
+                .iter()
+                .any(|f| f.path == name && f.entry.size == 17)
+        });
+        assert!(arrived.is_some(), "B's edit never reached A:\n{}", a.log());
+        if started.elapsed() > SAME_BUCKET {
+            continue;
+        }
+        let tree = wait_converged(&paths, &[&a, &b], CONVERGE);
+        let hash = |bytes: &[u8]| blake3::hash(bytes).to_hex().to_string();
+        let mut versions: Vec<&String> = tree
+            .iter()
+            .filter(|(path, _)| path.starts_with(&format!("coarse{attempt}")))
+            .map(|(_, digest)| digest)
+            .collect();
+        versions.sort();
+        let mut want = [hash(b"A's version!!"), hash(b"B's later version")];
+        want.sort();
+        assert_eq!(
+            versions,
+            want.iter().collect::<Vec<_>>(),
+            "{tree:#?}\nA:\n{}",
+            a.log()
+        );
+        return;
+    }
+    panic!("no attempt wrote twice within two seconds; the machine is too loaded for this test");
+}
