@@ -709,6 +709,29 @@ fn next_fat_bucket() -> (std::time::SystemTime, std::time::Instant) {
 /// seconds: an attempt that took longer (a loaded machine) says nothing.
 const SAME_BUCKET: Duration = Duration::from_millis(1500);
 
+/// At the start of the next FAT bucket, writes "first version" to `on_a` with the
+/// bucket's mtime, runs `scan`, and waits until B has it at `on_b`. Returns the bucket's
+/// mtime and when it started.
+fn first_version_in_a_fat_bucket(
+    on_a: &std::path::Path,
+    on_b: &std::path::Path,
+    b: &TestNode,
+    scan: impl Fn(),
+) -> (std::time::SystemTime, std::time::Instant) {
+    let (bucket, started) = next_fat_bucket();
+    write_with_mtime(on_a, b"first version", bucket);
+    scan();
+    let first = wait_for(Duration::from_secs(20), || {
+        fs::read(on_b).is_ok_and(|bytes| bytes == b"first version")
+    });
+    assert!(
+        first.is_some(),
+        "the first write never reached B:\n{}",
+        b.log()
+    );
+    (bucket, started)
+}
+
 /// On a filesystem with coarse timestamps (FAT: 2 s; HFS+ and ext3: 1 s; ext4 before
 /// Linux 6.13: one clock tick), a second write of the same size soon after the first
 /// gets the same mtime as the first, so size, mtime and inode all match what the scan
@@ -719,18 +742,9 @@ fn a_same_size_write_within_the_timestamp_granularity_still_syncs() {
     let dir = tempfile::tempdir().unwrap();
     let (roots, a, b) = pair_sharing_x(dir.path(), &NodeConfig::default());
     for attempt in 0..5 {
-        let (bucket, started) = next_fat_bucket();
         let name = format!("coarse{attempt}.txt");
         let (on_a, on_b) = (roots[0].join(&name), roots[1].join(&name));
-        write_with_mtime(&on_a, b"first version", bucket);
-        let first = wait_for(Duration::from_secs(20), || {
-            fs::read(&on_b).is_ok_and(|bytes| bytes == b"first version")
-        });
-        assert!(
-            first.is_some(),
-            "the first write never reached B:\n{}",
-            b.log()
-        );
+        let (bucket, started) = first_version_in_a_fat_bucket(&on_a, &on_b, &b, || {});
         write_with_mtime(&on_a, b"other version", bucket);
         if started.elapsed() > SAME_BUCKET {
             continue;
@@ -769,19 +783,11 @@ fn a_peer_edit_does_not_replace_a_same_size_write_the_metadata_cannot_show() {
     let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
     share_along(&[&a, &b], &paths, "racy");
     for attempt in 0..5 {
-        let (bucket, started) = next_fat_bucket();
         let name = format!("coarse{attempt}.txt");
         let (on_a, on_b) = (roots[0].join(&name), roots[1].join(&name));
-        write_with_mtime(&on_a, b"first version", bucket);
-        a.scan("racy");
-        let first = wait_for(Duration::from_secs(20), || {
-            fs::read(&on_b).is_ok_and(|bytes| bytes == b"first version")
+        let (bucket, started) = first_version_in_a_fat_bucket(&on_a, &on_b, &b, || {
+            a.scan("racy");
         });
-        assert!(
-            first.is_some(),
-            "the first write never reached B:\n{}",
-            b.log()
-        );
         write_with_mtime(&on_a, b"A's version!!", bucket);
         fs::write(&on_b, b"B's later version").unwrap();
         // B's edit must reach A before A's second look at the racy file (two seconds
