@@ -511,8 +511,8 @@ struct FolderActor {
     /// Files a scan hashed within their timestamp granularity of their last write
     /// (racily clean, see the `scan` module doc), and when to hash them again whatever
     /// their metadata says. Every scan that covers one hashes it again; it leaves the
-    /// map once a hash finds it no longer racy. In memory only: a node stopped within
-    /// the window (at most two seconds) after such a hash does not look again.
+    /// map once a hash finds it no longer racy. Their rows are marked in the store too
+    /// (`racy` table), so that the first scan after a restart hashes them again.
     racy: BTreeMap<RelPath, Instant>,
     settings: FolderSettings,
     receiver: mpsc::Receiver<FolderCommand>,
@@ -522,6 +522,16 @@ struct FolderActor {
 
 impl FolderActor {
     fn run(&mut self) {
+        // Files racily clean when the node stopped: the first scan hashes them again.
+        match self.recorder.store.racy_paths(&self.record.id) {
+            Ok(paths) => {
+                let now = Instant::now();
+                self.racy.extend(paths.into_iter().map(|path| (path, now)));
+            }
+            Err(error) => {
+                tracing::warn!(folder = %self.record.id, %error, "cannot read racily clean marks");
+            }
+        }
         self.scan(Scope::Full);
         self.plan_all();
         self.after_changes();
@@ -754,6 +764,7 @@ impl FolderActor {
                 }
             });
             let mut batch = Vec::new();
+            let mut racy_batch = Vec::new();
             let mut last_commit = Instant::now();
             let mut interval = FIRST_BATCH_INTERVAL;
             let scanner = Arc::clone(&self.scanner);
@@ -763,7 +774,10 @@ impl FolderActor {
                 &previous,
                 &rehash,
                 &shared.progress,
-                &mut |change| {
+                &mut |change, racy| {
+                    if racy && let LocalChange::Upsert { path, .. } = &change {
+                        racy_batch.push(path.clone());
+                    }
                     batch.push(change);
                     // A peer's message is answered with everything hashed so far.
                     let command = actor.command_during_scan();
@@ -771,7 +785,11 @@ impl FolderActor {
                         || last_commit.elapsed() >= interval
                         || command.is_some()
                     {
-                        actor.recorder.commit(std::mem::take(&mut batch), &previous);
+                        actor.recorder.commit(
+                            std::mem::take(&mut batch),
+                            &previous,
+                            &std::mem::take(&mut racy_batch),
+                        );
                         last_commit = Instant::now();
                         interval = BATCH_INTERVAL;
                         // Offer each committed batch at once: peers start fetching while
@@ -786,12 +804,27 @@ impl FolderActor {
                     }
                 },
             );
-            self.recorder.commit(batch, &previous);
+            self.recorder.commit(batch, &previous, &racy_batch);
             drop(stop_ticker);
             summary
         });
         for path in &rehash {
             self.racy.remove(path);
+        }
+        // Marks of files hashed again and no longer racy go; a mark left by a failed
+        // write only costs another hash.
+        let settled: Vec<RelPath> = rehash
+            .iter()
+            .filter(|path| !summary.racy.iter().any(|(racy, _)| racy == *path))
+            .cloned()
+            .collect();
+        if !settled.is_empty()
+            && let Err(error) = self
+                .recorder
+                .store
+                .clear_racy(&self.recorder.folder, &settled)
+        {
+            tracing::warn!(folder, %error, "cannot clear racily clean marks; they are hashed again");
         }
         // Hashed again once the window has passed, at the earliest after
         // [`RACY_RECHECK_AFTER`] and after as long as this scan took: a file written without
@@ -1260,23 +1293,55 @@ impl FolderActor {
         });
     }
 
-    /// Whether the file at `path` (`absolute`), racily clean in the store (see the
-    /// `scan` module doc), now holds other bytes than `expected` says: a write of the
-    /// same size within its timestamp granularity leaves everything [`disk_matches`]
-    /// compares as it was. Only racy paths are hashed here; a file that cannot be read
-    /// counts as changed (the rescan that follows says why).
-    fn racy_write_under(
+    /// Remembers a file this device just wrote and records without hashing (a
+    /// download put into place) as racily clean if its mtime is within its timestamp
+    /// granularity of now: a user's write of the same size right after would keep the
+    /// metadata recorded here (on FAT, a version written elsewhere in the last two
+    /// seconds gets an mtime in the current two seconds).
+    /// Returns whether it is racy (its row is then to be marked in the store).
+    fn note_if_racy(&mut self, path: &RelPath, mtime_ns: i64) -> bool {
+        let racy = crate::scan::is_racy(mtime_ns, now_ns());
+        if racy {
+            let window = crate::scan::racy_window(mtime_ns);
+            self.racy.insert(
+                path.clone(),
+                Instant::now() + window.max(RACY_RECHECK_AFTER),
+            );
+        }
+        racy
+    }
+
+    /// Whether the file at `path` (`absolute`) holds other content than `expected`
+    /// (what an action was planned against) in a way [`disk_matches`] cannot see: a
+    /// write of the same size within the file's timestamp granularity leaves size,
+    /// mtime and inode as they were (racily clean files, see the `scan` module doc).
+    /// True if a scan since the plan recorded other content there (a racy file hashed
+    /// again), or if the file is racy now and its bytes differ. Only racy files are
+    /// hashed here; one that cannot be read counts as changed (the rescan that follows
+    /// says why).
+    fn changed_unseen(
         &self,
         path: &RelPath,
         absolute: &std::path::Path,
         expected: Option<&LocalEntry>,
     ) -> bool {
         let Some(want) = expected
-            .filter(|e| e.kind == EntryKind::File && self.racy.contains_key(path))
+            .filter(|e| e.kind == EntryKind::File)
             .and_then(|e| e.manifest)
         else {
             return false;
         };
+        let recorded = (self.recorder.store)
+            .local(&self.record.id, path)
+            .ok()
+            .flatten()
+            .and_then(|row| row.manifest);
+        if recorded != Some(want) {
+            return true;
+        }
+        if !self.racy.contains_key(path) {
+            return false;
+        }
         let Ok(file) = std::fs::File::open(absolute) else {
             return true;
         };
@@ -1425,7 +1490,7 @@ impl FolderActor {
             } => {
                 let absolute = root.join(path.as_str());
                 if !disk_matches(&absolute, expected.as_ref())
-                    || self.racy_write_under(&path, &absolute, expected.as_ref())
+                    || self.changed_unseen(&path, &absolute, expected.as_ref())
                 {
                     rescan.insert(path);
                     return;
@@ -1504,7 +1569,7 @@ impl FolderActor {
             Action::Remove { path, expected, .. } => {
                 let absolute = root.join(path.as_str());
                 if !disk_matches(&absolute, Some(&expected))
-                    || self.racy_write_under(&path, &absolute, Some(&expected))
+                    || self.changed_unseen(&path, &absolute, Some(&expected))
                 {
                     rescan.insert(path);
                     return;
@@ -1802,6 +1867,7 @@ impl FolderActor {
         let root = self.root();
         let mut changes = Vec::new();
         let mut previous = std::collections::BTreeMap::new();
+        let mut racy = Vec::new();
         let mut replies = Vec::new();
         let mut replan = Vec::new();
         for item in batch {
@@ -1836,7 +1902,7 @@ impl FolderActor {
             let absolute = root.join(path.as_str());
             if !still_wanted
                 || !disk_matches(&absolute, expected.as_ref())
-                || self.racy_write_under(&path, &absolute, expected.as_ref())
+                || self.changed_unseen(&path, &absolute, expected.as_ref())
                 || !parents_are_directories(&root, &path)
             {
                 // Changed here or there meanwhile: decide again. The temp file is kept
@@ -1893,6 +1959,9 @@ impl FolderActor {
                 Ok(metadata) => {
                     let mut local = crate::scan::entry_from_metadata(&metadata, None);
                     local.manifest = Some(fetched.manifest.hash());
+                    if self.note_if_racy(&path, local.mtime_ns) {
+                        racy.push(path.clone());
+                    }
                     if let Some(old) = expected {
                         previous.insert(path.clone(), old);
                     }
@@ -1910,7 +1979,7 @@ impl FolderActor {
         }
         let renamed_ms = started.elapsed().as_millis();
         if !changes.is_empty() {
-            self.recorder.commit(changes, &previous);
+            self.recorder.commit(changes, &previous, &racy);
         }
         tracing::debug!(folder = %self.record.id, files, renamed_ms, total_ms = started.elapsed().as_millis(), "downloads put into place");
         for (reply, path) in replies {
@@ -2158,12 +2227,14 @@ impl Recorder {
         }
     }
 
-    /// Commits a batch. On failure the document is reloaded from the store so that it
-    /// never holds changes the store does not (the next scan finds them again).
+    /// Commits a batch; `racy` are its paths whose rows are racily clean. On failure
+    /// the document is reloaded from the store so that it never holds changes the store
+    /// does not (the next scan finds them again).
     fn commit(
         &mut self,
         batch: Vec<LocalChange>,
         previous: &std::collections::BTreeMap<RelPath, LocalEntry>,
+        racy: &[RelPath],
     ) {
         if batch.is_empty() {
             return;
@@ -2214,10 +2285,13 @@ impl Recorder {
         }
         self.document.commit(now / 1_000_000, "local changes");
         let increment = self.increment();
-        match self
-            .store
-            .commit_scan_batch_with(&self.folder, &batch, &synced_updates, &increment)
-        {
+        match self.store.commit_scan_batch_with(
+            &self.folder,
+            &batch,
+            &synced_updates,
+            &increment,
+            racy,
+        ) {
             Ok(increments) => {
                 self.unsaved.clear();
                 self.maybe_compact(increments);
@@ -2297,7 +2371,7 @@ impl Recorder {
         }
         match self
             .store
-            .commit_scan_batch_with(&self.folder, &[], synced_updates, &increment)
+            .commit_scan_batch_with(&self.folder, &[], synced_updates, &increment, &[])
         {
             Ok(increments) => {
                 self.unsaved.clear();
@@ -2329,7 +2403,7 @@ impl Recorder {
         }
         match self
             .store
-            .commit_scan_batch_with(&self.folder, &[], &[], &increment)
+            .commit_scan_batch_with(&self.folder, &[], &[], &increment, &[])
         {
             Ok(increments) => {
                 self.unsaved.clear();

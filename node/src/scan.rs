@@ -22,9 +22,10 @@
 //!   the hash ([`racy_window`]) is *racy*: a write of the same size right after the
 //!   hash can get the very same mtime (FAT keeps even seconds, HFS+ and ext3 whole
 //!   seconds, ext4 before Linux 6.13 one clock tick), and then size, mtime and inode
-//!   all say "unchanged". The scan reports such files ([`ScanSummary::racy`]); the
-//!   caller has them hashed again, whatever their metadata says, once the window has
-//!   passed (`rehash` of [`Scanner::scan`]). Git calls these entries "racily clean".
+//!   all say "unchanged". The scan reports such files (to the sink, and in
+//!   [`ScanSummary::racy`]); the caller marks their rows in the store and has them
+//!   hashed again, whatever their metadata says, once the window has passed (`rehash`
+//!   of [`Scanner::scan`]). Git calls these entries "racily clean".
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -343,7 +344,8 @@ impl Scanner {
     }
 
     /// Scans `scope`, comparing with `previous` (the stored local rows of that scope),
-    /// and sends every change to `sink` as soon as it is known. Returns a summary.
+    /// and sends every change to `sink` as soon as it is known, with whether the row is
+    /// racily clean (see the module doc). Returns a summary.
     ///
     /// `previous` must hold every stored row inside the scope: a row not seen on disk is
     /// reported removed. Files at the paths in `rehash` (racy ones of earlier scans) are
@@ -355,7 +357,7 @@ impl Scanner {
         previous: &BTreeMap<RelPath, LocalEntry>,
         rehash: &std::collections::BTreeSet<RelPath>,
         progress: &ScanProgress,
-        sink: &mut dyn FnMut(LocalChange),
+        sink: &mut dyn FnMut(LocalChange, bool),
     ) -> ScanSummary {
         progress.reset();
         let mut walk = Walk::default();
@@ -388,7 +390,7 @@ impl Scanner {
                     && !walk.unreadable.iter().any(|dir| path.starts_with(dir))
                 {
                     summary.changes += 1;
-                    sink(LocalChange::Remove { path: path.clone() });
+                    sink(LocalChange::Remove { path: path.clone() }, false);
                 }
             }
         }
@@ -414,11 +416,14 @@ impl Scanner {
                 to_hash.push(item);
             } else {
                 summary.changes += 1;
-                sink(LocalChange::Upsert {
-                    path: item.path,
-                    entry: item.entry,
-                    manifest: None,
-                });
+                sink(
+                    LocalChange::Upsert {
+                        path: item.path,
+                        entry: item.entry,
+                        manifest: None,
+                    },
+                    false,
+                );
             }
         }
         to_hash.sort_by_key(|item| item.entry.size);
@@ -432,7 +437,7 @@ impl Scanner {
         previous: &BTreeMap<RelPath, LocalEntry>,
         progress: &ScanProgress,
         summary: &mut ScanSummary,
-        sink: &mut dyn FnMut(LocalChange),
+        sink: &mut dyn FnMut(LocalChange, bool),
     ) {
         if files.is_empty() {
             return;
@@ -472,11 +477,14 @@ impl Scanner {
                             continue;
                         }
                         summary.changes += 1;
-                        sink(LocalChange::Upsert {
-                            path,
-                            entry,
-                            manifest: Some(manifest),
-                        });
+                        sink(
+                            LocalChange::Upsert {
+                                path,
+                                entry,
+                                manifest: Some(manifest),
+                            },
+                            racy.is_some(),
+                        );
                     }
                     Err(problem) => summary.problems.push(problem),
                 }
@@ -830,7 +838,7 @@ mod tests {
             previous,
             &rehash,
             &ScanProgress::default(),
-            &mut |change| changes.push(change),
+            &mut |change, _| changes.push(change),
         );
         (changes, summary)
     }

@@ -14,6 +14,7 @@
 //! | `doc_increments` | folder ID, NUL, sequence (u64 BE) | changes saved since the snapshot |
 //! | `devices` | device ID | [`DeviceRecord`]: accepted devices |
 //! | `invites` | folder ID | [`PendingInvite`]: invites received, not yet accepted |
+//! | `racy` | folder ID, NUL, path | empty: the `local` row is racily clean (recorded within its timestamp granularity of the file's last write; `scan` module doc) and must be hashed again |
 //!
 //! Invariants:
 //! - A change that must survive a crash is one write transaction: a scan batch commits
@@ -22,6 +23,8 @@
 //! - Every `blocks` row points at a file whose `local` row has a manifest containing
 //!   that block at that offset; rows are replaced with the file's `local` row.
 //! - `manifests` is append-only for now: old manifests are version history.
+//! - A racily clean `local` row is marked in `racy` in the transaction that writes it;
+//!   a mark may outlive its reason (it only costs a hash), never the other way round.
 //!
 //! Schema changes bump [`SCHEMA_VERSION`] and add a step to [`Store::migrate`].
 
@@ -36,7 +39,7 @@ use weft_protocol::{
 };
 
 /// Current schema version of the store.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 /// redb's page cache. Its default (1 GiB) would let a cold scan of a large folder grow
 /// the node's memory far past its budget; reads beyond this come from the OS page cache.
 pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
@@ -53,6 +56,7 @@ const DOC_SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_sn
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const INVITES: TableDefinition<&str, &[u8]> = TableDefinition::new("invites");
 const DOC_INCREMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("doc_increments");
+const RACY: TableDefinition<&str, &[u8]> = TableDefinition::new("racy");
 /// Authors' signatures of document changes: folder, 0, change hash -> signature.
 const CHANGE_SIGNATURES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("change_signatures");
 
@@ -289,6 +293,9 @@ impl Store {
         if from < 2 {
             txn.open_table(CHANGE_SIGNATURES)?;
         }
+        if from < 3 {
+            txn.open_table(RACY)?;
+        }
         Ok(())
     }
 
@@ -323,7 +330,7 @@ impl Store {
         let txn = self.db.begin_write()?;
         let existed = txn.open_table(FOLDERS)?.remove(folder.as_str())?.is_some();
         let (start, end) = folder_range(folder);
-        for table in [LOCAL, SYNCED] {
+        for table in [LOCAL, SYNCED, RACY] {
             txn.open_table(table)?
                 .retain_in(start.as_str()..end.as_str(), |_, _| false)?;
         }
@@ -650,19 +657,67 @@ impl Store {
         changes: &[LocalChange],
         document_increment: &[u8],
     ) -> Result<u64, StoreError> {
-        self.commit_scan_batch_with(folder, changes, &[], document_increment)
+        self.commit_scan_batch_with(folder, changes, &[], document_increment, &[])
     }
 
-    /// [`Store::commit_scan_batch`] plus synced-tree updates, atomically.
+    /// The paths of the folder whose `local` rows are marked racily clean.
+    pub fn racy_paths(&self, folder: &FolderId) -> Result<Vec<RelPath>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(RACY)?;
+        let (start, end) = folder_range(folder);
+        let mut paths = Vec::new();
+        for row in table.range(start.as_str()..end.as_str())? {
+            let (key, _) = row?;
+            let key = key.value();
+            let path = key
+                .split_once('\0')
+                .and_then(|(_, path)| RelPath::new(path).ok())
+                .ok_or_else(|| StoreError::Record {
+                    what: "racy mark".into(),
+                    detail: format!("malformed key {key:?}"),
+                })?;
+            paths.push(path);
+        }
+        Ok(paths)
+    }
+
+    /// Removes the racily clean marks of `paths` (hashed again, no longer racy).
+    pub fn clear_racy(&self, folder: &FolderId, paths: &[RelPath]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut marks = txn.open_table(RACY)?;
+            for path in paths {
+                marks.remove(path_key(folder, path).as_str())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// [`Store::commit_scan_batch`] plus synced-tree updates, atomically; `racy` are the
+    /// paths among `changes` whose rows are racily clean, marked in the same transaction
+    /// (a removed path loses its mark).
     pub fn commit_scan_batch_with(
         &self,
         folder: &FolderId,
         changes: &[LocalChange],
         synced_updates: &[(RelPath, Option<SyncedEntry>)],
         document_increment: &[u8],
+        racy: &[RelPath],
     ) -> Result<u64, StoreError> {
         let txn = self.db.begin_write()?;
         let increments;
+        {
+            let mut marks = txn.open_table(RACY)?;
+            for path in racy {
+                marks.insert(path_key(folder, path).as_str(), [].as_slice())?;
+            }
+            for change in changes {
+                if let LocalChange::Remove { path } = change {
+                    marks.remove(path_key(folder, path).as_str())?;
+                }
+            }
+        }
         {
             let mut synced = txn.open_table(SYNCED)?;
             for (path, entry) in synced_updates {
@@ -784,7 +839,7 @@ mod tests {
     }
 
     #[test]
-    fn a_schema_1_store_gains_the_change_signature_table_and_keeps_its_rows() {
+    fn a_schema_1_store_gains_the_later_tables_and_keeps_its_rows() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         let store = Store::open(&path, [4; 8]).unwrap();
@@ -814,6 +869,8 @@ mod tests {
         };
         store.put_change_signatures(&folder(), &[signed]).unwrap();
         assert_eq!(store.change_signatures(&folder()).unwrap(), vec![signed]);
+        // ... and the racy table of schema 3.
+        assert!(store.racy_paths(&folder()).unwrap().is_empty());
         // Another folder's signatures are its own.
         assert!(
             store
@@ -948,6 +1005,52 @@ mod tests {
         store.remove_folder(&folder()).unwrap();
         assert!(store.local_tree(&folder()).unwrap().is_empty());
         assert_eq!(store.local_tree(&other).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn racy_marks_are_written_with_their_rows_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        let store = Store::open(&db, [0; 8]).unwrap();
+        let manifest = Manifest::from_blocks(vec![]).unwrap();
+        let (a, b) = (RelPath::new("a").unwrap(), RelPath::new("d/b").unwrap());
+        let upsert = |path: &RelPath| LocalChange::Upsert {
+            path: path.clone(),
+            entry: file_entry(&manifest),
+            manifest: Some(manifest.clone()),
+        };
+        store
+            .commit_scan_batch_with(
+                &folder(),
+                &[upsert(&a), upsert(&b)],
+                &[],
+                b"",
+                &[a.clone(), b.clone()],
+            )
+            .unwrap();
+        let other = FolderId::new("f2").unwrap();
+        store
+            .commit_scan_batch_with(&other, &[upsert(&a)], &[], b"", std::slice::from_ref(&a))
+            .unwrap();
+        drop(store);
+        let store = Store::open(&db, [0; 8]).unwrap();
+        assert_eq!(
+            store.racy_paths(&folder()).unwrap(),
+            vec![a.clone(), b.clone()]
+        );
+        // A removed path loses its mark in the same transaction; a cleared one goes.
+        store
+            .commit_scan_batch(&folder(), &[LocalChange::Remove { path: b.clone() }], b"")
+            .unwrap();
+        assert_eq!(store.racy_paths(&folder()).unwrap(), vec![a.clone()]);
+        store
+            .clear_racy(&folder(), std::slice::from_ref(&a))
+            .unwrap();
+        assert!(store.racy_paths(&folder()).unwrap().is_empty());
+        // Another folder's marks are its own, and go with it.
+        assert_eq!(store.racy_paths(&other).unwrap(), vec![a]);
+        store.remove_folder(&other).unwrap();
+        assert!(store.racy_paths(&other).unwrap().is_empty());
     }
 
     #[test]

@@ -21,7 +21,8 @@ use weft_node::engine::{
     self, Action, FolderMode, LocalEntry, PathView, Remote, SyncedEntry, publish_entry, remote_of,
     tombstone,
 };
-use weft_node::folder::MAX_PLAN_ROUNDS;
+use weft_node::folder::{MAX_PLAN_ROUNDS, RACY_RECHECK_AFTER};
+use weft_node::scan;
 use weft_node::store::LocalChange;
 use weft_protocol::document::{self, Content, Entry, EntryKind, FolderDocument, SyncState};
 use weft_protocol::path::TEMP_PREFIX;
@@ -57,6 +58,9 @@ pub enum Sabotage {
     NoPreReplaceCheck,
     /// Never keep replaced versions.
     NoVersionStore,
+    /// Trust a racily clean file's metadata: never hash it again, nor check its bytes
+    /// before replacing it.
+    NoRacyCheck,
 }
 
 /// What the node's redb store holds for the folder (survives crashes).
@@ -76,6 +80,8 @@ pub struct Store {
     pub commits: u64,
     /// Download progress: verified block indexes per temp file.
     pub progress: BTreeMap<String, BTreeSet<usize>>,
+    /// Paths whose local rows are racily clean (the `racy` table).
+    pub racy: BTreeSet<RelPath>,
 }
 
 /// Messages between devices. `DocSync` rides the ordered control stream; the others
@@ -166,8 +172,6 @@ pub struct Device {
     pub bad_blocks: BTreeMap<DeviceId, u64>,
     /// Messages to send.
     pub outbox: Vec<(DeviceId, Msg)>,
-    /// Manifests of files the store recorded (for the "nothing lost" check).
-    pub observed: Vec<ManifestHash>,
     /// Notable shell events for the trace.
     pub log: Vec<String>,
     /// Paths the watcher reported since the last scan.
@@ -179,6 +183,9 @@ pub struct Device {
     /// Paths refused because a parent is a file or symlink, by that parent: planned
     /// again once it is a directory or gone (the node's `FolderActor::blocked`).
     blocked: engine::Blocked,
+    /// Racily clean files and when to hash them again (the node's `FolderActor::racy`;
+    /// in memory, lost in a crash).
+    racy: BTreeMap<RelPath, i64>,
     needs_plan: BTreeSet<RelPath>,
     published: bool,
     unsaved: Vec<u8>,
@@ -211,7 +218,6 @@ impl Device {
             sabotage: Sabotage::None,
             bad_blocks: BTreeMap::new(),
             outbox: Vec::new(),
-            observed: Vec::new(),
             log: Vec::new(),
             dirty: BTreeSet::new(),
             doc: FolderDocument::new(actor),
@@ -219,6 +225,7 @@ impl Device {
             downloads: BTreeMap::new(),
             failed: BTreeSet::new(),
             blocked: BTreeMap::new(),
+            racy: BTreeMap::new(),
             needs_plan: BTreeSet::new(),
             published: false,
             unsaved: Vec::new(),
@@ -249,6 +256,9 @@ impl Device {
         self.up = true;
         self.crashed = false;
         self.reload_document();
+        // Racily clean when it stopped: hashed again by the first scan.
+        let marked: Vec<RelPath> = self.store.racy.iter().cloned().collect();
+        self.racy.extend(marked.into_iter().map(|path| (path, now)));
         self.scan(None);
         self.plan_all();
         self.after_changes();
@@ -263,6 +273,7 @@ impl Device {
         self.downloads.clear();
         self.failed.clear();
         self.blocked.clear();
+        self.racy.clear();
         self.needs_plan.clear();
         self.dirty.clear();
         self.published = false;
@@ -423,6 +434,27 @@ impl Device {
         self.after_changes();
     }
 
+    /// When a racily clean file is next due to be hashed again.
+    pub fn next_recheck(&self) -> Option<i64> {
+        self.racy.values().min().copied()
+    }
+
+    /// Hashes again the racily clean files that are due (the node's run loop).
+    pub fn recheck(&mut self, now: i64) {
+        self.now = now;
+        let due: BTreeSet<RelPath> = self
+            .racy
+            .iter()
+            .filter(|(_, due)| **due <= now)
+            .map(|(path, _)| path.clone())
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        self.scan(Some(collapse(due)));
+        self.after_changes();
+    }
+
     /// The periodic full scan: rescan everything and plan every path.
     pub fn full_scan(&mut self, now: i64) {
         self.now = now;
@@ -559,6 +591,13 @@ impl Device {
         };
         let mut changes = Vec::new();
         let mut seen = BTreeSet::new();
+        // Racy files in scope are hashed again whatever their metadata says.
+        let rehash: BTreeSet<RelPath> = if self.sabotage == Sabotage::NoRacyCheck {
+            BTreeSet::new()
+        } else {
+            self.racy.keys().filter(|p| in_scope(p)).cloned().collect()
+        };
+        let mut racy = Vec::new();
         for (text, node) in self.disk.nodes() {
             if is_temp(text) {
                 continue;
@@ -575,6 +614,7 @@ impl Device {
             };
             if let Some(old) = self.store.local.get(&path)
                 && engine::metadata_unchanged(old, &entry)
+                && !rehash.contains(&path)
             {
                 continue;
             }
@@ -582,10 +622,19 @@ impl Device {
                 Node::File { data, .. } => {
                     let manifest = manifest_of(data);
                     entry.manifest = Some(manifest.hash());
+                    if self.sabotage != Sabotage::NoRacyCheck
+                        && scan::is_racy(entry.mtime_ns, self.now)
+                    {
+                        racy.push((path.clone(), scan::racy_window(entry.mtime_ns)));
+                    }
                     Some(manifest)
                 }
                 _ => None,
             };
+            // A racy file hashed again to the same content is no change.
+            if self.store.local.get(&path) == Some(&entry) {
+                continue;
+            }
             changes.push(LocalChange::Upsert {
                 path,
                 entry,
@@ -597,7 +646,56 @@ impl Device {
                 changes.push(LocalChange::Remove { path: path.clone() });
             }
         }
-        self.commit(changes);
+        let marks: Vec<RelPath> = racy.iter().map(|(path, _)| path.clone()).collect();
+        self.commit(changes, &marks);
+        for path in &rehash {
+            self.racy.remove(path);
+            if !marks.contains(path) {
+                self.store.racy.remove(path);
+            }
+        }
+        let recheck = i64::try_from(RACY_RECHECK_AFTER.as_nanos()).unwrap_or(i64::MAX);
+        for (path, window) in racy {
+            let window = i64::try_from(window.as_nanos()).unwrap_or(i64::MAX);
+            self.racy.insert(path, self.now + window.max(recheck));
+        }
+    }
+
+    /// Remembers a file put into place as racily clean if its mtime is within its
+    /// timestamp granularity of now (the node's `FolderActor::note_if_racy`).
+    fn note_if_racy(&mut self, path: &RelPath, mtime_ns: i64) -> bool {
+        let racy = self.sabotage != Sabotage::NoRacyCheck && scan::is_racy(mtime_ns, self.now);
+        if racy {
+            let window = i64::try_from(scan::racy_window(mtime_ns).as_nanos()).unwrap_or(i64::MAX);
+            let recheck = i64::try_from(RACY_RECHECK_AFTER.as_nanos()).unwrap_or(i64::MAX);
+            self.racy
+                .insert(path.clone(), self.now + window.max(recheck));
+        }
+        racy
+    }
+
+    /// Whether the file at `path` holds other content than `expected` in a way the
+    /// metadata cannot show (the node's `FolderActor::changed_unseen`).
+    fn changed_unseen(&self, path: &RelPath, expected: Option<&LocalEntry>) -> bool {
+        if self.sabotage == Sabotage::NoRacyCheck {
+            return false;
+        }
+        let Some(want) = expected
+            .filter(|e| e.kind == EntryKind::File)
+            .and_then(|e| e.manifest)
+        else {
+            return false;
+        };
+        let recorded = self.store.local.get(path).and_then(|row| row.manifest);
+        if recorded != Some(want) {
+            return true;
+        }
+        if !self.racy.contains_key(path) {
+            return false;
+        }
+        self.disk
+            .read(disk_path(path))
+            .is_none_or(|data| manifest_of(data).hash() != want)
     }
 
     /// The document entry for a local change (Recorder::entry_for).
@@ -614,7 +712,7 @@ impl Device {
     }
 
     /// Records a batch of scan results in one transaction (Recorder::commit).
-    fn commit(&mut self, batch: Vec<LocalChange>) {
+    fn commit(&mut self, batch: Vec<LocalChange>, racy: &[RelPath]) {
         if self.crashed {
             return;
         }
@@ -681,17 +779,17 @@ impl Device {
                     manifest,
                 } => {
                     if let Some(manifest) = manifest {
-                        let hash = manifest.hash();
-                        self.observed.push(hash);
-                        self.store.manifests.insert(hash, manifest);
+                        self.store.manifests.insert(manifest.hash(), manifest);
                     }
                     self.store.local.insert(path, entry);
                 }
                 LocalChange::Remove { path } => {
+                    self.store.racy.remove(&path);
                     self.store.local.remove(&path);
                 }
             }
         }
+        self.store.racy.extend(racy.iter().cloned());
         for (path, synced) in synced_updates {
             self.store.synced.insert(path, synced);
         }
@@ -922,7 +1020,9 @@ impl Device {
                 entry,
                 expected,
             } => {
-                if !self.disk_matches(&path, expected.as_ref()) {
+                if !self.disk_matches(&path, expected.as_ref())
+                    || self.changed_unseen(&path, expected.as_ref())
+                {
                     rescan.insert(path);
                     return;
                 }
@@ -996,7 +1096,9 @@ impl Device {
                 }
             }
             Action::Remove { path, expected, .. } => {
-                if !self.disk_matches(&path, Some(&expected)) {
+                if !self.disk_matches(&path, Some(&expected))
+                    || self.changed_unseen(&path, Some(&expected))
+                {
                     rescan.insert(path);
                     return;
                 }
@@ -1447,6 +1549,7 @@ impl Device {
         let still_wanted = engine::settled_value(&remote_of(&self.doc, path)) == Some(&entry);
         if !still_wanted
             || !self.disk_matches(path, download.expected.as_ref())
+            || self.changed_unseen(path, download.expected.as_ref())
             || !self.parents_are_directories(path)
         {
             if !still_wanted {
@@ -1492,11 +1595,19 @@ impl Device {
             return;
         };
         local.manifest = Some(manifest.hash());
-        self.commit(vec![LocalChange::Upsert {
-            path: path.clone(),
-            entry: local,
-            manifest: Some(manifest),
-        }]);
+        let racy = if self.note_if_racy(path, local.mtime_ns) {
+            vec![path.clone()]
+        } else {
+            Vec::new()
+        };
+        self.commit(
+            vec![LocalChange::Upsert {
+                path: path.clone(),
+                entry: local,
+                manifest: Some(manifest),
+            }],
+            &racy,
+        );
     }
 }
 

@@ -6,6 +6,10 @@
 //! everything here (the shell fsyncs before it renames); what a crash loses is the
 //! device's memory, modelled in [`crate::device`].
 //!
+//! With `coarse_timestamps` the disk keeps mtimes the way FAT does, in even seconds:
+//! two writes of the same size within two seconds leave size, mtime and inode as they
+//! were, and only the bytes tell them apart (the scanner's racily clean files).
+//!
 //! Safety is checked here, where it cannot be missed: an operation whose path runs
 //! through a symlink would, on a real disk, write outside the folder. The disk refuses
 //! it and records an escape, which the simulation reports as a violation.
@@ -69,7 +73,12 @@ pub struct Disk {
     pub full: bool,
     /// Operations that would have gone through a symlink (outside the folder).
     pub escapes: Vec<String>,
+    /// Mtimes are kept in even seconds (FAT), see the module doc.
+    pub coarse_timestamps: bool,
 }
+
+/// FAT's timestamp granularity.
+const FAT_GRANULARITY_NS: i64 = 2_000_000_000;
 
 /// What `lstat` says of every directory here (the scanner records mtime 0 and no inode
 /// for directories).
@@ -109,6 +118,15 @@ impl Disk {
     fn inode(&mut self) -> u64 {
         self.next_inode += 1;
         self.next_inode
+    }
+
+    /// The mtime this disk keeps for `mtime_ns`.
+    fn stamp(&self, mtime_ns: i64) -> i64 {
+        if self.coarse_timestamps {
+            mtime_ns - mtime_ns.rem_euclid(FAT_GRANULARITY_NS)
+        } else {
+            mtime_ns
+        }
     }
 
     /// What `lstat` would say (no manifest).
@@ -254,6 +272,7 @@ impl Disk {
             Some(_) => return Err(DiskError::Exists),
             None => self.inode(),
         };
+        let mtime_ns = self.stamp(mtime_ns);
         self.nodes.insert(
             path.to_owned(),
             Node::File {
@@ -290,6 +309,7 @@ impl Disk {
 
     /// Sets a file's mode and mtime (what `fetch` does before the rename).
     pub fn set_times(&mut self, path: &str, new_mode: u32, new_mtime: i64) {
+        let new_mtime = self.stamp(new_mtime);
         if let Some(Node::File { mode, mtime_ns, .. }) = self.nodes.get_mut(path) {
             *mode = new_mode;
             *mtime_ns = new_mtime;

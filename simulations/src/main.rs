@@ -52,6 +52,9 @@ struct Shape {
     /// No faults (network, crashes, disks).
     #[arg(long)]
     no_faults: bool,
+    /// Disks keep mtimes in even seconds (FAT), and half of the rewrites keep the size.
+    #[arg(long)]
+    coarse_timestamps: bool,
 }
 
 impl Shape {
@@ -71,6 +74,7 @@ impl Shape {
             steps: self.steps,
             faults: !self.no_faults,
             keep_trace,
+            coarse_timestamps: self.coarse_timestamps,
             ..Config::default()
         })
     }

@@ -57,6 +57,10 @@ pub struct Config {
     pub keep_trace: bool,
     /// A bug planted in every device's shell (tests of the checker).
     pub sabotage: Sabotage,
+    /// Every disk keeps mtimes in even seconds, like FAT ([`crate::disk`]), and half
+    /// of the users' rewrites keep the file's size: the racily clean files the scanner
+    /// must hash again.
+    pub coarse_timestamps: bool,
 }
 
 impl Default for Config {
@@ -67,6 +71,7 @@ impl Default for Config {
             faults: true,
             keep_trace: false,
             sabotage: Sabotage::None,
+            coarse_timestamps: false,
         }
     }
 }
@@ -111,6 +116,8 @@ pub struct Stats {
 enum Event {
     User(usize),
     ScanDirty(usize),
+    /// Racily clean files are due to be hashed again.
+    Recheck(usize),
     FullScan(usize),
     Retry(usize),
     Deliver {
@@ -138,8 +145,6 @@ enum Event {
 pub struct Version {
     /// A user deleted or overwrote a copy of it: losing it is the user's choice.
     pub discarded: bool,
-    /// Some device's store recorded it.
-    pub observed: bool,
     /// The device whose user wrote it, and the path.
     pub origin: (usize, String),
 }
@@ -160,6 +165,8 @@ pub struct World {
     epoch: BTreeMap<(usize, usize), u64>,
     last_control: BTreeMap<(usize, usize), i64>,
     scan_pending: Vec<bool>,
+    /// When each device's next [`Event::Recheck`] is scheduled.
+    recheck_at: Vec<Option<i64>>,
     /// Every version users wrote.
     pub versions: BTreeMap<ManifestHash, Version>,
     intruder: DeviceId,
@@ -191,6 +198,7 @@ impl World {
         let ids: Vec<DeviceId> = devices.iter().map(|d| d.id).collect();
         for device in &mut devices {
             device.sabotage = config.sabotage;
+            device.disk.coarse_timestamps = config.coarse_timestamps;
             device.members = ids.iter().copied().filter(|id| *id != device.id).collect();
         }
         // Topology: a random spanning tree (so everything can reach everything), plus
@@ -226,6 +234,7 @@ impl World {
             epoch: BTreeMap::new(),
             last_control: BTreeMap::new(),
             scan_pending: vec![false; n],
+            recheck_at: vec![None; n],
             versions: BTreeMap::new(),
             intruder,
             intruder_content,
@@ -513,6 +522,14 @@ impl World {
                     self.drain(index)?;
                 }
             }
+            Event::Recheck(index) => {
+                self.recheck_at[index] = None;
+                if self.devices[index].up {
+                    self.trace(format!("dev{index} hashes racy files again"));
+                    self.devices[index].recheck(self.now);
+                    self.drain(index)?;
+                }
+            }
             Event::FullScan(index) => {
                 if self.devices[index].up {
                     self.trace(format!("dev{index} full scan"));
@@ -684,17 +701,12 @@ impl World {
         Ok(())
     }
 
-    /// Takes a device's output: log lines to the trace, messages to the network, the
-    /// versions its store observed, and a crash point it hit.
+    /// Takes a device's output: log lines to the trace, messages to the network, and a
+    /// crash point it hit.
     fn drain(&mut self, index: usize) -> Result<(), Violation> {
         let log = std::mem::take(&mut self.devices[index].log);
         for line in log {
             self.trace(format!("dev{index}: {line}"));
-        }
-        for hash in std::mem::take(&mut self.devices[index].observed) {
-            if let Some(version) = self.versions.get_mut(&hash) {
-                version.observed = true;
-            }
         }
         if self.devices[index].crashed {
             self.crash(index);
@@ -708,6 +720,13 @@ impl World {
                 continue;
             };
             self.send(index, to, msg);
+        }
+        // The node's run loop wakes up when a racy file is due.
+        if let Some(due) = self.devices[index].next_recheck()
+            && self.recheck_at[index].is_none_or(|at| at > due)
+        {
+            self.recheck_at[index] = Some(due);
+            self.schedule(due - self.now, Event::Recheck(index));
         }
         Ok(())
     }
@@ -850,14 +869,13 @@ impl World {
         self.rng.bytes(len)
     }
 
-    fn record_write(&mut self, index: usize, path: &str, data: &[u8]) {
-        self.versions
-            .entry(manifest_of(data).hash())
-            .or_insert_with(|| Version {
-                discarded: false,
-                observed: false,
-                origin: (index, path.to_owned()),
-            });
+    /// Records a version a user wrote (once it is on the disk: a write that failed
+    /// made none).
+    fn record_write(&mut self, index: usize, path: &str, hash: ManifestHash) {
+        self.versions.entry(hash).or_insert_with(|| Version {
+            discarded: false,
+            origin: (index, path.to_owned()),
+        });
     }
 
     fn discard(&mut self, data: &[u8]) {
@@ -1160,15 +1178,23 @@ impl World {
             Some(Node::File { mode, .. }) => *mode,
             _ => 0o644,
         };
+        // On coarse timestamps, half of the rewrites keep the size: the write the
+        // metadata cannot show.
+        let data = match &old {
+            Some(old) if self.config.coarse_timestamps && self.rng.chance(50) => {
+                self.rng.bytes(old.len())
+            }
+            _ => data,
+        };
         let len = data.len();
         let hash = manifest_of(&data).hash();
-        self.record_write(index, path, &data);
         let now = self.now;
         match self.devices[index]
             .disk
             .write_file(path, data, mode, now, 100, false)
         {
             Ok(()) => {
+                self.record_write(index, path, hash);
                 if let Some(old) = old {
                     self.discard(&old);
                 }

@@ -43,11 +43,27 @@ const REGRESSIONS: [(u64, usize, u64); 13] = [
     (200, 2, 93),
 ];
 
+/// Seeds that found bugs on coarse timestamps (`--coarse-timestamps`), with their
+/// shape (docs/simulation.md).
+const COARSE_REGRESSIONS: [(u64, usize, u64); 3] = [
+    // A download put into place and a same-size user write in the same two seconds:
+    // the write went unseen.
+    (0, 2, 1500),
+    // A racy file written over while its device was down: the racy set was in memory.
+    (22, 4, 1500),
+    // A racy write found by a rescan while a download planned before it was in flight:
+    // the download's expectation still matched the metadata, and replaced the write.
+    (2099, 6, 1500),
+];
+
 /// Seeds searched for one that catches a sabotaged shell.
 const SABOTAGE_SEEDS: u64 = 100;
 
 /// How many consecutive seeds CI runs (debug build, 2 cores: about a minute).
 const CI_SEEDS: u64 = 60;
+
+/// How many seeds CI runs on disks with FAT's coarse timestamps.
+const COARSE_SEEDS: u64 = 20;
 
 fn config(devices: usize, steps: u64) -> Config {
     Config {
@@ -78,12 +94,50 @@ fn fixed_seeds_hold_every_invariant() {
 }
 
 #[test]
+fn seeds_on_coarse_timestamps_hold_every_invariant() {
+    // Same-size writes within two seconds leave the metadata as it was: the racily
+    // clean files the node must hash again (before session 17 these seeds lost
+    // versions and diverged, 35 of the first 40).
+    let mut failures = Vec::new();
+    for seed in 0..COARSE_SEEDS {
+        let outcome = simulate(
+            seed,
+            Config {
+                coarse_timestamps: true,
+                ..config(2 + (seed % 5) as usize, 1000)
+            },
+        );
+        if let Some(violation) = outcome.violation {
+            failures.push(format!(
+                "seed {seed} ({} devices, --coarse-timestamps): {violation}\n  {}",
+                outcome.devices,
+                outcome.trace.join("\n  ")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
 fn seeds_that_found_bugs_stay_fixed() {
-    for (seed, devices, steps) in REGRESSIONS {
-        let outcome = simulate(seed, config(devices, steps));
+    let plain = REGRESSIONS.iter().map(|&shape| (shape, false));
+    let coarse = COARSE_REGRESSIONS.iter().map(|&shape| (shape, true));
+    for ((seed, devices, steps), coarse_timestamps) in plain.chain(coarse) {
+        let outcome = simulate(
+            seed,
+            Config {
+                coarse_timestamps,
+                ..config(devices, steps)
+            },
+        );
         assert!(
             outcome.violation.is_none(),
-            "regression seed {seed} --devices {devices} --steps {steps}: {:?}\n  {}",
+            "regression seed {seed} --devices {devices} --steps {steps}{}: {:?}\n  {}",
+            if coarse_timestamps {
+                " --coarse-timestamps"
+            } else {
+                ""
+            },
             outcome.violation,
             outcome.trace.join("\n  ")
         );
@@ -113,7 +167,21 @@ fn a_seed_replays_exactly() {
 fn the_invariants_catch_a_broken_shell() {
     // Without the pre-replace check, a user's edit made while a download was in
     // flight gets overwritten; without the version store, replaced versions vanish.
-    for sabotage in [Sabotage::NoPreReplaceCheck, Sabotage::NoVersionStore] {
+    // Without the racy checks, a same-size write on coarse timestamps goes unseen:
+    // it is never offered, or a peer's version replaces it.
+    for (sabotage, coarse, expected) in [
+        (
+            Sabotage::NoPreReplaceCheck,
+            false,
+            ["nothing lost"].as_slice(),
+        ),
+        (Sabotage::NoVersionStore, false, ["nothing lost"].as_slice()),
+        (
+            Sabotage::NoRacyCheck,
+            true,
+            ["nothing lost", "convergence"].as_slice(),
+        ),
+    ] {
         // A search stops at its first catch; which seed that is moves with any change
         // to the model (NoVersionStore needed 48 seeds at one point of session 12).
         let caught = (0..SABOTAGE_SEEDS).find_map(|seed| {
@@ -121,6 +189,7 @@ fn the_invariants_catch_a_broken_shell() {
                 seed,
                 Config {
                     sabotage,
+                    coarse_timestamps: coarse,
                     ..config(3, 1000)
                 },
             );
@@ -129,8 +198,8 @@ fn the_invariants_catch_a_broken_shell() {
         let Some((seed, violation)) = caught else {
             panic!("{sabotage:?} went unnoticed in {SABOTAGE_SEEDS} seeds");
         };
-        assert_eq!(
-            violation.invariant, "nothing lost",
+        assert!(
+            expected.contains(&violation.invariant),
             "{sabotage:?} seed {seed}: {violation}"
         );
     }

@@ -763,6 +763,53 @@ fn a_same_size_write_within_the_timestamp_granularity_still_syncs() {
     panic!("no attempt wrote twice within two seconds; the machine is too loaded for this test");
 }
 
+/// The same kind of write made while the node is down, after a scan that found the
+/// file racily clean: the mark is in the store, so the first scan after the restart
+/// hashes the file again.
+#[test]
+fn a_racily_clean_file_is_hashed_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|n| dir.path().join(format!("folder_{n}")))
+        .collect();
+    fs::create_dir_all(&roots[0]).unwrap();
+    let unwatched = NodeConfig {
+        watch: false,
+        ..NodeConfig::default()
+    };
+    let home_a = dir.path().join("home_a");
+    let mut a = TestNode::start(&home_a, &unwatched);
+    let b = TestNode::start(&dir.path().join("home_b"), &NodeConfig::default());
+    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
+    share_along(&[&a, &b], &paths, "restart");
+    for attempt in 0..5 {
+        let name = format!("coarse{attempt}.txt");
+        let (on_a, on_b) = (roots[0].join(&name), roots[1].join(&name));
+        let (bucket, started) = first_version_in_a_fat_bucket(&on_a, &on_b, &b, || {
+            a.scan("restart");
+        });
+        assert!(a.stop(), "A did not stop cleanly");
+        write_with_mtime(&on_a, b"other version", bucket);
+        let in_bucket = started.elapsed() <= SAME_BUCKET;
+        a = TestNode::start(&home_a, &unwatched);
+        if !in_bucket {
+            continue;
+        }
+        let second = wait_for(CONVERGE, || {
+            fs::read(&on_b).is_ok_and(|bytes| bytes == b"other version")
+        });
+        assert!(
+            second.is_some(),
+            "the write made while A was down never reached B:\nA:\n{}\nB:\n{}",
+            a.log(),
+            b.log()
+        );
+        return;
+    }
+    panic!("no attempt wrote twice within two seconds; the machine is too loaded for this test");
+}
+
 /// The same kind of write, unseen by any scan yet (A has no watcher), when a peer's
 /// edit of the file arrives: A must not replace its bytes on the strength of their
 /// unchanged metadata. Both versions survive, one as a conflict copy.
