@@ -180,21 +180,36 @@ fn wait_for_copy_beside(
     tree
 }
 
-/// Two nodes sharing folder "shape", which holds the file `x`; B with `b_config`.
-fn pair_sharing_x(
+/// Nodes A and B (with their configs) sharing folder `label`, whose root on A holds
+/// what `fill` wrote before A started: the two roots, A and B.
+fn pair(
     dir: &std::path::Path,
-    b_config: &NodeConfig,
+    label: &str,
+    (a_config, b_config): (&NodeConfig, &NodeConfig),
+    fill: impl FnOnce(&std::path::Path),
 ) -> (Vec<std::path::PathBuf>, TestNode, TestNode) {
     let roots: Vec<_> = ["a", "b"]
         .iter()
         .map(|n| dir.join(format!("folder_{n}")))
         .collect();
     fs::create_dir_all(&roots[0]).unwrap();
-    fs::write(roots[0].join("x"), b"a file named x").unwrap();
-    let a = TestNode::start(&dir.join("home_a"), &NodeConfig::default());
+    fill(&roots[0]);
+    let a = TestNode::start(&dir.join("home_a"), a_config);
     let b = TestNode::start(&dir.join("home_b"), b_config);
     let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
-    share_along(&[&a, &b], &paths, "shape");
+    share_along(&[&a, &b], &paths, label);
+    (roots, a, b)
+}
+
+/// Two nodes sharing folder "shape", which holds the file `x`; B with `b_config`.
+fn pair_sharing_x(
+    dir: &std::path::Path,
+    b_config: &NodeConfig,
+) -> (Vec<std::path::PathBuf>, TestNode, TestNode) {
+    let (roots, a, b) = pair(dir, "shape", (&NodeConfig::default(), b_config), |root| {
+        fs::write(root.join("x"), b"a file named x").unwrap();
+    });
+    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
     wait_converged(&paths, &[&a, &b], CONVERGE);
     (roots, a, b)
 }
@@ -732,6 +747,23 @@ fn first_version_in_a_fat_bucket(
     (bucket, started)
 }
 
+/// Waits until `path` holds `bytes`; fails, naming `what` and showing both logs, if
+/// it does not within [`CONVERGE`].
+fn assert_arrives(
+    path: &std::path::Path,
+    bytes: &[u8],
+    what: &str,
+    (a, b): (&TestNode, &TestNode),
+) {
+    let arrived = wait_for(CONVERGE, || fs::read(path).is_ok_and(|held| held == bytes));
+    assert!(
+        arrived.is_some(),
+        "{what} never reached B:\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+}
+
 /// On a filesystem with coarse timestamps (FAT: 2 s; HFS+ and ext3: 1 s; ext4 before
 /// Linux 6.13: one clock tick), a second write of the same size soon after the first
 /// gets the same mtime as the first, so size, mtime and inode all match what the scan
@@ -749,18 +781,31 @@ fn a_same_size_write_within_the_timestamp_granularity_still_syncs() {
         if started.elapsed() > SAME_BUCKET {
             continue;
         }
-        let second = wait_for(Duration::from_secs(20), || {
-            fs::read(&on_b).is_ok_and(|bytes| bytes == b"other version")
-        });
-        assert!(
-            second.is_some(),
-            "the second write (same size, same mtime) never reached B:\nA:\n{}\nB:\n{}",
-            a.log(),
-            b.log()
+        assert_arrives(
+            &on_b,
+            b"other version",
+            "the second write (same size, same mtime)",
+            (&a, &b),
         );
         return;
     }
     panic!("no attempt wrote twice within two seconds; the machine is too loaded for this test");
+}
+
+/// A node without a watcher: only the scans a test asks for see its changes.
+const UNWATCHED: NodeConfig = NodeConfig {
+    watch: false,
+    debounce_ms: 100,
+    full_rescan_interval_s: 86_400,
+    temp_file_expiry_s: 86_400,
+};
+
+/// A (unwatched) and B sharing the empty folder `label`: their roots, A, B.
+fn unwatched_a_with_b(
+    dir: &std::path::Path,
+    label: &str,
+) -> (Vec<std::path::PathBuf>, TestNode, TestNode) {
+    pair(dir, label, (&UNWATCHED, &NodeConfig::default()), |_| {})
 }
 
 /// The same kind of write made while the node is down, after a scan that found the
@@ -769,20 +814,9 @@ fn a_same_size_write_within_the_timestamp_granularity_still_syncs() {
 #[test]
 fn a_racily_clean_file_is_hashed_again_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let roots: Vec<_> = ["a", "b"]
-        .iter()
-        .map(|n| dir.path().join(format!("folder_{n}")))
-        .collect();
-    fs::create_dir_all(&roots[0]).unwrap();
-    let unwatched = NodeConfig {
-        watch: false,
-        ..NodeConfig::default()
-    };
-    let home_a = dir.path().join("home_a");
-    let mut a = TestNode::start(&home_a, &unwatched);
-    let b = TestNode::start(&dir.path().join("home_b"), &NodeConfig::default());
-    let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
-    share_along(&[&a, &b], &paths, "restart");
+    let (roots, a, b) = unwatched_a_with_b(dir.path(), "restart");
+    let mut a = a;
+    let home_a = a.home.clone();
     for attempt in 0..5 {
         let name = format!("coarse{attempt}.txt");
         let (on_a, on_b) = (roots[0].join(&name), roots[1].join(&name));
@@ -792,18 +826,15 @@ fn a_racily_clean_file_is_hashed_again_after_a_restart() {
         assert!(a.stop(), "A did not stop cleanly");
         write_with_mtime(&on_a, b"other version", bucket);
         let in_bucket = started.elapsed() <= SAME_BUCKET;
-        a = TestNode::start(&home_a, &unwatched);
+        a = TestNode::start(&home_a, &UNWATCHED);
         if !in_bucket {
             continue;
         }
-        let second = wait_for(CONVERGE, || {
-            fs::read(&on_b).is_ok_and(|bytes| bytes == b"other version")
-        });
-        assert!(
-            second.is_some(),
-            "the write made while A was down never reached B:\nA:\n{}\nB:\n{}",
-            a.log(),
-            b.log()
+        assert_arrives(
+            &on_b,
+            b"other version",
+            "the write made while A was down",
+            (&a, &b),
         );
         return;
     }
@@ -816,19 +847,8 @@ fn a_racily_clean_file_is_hashed_again_after_a_restart() {
 #[test]
 fn a_peer_edit_does_not_replace_a_same_size_write_the_metadata_cannot_show() {
     let dir = tempfile::tempdir().unwrap();
-    let roots: Vec<_> = ["a", "b"]
-        .iter()
-        .map(|n| dir.path().join(format!("folder_{n}")))
-        .collect();
-    fs::create_dir_all(&roots[0]).unwrap();
-    let unwatched = NodeConfig {
-        watch: false,
-        ..NodeConfig::default()
-    };
-    let a = TestNode::start(&dir.path().join("home_a"), &unwatched);
-    let b = TestNode::start(&dir.path().join("home_b"), &NodeConfig::default());
+    let (roots, a, b) = unwatched_a_with_b(dir.path(), "racy");
     let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
-    share_along(&[&a, &b], &paths, "racy");
     for attempt in 0..5 {
         let name = format!("coarse{attempt}.txt");
         let (on_a, on_b) = (roots[0].join(&name), roots[1].join(&name));
