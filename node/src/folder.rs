@@ -423,6 +423,7 @@ pub fn start(
             mode: record.mode,
             needs_plan: BTreeSet::new(),
             published: false,
+            commit_failed: false,
             unsaved: Vec::new(),
             reloaded: false,
         },
@@ -510,8 +511,8 @@ struct FolderActor {
     blocked: engine::Blocked,
     /// Files a scan hashed within their timestamp granularity of their last write
     /// (racily clean, see the `scan` module doc), and when to hash them again whatever
-    /// their metadata says. Every scan that covers one hashes it again; it leaves the
-    /// map once a hash finds it no longer racy. Their rows are marked in the store too
+    /// their metadata says. A scan that covers one once it is due hashes it again; it
+    /// leaves the map once a hash finds it no longer racy. Their rows are marked in the store too
     /// (`racy` table), so that the first scan after a restart hashes them again.
     racy: BTreeMap<RelPath, Instant>,
     settings: FolderSettings,
@@ -728,17 +729,24 @@ impl FolderActor {
         if full {
             self.recorder.recount(&previous);
         }
-        // Racy files in scope are hashed again, due or not: a write since the last hash
-        // may have left their metadata as it was.
+        // Racy files in scope that are due are hashed again: a write since the last hash
+        // may have left their metadata as it was. One not due yet is left for its own
+        // recheck: a rescan of a large file just after the one that found it racy (the
+        // watcher's and a requested one) would hash it twice while peers fetch it.
+        let now = Instant::now();
         let rehash: BTreeSet<RelPath> = self
             .racy
-            .keys()
-            .filter(|path| match &scope {
-                Scope::Full => true,
-                Scope::Paths(paths) => paths.iter().any(|scoped| path.starts_with(scoped)),
+            .iter()
+            .filter(|(path, due)| {
+                **due <= now
+                    && match &scope {
+                        Scope::Full => true,
+                        Scope::Paths(paths) => paths.iter().any(|scoped| path.starts_with(scoped)),
+                    }
             })
-            .cloned()
+            .map(|(path, _)| path.clone())
             .collect();
+        self.recorder.commit_failed = false;
         let shared = self.recorder.shared.clone();
         let events = self.recorder.events.clone();
         let (stop_ticker, ticker_stopped) = mpsc::channel::<()>();
@@ -808,8 +816,16 @@ impl FolderActor {
             drop(stop_ticker);
             summary
         });
+        // Files hashed again leave the map, unless what the hash found could not be
+        // committed: then they stay, due again later.
+        let failed = self.recorder.commit_failed;
         for path in &rehash {
-            self.racy.remove(path);
+            if failed {
+                self.racy
+                    .insert(path.clone(), Instant::now() + RACY_RECHECK_AFTER);
+            } else {
+                self.racy.remove(path);
+            }
         }
         // Marks of files hashed again and no longer racy go; a mark left by a failed
         // write only costs another hash.
@@ -818,7 +834,8 @@ impl FolderActor {
             .filter(|path| !summary.racy.iter().any(|(racy, _)| racy == *path))
             .cloned()
             .collect();
-        if !settled.is_empty()
+        if !failed
+            && !settled.is_empty()
             && let Err(error) = self
                 .recorder
                 .store
@@ -1316,11 +1333,11 @@ impl FolderActor {
     /// write of the same size within the file's timestamp granularity leaves size,
     /// mtime and inode as they were (racily clean files, see the `scan` module doc).
     /// True if a scan since the plan recorded other content there (a racy file hashed
-    /// again), or if the file is racy now and its bytes differ. Only racy files are
-    /// hashed here; one that cannot be read counts as changed (the rescan that follows
-    /// says why).
+    /// again), or if the file is racy now and its bytes differ; it is then due at once,
+    /// so that the rescan that follows records the write. Only racy files are hashed
+    /// here; one that cannot be read counts as changed (the rescan says why).
     fn changed_unseen(
-        &self,
+        &mut self,
         path: &RelPath,
         absolute: &std::path::Path,
         expected: Option<&LocalEntry>,
@@ -1345,8 +1362,12 @@ impl FolderActor {
         let Ok(file) = std::fs::File::open(absolute) else {
             return true;
         };
-        weft_protocol::chunk::build_manifest(&file, &self.record.params, |_| {})
-            .map_or(true, |manifest| manifest.hash() != want)
+        let changed = weft_protocol::chunk::build_manifest(&file, &self.record.params, |_| {})
+            .map_or(true, |manifest| manifest.hash() != want);
+        if changed {
+            self.racy.insert(path.clone(), Instant::now());
+        }
+        changed
     }
 
     /// Plans `paths` and carries the actions out; disk changes are rescanned, which
@@ -2131,6 +2152,9 @@ struct Recorder {
     needs_plan: BTreeSet<RelPath>,
     /// The document gained local changes not yet offered to peers.
     published: bool,
+    /// A scan batch failed to commit since this was last cleared (a scan's racy files
+    /// then stay racy: what their second hash found is not in the store).
+    commit_failed: bool,
     /// Received changes whose store commit failed: kept in memory and saved with the
     /// next commit (automerge's `save_incremental` hands each change out only once).
     unsaved: Vec<u8>,
@@ -2298,6 +2322,7 @@ impl Recorder {
             }
             Err(error) => {
                 tracing::error!(folder = %self.folder, %error, "committing scan results failed; will rescan");
+                self.commit_failed = true;
                 self.reload_document();
                 return;
             }

@@ -188,6 +188,8 @@ pub struct Device {
     racy: BTreeMap<RelPath, i64>,
     needs_plan: BTreeSet<RelPath>,
     published: bool,
+    /// A commit failed since the scan began (the node's `Recorder::commit_failed`).
+    commit_failed: bool,
     unsaved: Vec<u8>,
     reloaded: bool,
     next_request: u64,
@@ -228,6 +230,7 @@ impl Device {
             racy: BTreeMap::new(),
             needs_plan: BTreeSet::new(),
             published: false,
+            commit_failed: false,
             unsaved: Vec::new(),
             reloaded: false,
             next_request: 0,
@@ -591,11 +594,16 @@ impl Device {
         };
         let mut changes = Vec::new();
         let mut seen = BTreeSet::new();
-        // Racy files in scope are hashed again whatever their metadata says.
+        // Racy files in scope that are due are hashed again whatever their metadata says.
         let rehash: BTreeSet<RelPath> = if self.sabotage == Sabotage::NoRacyCheck {
             BTreeSet::new()
         } else {
-            self.racy.keys().filter(|p| in_scope(p)).cloned().collect()
+            let now = self.now;
+            self.racy
+                .iter()
+                .filter(|(path, due)| **due <= now && in_scope(path))
+                .map(|(path, _)| path.clone())
+                .collect()
         };
         let mut racy = Vec::new();
         for (text, node) in self.disk.nodes() {
@@ -647,14 +655,20 @@ impl Device {
             }
         }
         let marks: Vec<RelPath> = racy.iter().map(|(path, _)| path.clone()).collect();
+        self.commit_failed = false;
         self.commit(changes, &marks);
+        let recheck = i64::try_from(RACY_RECHECK_AFTER.as_nanos()).unwrap_or(i64::MAX);
         for path in &rehash {
+            if self.commit_failed {
+                // What the hash found is not in the store: due again later.
+                self.racy.insert(path.clone(), self.now + recheck);
+                continue;
+            }
             self.racy.remove(path);
             if !marks.contains(path) {
                 self.store.racy.remove(path);
             }
         }
-        let recheck = i64::try_from(RACY_RECHECK_AFTER.as_nanos()).unwrap_or(i64::MAX);
         for (path, window) in racy {
             let window = i64::try_from(window.as_nanos()).unwrap_or(i64::MAX);
             self.racy.insert(path, self.now + window.max(recheck));
@@ -676,7 +690,7 @@ impl Device {
 
     /// Whether the file at `path` holds other content than `expected` in a way the
     /// metadata cannot show (the node's `FolderActor::changed_unseen`).
-    fn changed_unseen(&self, path: &RelPath, expected: Option<&LocalEntry>) -> bool {
+    fn changed_unseen(&mut self, path: &RelPath, expected: Option<&LocalEntry>) -> bool {
         if self.sabotage == Sabotage::NoRacyCheck {
             return false;
         }
@@ -693,9 +707,14 @@ impl Device {
         if !self.racy.contains_key(path) {
             return false;
         }
-        self.disk
+        let changed = self
+            .disk
             .read(disk_path(path))
-            .is_none_or(|data| manifest_of(data).hash() != want)
+            .is_none_or(|data| manifest_of(data).hash() != want);
+        if changed {
+            self.racy.insert(path.clone(), self.now);
+        }
+        changed
     }
 
     /// The document entry for a local change (Recorder::entry_for).
@@ -764,6 +783,7 @@ impl Device {
         let increment = self.increment();
         if self.disk.full {
             self.note("committing scan results failed: disk full; will rescan".into());
+            self.commit_failed = true;
             self.reload_document();
             return;
         }

@@ -45,7 +45,7 @@ const REGRESSIONS: [(u64, usize, u64); 13] = [
 
 /// Seeds that found bugs on coarse timestamps (`--coarse-timestamps`), with their
 /// shape (docs/simulation.md).
-const COARSE_REGRESSIONS: [(u64, usize, u64); 3] = [
+const COARSE_REGRESSIONS: [(u64, usize, u64); 4] = [
     // A download put into place and a same-size user write in the same two seconds:
     // the write went unseen.
     (0, 2, 1500),
@@ -54,6 +54,9 @@ const COARSE_REGRESSIONS: [(u64, usize, u64); 3] = [
     // A racy write found by a rescan while a download planned before it was in flight:
     // the download's expectation still matched the metadata, and replaced the write.
     (2099, 6, 1500),
+    // A racy write found by the recheck while the disk was full: the commit failed,
+    // and the file left the racy set all the same.
+    (21, 3, 1500),
 ];
 
 /// Seeds searched for one that catches a sabotaged shell.
