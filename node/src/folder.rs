@@ -85,8 +85,10 @@ pub struct FetchedItem {
 /// How often failed downloads are tried again (also whenever a peer connects).
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// Earliest a racy file (see the `scan` module doc) is hashed again after the scan that
-/// found it racy.
-pub const RACY_RECHECK_AFTER: Duration = Duration::from_secs(1);
+/// found it racy: well past the transfers that scan started (at 1 s, the second hash of
+/// a just-edited 256 MiB file competed with the peer's rebuild of it in the delta
+/// benchmark), and soon enough for a write that only its bytes show.
+pub const RACY_RECHECK_AFTER: Duration = Duration::from_secs(5);
 /// Problems kept in the status (the most recent scan's first ones).
 pub const MAX_PROBLEMS_SHOWN: usize = 100;
 /// Sync messages with unsigned or forged changes a device may send without one
