@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use weft_protocol::change_signature::{self, ChangeSignatureError, SignedChange};
@@ -33,7 +33,7 @@ use crate::engine::{
 };
 use crate::events::{Event, EventBus};
 use crate::net::NetHandle;
-use crate::scan::{Problem, ScanProgress, Scanner, Scope};
+use crate::scan::{Problem, ScanProgress, Scanner, Scope, now_ns};
 use crate::store::{FolderRecord, LocalChange, Store, StoreError};
 
 /// Changes per store transaction during a scan (also committed every [`BATCH_INTERVAL`]).
@@ -89,6 +89,14 @@ pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// a just-edited 256 MiB file competed with the peer's rebuild of it in the delta
 /// benchmark), and soon enough for a write that only its bytes show.
 pub const RACY_RECHECK_AFTER: Duration = Duration::from_secs(5);
+
+/// How long after it was found a racy file is hashed again: once its `window` (the
+/// timestamp granularity) has passed, at the earliest after [`RACY_RECHECK_AFTER`], and
+/// no sooner than the scan that found it `took` (a file written without pause then
+/// costs at most one more hash per scan).
+pub fn racy_recheck_delay(window: Duration, took: Duration) -> Duration {
+    window.max(RACY_RECHECK_AFTER).max(took)
+}
 /// Problems kept in the status (the most recent scan's first ones).
 pub const MAX_PROBLEMS_SHOWN: usize = 100;
 /// Sync messages with unsigned or forged changes a device may send without one
@@ -350,12 +358,6 @@ pub enum FolderError {
     /// The actor thread could not start.
     #[error("cannot start the folder thread: {0}")]
     Thread(std::io::Error),
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// Starts the actor of `record`: loads its document and runs a first full scan.
@@ -739,13 +741,7 @@ impl FolderActor {
         let rehash: BTreeSet<RelPath> = self
             .racy
             .iter()
-            .filter(|(path, due)| {
-                **due <= now
-                    && match &scope {
-                        Scope::Full => true,
-                        Scope::Paths(paths) => paths.iter().any(|scoped| path.starts_with(scoped)),
-                    }
-            })
+            .filter(|(path, due)| **due <= now && scope.covers(path))
             .map(|(path, _)| path.clone())
             .collect();
         self.recorder.commit_failed = false;
@@ -845,14 +841,13 @@ impl FolderActor {
         {
             tracing::warn!(folder, %error, "cannot clear racily clean marks; they are hashed again");
         }
-        // Hashed again once the window has passed, at the earliest after
-        // [`RACY_RECHECK_AFTER`] and after as long as this scan took: a file written without
-        // pause costs at most one more hash per scan, and the second hash does not
-        // compete with the transfers the first one started.
-        let wait = RACY_RECHECK_AFTER.max(started.elapsed());
+        // Hashed again once the window has passed ([`racy_recheck_delay`]).
+        let took = started.elapsed();
         for (path, window) in &summary.racy {
-            self.racy
-                .insert(path.clone(), Instant::now() + (*window).max(wait));
+            self.racy.insert(
+                path.clone(),
+                Instant::now() + racy_recheck_delay(*window, took),
+            );
         }
         let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let finished_ms = u64::try_from(now_ns() / 1_000_000).unwrap_or(0);
@@ -1321,11 +1316,8 @@ impl FolderActor {
     fn note_if_racy(&mut self, path: &RelPath, mtime_ns: i64) -> bool {
         let racy = crate::scan::is_racy(mtime_ns, now_ns());
         if racy {
-            let window = crate::scan::racy_window(mtime_ns);
-            self.racy.insert(
-                path.clone(),
-                Instant::now() + window.max(RACY_RECHECK_AFTER),
-            );
+            let delay = racy_recheck_delay(crate::scan::racy_window(mtime_ns), Duration::ZERO);
+            self.racy.insert(path.clone(), Instant::now() + delay);
         }
         racy
     }
@@ -2489,7 +2481,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let temp = dir.path().join(".weft.tmp.0123456789abcdef01234567");
         std::fs::write(&temp, b"complete download").unwrap();
-        let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
+        let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
         std::fs::File::options()
             .write(true)
             .open(&temp)

@@ -79,11 +79,15 @@ pub const RECENT_WRITE: Duration = Duration::from_secs(10);
 
 /// Whether `mtime_ns` is within [`RECENT_WRITE`] of now (or ahead of it).
 pub fn recently_written(mtime_ns: i64) -> bool {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
     let recent = i64::try_from(RECENT_WRITE.as_nanos()).unwrap_or(i64::MAX);
-    mtime_ns > now.saturating_sub(recent)
+    mtime_ns > now_ns().saturating_sub(recent)
+}
+
+/// The wall clock in ns since the Unix epoch (the clock of mtimes).
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// Which part of a folder to scan.
@@ -93,6 +97,16 @@ pub enum Scope {
     Full,
     /// These paths and, for directories, everything inside them.
     Paths(Vec<RelPath>),
+}
+
+impl Scope {
+    /// Whether `path` is in this scope (a scoped directory covers what is inside it).
+    pub fn covers(&self, path: &RelPath) -> bool {
+        match self {
+            Scope::Full => true,
+            Scope::Paths(paths) => paths.iter().any(|scoped| path.starts_with(scoped)),
+        }
+    }
 }
 
 /// A path the scan could not handle, and why.
@@ -380,13 +394,9 @@ impl Scanner {
         if !walk.root_unreadable {
             let seen: std::collections::HashSet<&RelPath> =
                 walk.observed.iter().map(|o| &o.path).collect();
-            let in_scope = |path: &RelPath| match scope {
-                Scope::Full => true,
-                Scope::Paths(paths) => paths.iter().any(|scoped| path.starts_with(scoped)),
-            };
             for path in previous.keys() {
                 if !seen.contains(path)
-                    && in_scope(path)
+                    && scope.covers(path)
                     && !walk.unreadable.iter().any(|dir| path.starts_with(dir))
                 {
                     summary.changes += 1;
@@ -511,9 +521,7 @@ impl Scanner {
             .zip(self.manifests.as_ref())
             .and_then(|(hash, lookup)| lookup(&hash));
         for _ in 0..MAX_HASH_ATTEMPTS {
-            let hashed_at = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+            let hashed_at = now_ns();
             let file =
                 fs::File::open(&absolute).map_err(|e| problem(format!("cannot read: {e}")))?;
             let opened = file

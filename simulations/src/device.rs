@@ -16,12 +16,13 @@
 //! the store and the disk, as the node does after `kill -9`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use weft_node::engine::{
     self, Action, FolderMode, LocalEntry, PathView, Remote, SyncedEntry, publish_entry, remote_of,
     tombstone,
 };
-use weft_node::folder::{MAX_PLAN_ROUNDS, RACY_RECHECK_AFTER};
+use weft_node::folder::{MAX_PLAN_ROUNDS, RACY_RECHECK_AFTER, racy_recheck_delay};
 use weft_node::scan;
 use weft_node::store::LocalChange;
 use weft_protocol::document::{self, Content, Entry, EntryKind, FolderDocument, SyncState};
@@ -195,6 +196,11 @@ pub struct Device {
     next_request: u64,
     now: i64,
     rng: Rng,
+}
+
+/// A duration in the simulation's clock (ns).
+fn nanos(duration: Duration) -> i64 {
+    i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)
 }
 
 fn disk_path(path: &RelPath) -> &str {
@@ -657,11 +663,11 @@ impl Device {
         let marks: Vec<RelPath> = racy.iter().map(|(path, _)| path.clone()).collect();
         self.commit_failed = false;
         self.commit(changes, &marks);
-        let recheck = i64::try_from(RACY_RECHECK_AFTER.as_nanos()).unwrap_or(i64::MAX);
         for path in &rehash {
             if self.commit_failed {
                 // What the hash found is not in the store: due again later.
-                self.racy.insert(path.clone(), self.now + recheck);
+                self.racy
+                    .insert(path.clone(), self.now + nanos(RACY_RECHECK_AFTER));
                 continue;
             }
             self.racy.remove(path);
@@ -670,8 +676,10 @@ impl Device {
             }
         }
         for (path, window) in racy {
-            let window = i64::try_from(window.as_nanos()).unwrap_or(i64::MAX);
-            self.racy.insert(path, self.now + window.max(recheck));
+            self.racy.insert(
+                path,
+                self.now + nanos(racy_recheck_delay(window, Duration::ZERO)),
+            );
         }
     }
 
@@ -680,10 +688,8 @@ impl Device {
     fn note_if_racy(&mut self, path: &RelPath, mtime_ns: i64) -> bool {
         let racy = self.sabotage != Sabotage::NoRacyCheck && scan::is_racy(mtime_ns, self.now);
         if racy {
-            let window = i64::try_from(scan::racy_window(mtime_ns).as_nanos()).unwrap_or(i64::MAX);
-            let recheck = i64::try_from(RACY_RECHECK_AFTER.as_nanos()).unwrap_or(i64::MAX);
-            self.racy
-                .insert(path.clone(), self.now + window.max(recheck));
+            let delay = racy_recheck_delay(scan::racy_window(mtime_ns), Duration::ZERO);
+            self.racy.insert(path.clone(), self.now + nanos(delay));
         }
         racy
     }
