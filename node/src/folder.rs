@@ -430,6 +430,7 @@ pub fn start(
             commit_failed: false,
             unsaved: Vec::new(),
             reloaded: false,
+            dirs: crate::dir_sync::PendingDirs::default(),
         },
         record: record.clone(),
         network,
@@ -1520,6 +1521,7 @@ impl FolderActor {
                     // go. One still holding files stays and is published again (an
                     // edit inside wins over the replacement).
                     remove_temp_files(&absolute);
+                    self.recorder.dirs.changed_entry(&absolute);
                     if let Err(error) = std::fs::remove_dir(&absolute) {
                         tracing::info!(folder = %self.record.id, %path, %error, "directory kept: it still holds files");
                         if self.recorder.mode == FolderMode::SendReceive && local.is_some() {
@@ -1543,6 +1545,7 @@ impl FolderActor {
                             }
                             let _ = std::fs::remove_file(&absolute);
                         }
+                        self.recorder.dirs.created_all(&root, &absolute);
                         let created = match std::fs::create_dir_all(&absolute) {
                             Ok(()) => true,
                             Err(error) => {
@@ -1569,6 +1572,7 @@ impl FolderActor {
                             if let Some(parent) = absolute.parent() {
                                 let _ = std::fs::create_dir_all(parent);
                             }
+                            self.recorder.dirs.created_all(&root, &absolute);
                             let made = std::os::unix::fs::symlink(target, &temp)
                                 .and_then(|()| std::fs::rename(&temp, &absolute));
                             if let Err(error) = made {
@@ -1599,6 +1603,7 @@ impl FolderActor {
                 if expected.kind == EntryKind::Directory {
                     remove_temp_files(&absolute);
                 }
+                self.recorder.dirs.changed_entry(&absolute);
                 let removed = match expected.kind {
                     EntryKind::Directory => std::fs::remove_dir(&absolute),
                     _ => {
@@ -1675,6 +1680,8 @@ impl FolderActor {
                     return;
                 }
                 let target = root.join(to.as_str());
+                self.recorder.dirs.changed_entry(&from);
+                self.recorder.dirs.changed_entry(&target);
                 match std::fs::rename(&from, &target) {
                     Ok(()) => {
                         tracing::info!(folder = %self.record.id, %path, copy = %to, "conflict: local version kept as a conflict copy");
@@ -1935,6 +1942,7 @@ impl FolderActor {
                 && !parent.is_dir()
             {
                 let _ = std::fs::create_dir_all(parent);
+                self.recorder.dirs.created_all(&root, parent);
             }
             if let Some(old) = &expected
                 && !self.keep_version(&absolute, old, Some(&fetched.manifest))
@@ -1958,6 +1966,8 @@ impl FolderActor {
             if let Some(held) = held {
                 crate::release::release_later(held);
             }
+            // The temp file is in the same directory (`fetch::temp_path`).
+            self.recorder.dirs.changed_entry(&absolute);
             if let Err(error) = renamed {
                 tracing::warn!(folder = %self.record.id, %path, %error, "cannot move the downloaded file into place");
                 match restore {
@@ -2155,6 +2165,9 @@ struct Recorder {
     /// The document was reloaded from the store (dropping changes a failed commit did
     /// not store): peers' sync states no longer describe it and must start over.
     reloaded: bool,
+    /// Directories this actor changed since the last commit, synced before the next
+    /// one records what it did there (`dir_sync`).
+    dirs: crate::dir_sync::PendingDirs,
 }
 
 impl Recorder {
@@ -2303,6 +2316,7 @@ impl Recorder {
         }
         self.document.commit(now / 1_000_000, "local changes");
         let increment = self.increment();
+        self.dirs.sync();
         match self.store.commit_scan_batch_with(
             &self.folder,
             &batch,
@@ -2388,6 +2402,7 @@ impl Recorder {
         if !increment.is_empty() {
             self.published = true;
         }
+        self.dirs.sync();
         match self
             .store
             .commit_scan_batch_with(&self.folder, &[], synced_updates, &increment, &[])

@@ -99,7 +99,8 @@ impl Home {
     }
 }
 
-/// Writes `bytes` to `path` through a temp file of mode 0600, fsync, and rename.
+/// Writes `bytes` to `path` through a temp file of mode 0600, fsync, rename, and fsync
+/// of the directory.
 pub(crate) fn write_private_atomically(path: &Path, bytes: &[u8]) -> Result<(), HomeError> {
     let temp = path.with_extension("tmp");
     let io = |action, source| HomeError::Io {
@@ -121,7 +122,17 @@ pub(crate) fn write_private_atomically(path: &Path, bytes: &[u8]) -> Result<(), 
         action: "renaming into",
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    // The new name survives a power loss only once its directory is synced.
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => crate::dir_sync::sync_dir(parent)
+            .map_err(|source| HomeError::Io {
+                action: "syncing",
+                path: parent.to_path_buf(),
+                source,
+            }),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod client;
 pub mod coalescer;
 pub mod config;
 pub mod daemon;
+pub mod dir_sync;
 pub mod dirty;
 pub mod engine;
 pub mod events;
