@@ -25,21 +25,28 @@ use std::path::{Path, PathBuf};
 /// Most threads one [`PendingDirs::sync`] uses (more directories share them).
 pub const SYNC_THREADS: usize = 32;
 
-/// Makes the entries of directory `dir` durable (`fsync` of the directory).
+/// Stack of a sync thread: it only opens, syncs and closes.
+const SYNC_THREAD_STACK: usize = 64 * 1024;
+
+/// Makes the entries of directory `dir` durable (`fsync` of the directory). A
+/// filesystem that cannot sync a directory (some network and FUSE ones answer
+/// `EINVAL`) offers nothing better: that is not an error.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
+    match std::fs::File::open(dir)?.sync_all() {
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::debug!(dir = %dir.display(), %error, "this filesystem cannot sync a directory");
+            Ok(())
+        }
+        synced => synced,
+    }
 }
 
-/// Syncs `dir`, reporting only what matters: a directory that is gone has nothing
-/// to make durable, and a filesystem that cannot sync directories (some network and
-/// FUSE ones answer `EINVAL`) offers nothing better.
+/// Syncs `dir`, logging a failure; a directory that is gone has nothing to make
+/// durable.
 fn sync_dir_logged(dir: &Path) {
     match sync_dir(dir) {
         Ok(()) => {}
         Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
-            tracing::debug!(dir = %dir.display(), %error, "this filesystem cannot sync a directory");
-        }
         Err(error) => {
             tracing::warn!(dir = %dir.display(), %error, "cannot make the directory's changes durable");
         }
@@ -68,7 +75,9 @@ impl PendingDirs {
     }
 
     /// Notes that `path` and any of its parents below `root` may have been created
-    /// (`create_dir_all`): each of their parents changed.
+    /// (`create_dir_all`): the parent of `path` and of each of its ancestors strictly
+    /// below `root` changed (`root` itself included, as the last parent). Nothing is
+    /// noted for `root` itself or a path outside it.
     pub fn created_all(&mut self, root: &Path, path: &Path) {
         let mut current = path;
         while current != root && current.starts_with(root) {
@@ -91,9 +100,8 @@ impl PendingDirs {
     }
 
     /// Syncs every noted directory (one thread each, up to [`SYNC_THREADS`]) and forgets
-    /// them.
-    /// Failures are logged: a directory that cannot be synced does not hold up the
-    /// commit, which records what the disk shows either way.
+    /// them. Failures are logged: a directory that cannot be synced does not hold up
+    /// the commit, which records what the disk shows either way.
     pub fn sync(&mut self) {
         if self.dirs.is_empty() {
             return;
@@ -125,10 +133,12 @@ fn sync_on_threads(dirs: &[PathBuf], threads: usize) {
         for part in parts {
             let spawned = std::thread::Builder::new()
                 .name("weft-dir-sync".into())
+                .stack_size(SYNC_THREAD_STACK)
                 .spawn_scoped(scope, move || {
                     part.iter().for_each(|dir| sync_dir_logged(dir))
                 });
-            if spawned.is_err() {
+            if let Err(error) = spawned {
+                tracing::debug!(%error, "no thread for a directory sync; syncing here");
                 part.iter().for_each(|dir| sync_dir_logged(dir));
             }
         }

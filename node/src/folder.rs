@@ -1938,10 +1938,12 @@ impl FolderActor {
                 replan.push(path);
                 continue;
             }
-            if let Some(parent) = absolute.parent()
-                && !parent.is_dir()
-            {
-                let _ = std::fs::create_dir_all(parent);
+            if let Some(parent) = absolute.parent() {
+                if !parent.is_dir() {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+                // The download may have made its directories itself (`fetch`), in this
+                // run or an earlier one: every parent up to the root is synced.
                 self.recorder.dirs.created_all(&root, parent);
             }
             if let Some(old) = &expected

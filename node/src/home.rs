@@ -124,15 +124,15 @@ pub(crate) fn write_private_atomically(path: &Path, bytes: &[u8]) -> Result<(), 
         source,
     })?;
     // The new name survives a power loss only once its directory is synced.
-    match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => crate::dir_sync::sync_dir(parent)
-            .map_err(|source| HomeError::Io {
-                action: "syncing",
-                path: parent.to_path_buf(),
-                source,
-            }),
-        _ => Ok(()),
-    }
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    crate::dir_sync::sync_dir(parent).map_err(|source| HomeError::Io {
+        action: "syncing",
+        path: parent.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]

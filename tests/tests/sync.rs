@@ -914,12 +914,12 @@ impl Trace {
             .map(|(index, line)| (index, line.split(' ').next().unwrap_or("").to_owned()))
     }
 
-    /// Asserts that after the syscall `call` on `name` (a path inside `dir`), `dir` was
+    /// Asserts that after the syscall `call` on `dirs[0]/name`, each of `dirs` was
     /// synced before the store's next sync on the thread that made the call (the
-    /// folder actor, whose commit records it).
-    fn assert_dir_synced_before_commit(&self, call: &str, name: &str, dir: &str) {
+    /// folder actor, whose commit records the change).
+    fn assert_synced_before_commit(&self, call: &str, name: &str, dirs: &[&str]) {
         let (changed, thread) = self
-            .find(0, &[call, &format!("{dir}/{name}\"")])
+            .find(0, &[call, &format!("{}/{name}\"", dirs[0])])
             .unwrap_or_else(|| panic!("no {call} of {name} in the trace:\n{}", self.0.join("\n")));
         let commit = self
             .0
@@ -933,45 +933,80 @@ impl Trace {
             })
             .map(|(index, _)| index)
             .unwrap_or_else(|| panic!("no store commit after the {call} of {name}"));
-        let synced = self.find(changed + 1, &["fsync(", &format!("{dir}>")]);
-        assert!(
-            synced.is_some_and(|(index, _)| index < commit),
-            "{dir} was not synced between the {call} of {name} (line {changed}) and the store commit (line {commit}):\n{}",
-            self.0[changed..=commit].join("\n")
-        );
+        for dir in dirs {
+            let synced = self.find(changed + 1, &["fsync(", &format!("{dir}>")]);
+            assert!(
+                synced.is_some_and(|(index, _)| index < commit),
+                "{dir} was not synced between the {call} of {name} (line {changed}) and the store commit (line {commit}):\n{}",
+                self.0[changed..=commit].join("\n")
+            );
+        }
     }
 }
 
-/// A file a peer sent is renamed into place, and one a peer deleted is unlinked, and
-/// each directory is synced before the store records the change: on filesystems that do
-/// not write a rename with a later fsync of another file (ext4 without a journal,
-/// btrfs), a power loss could otherwise undo the rename after the store recorded it,
-/// and the old file would read as this device's edit. B runs under strace; the order of
-/// its syscalls is the evidence (a power loss cannot be staged here).
+/// The processes a process started (strace's tracee), stopped with SIGTERM when this
+/// is dropped: strace does not take its tracee down with it, even when killed.
+struct TraceeGuard(u32);
+
+impl TraceeGuard {
+    /// Stops the tracees and waits (up to 30 s each) until they are gone.
+    fn stop(&self) {
+        let children =
+            fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.0)).unwrap_or_default();
+        for pid in children.split_whitespace() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", pid])
+                .status();
+            wait_for(Duration::from_secs(30), || {
+                !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            });
+        }
+    }
+}
+
+impl Drop for TraceeGuard {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether strace can trace here (installed, and ptrace allowed).
+fn strace_works() -> bool {
+    std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "true"])
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+/// A file a peer sent is renamed into place (in an existing directory and in new
+/// ones), and one a peer deleted is unlinked, and each directory they changed is
+/// synced before the store records the change: on filesystems that do not write a
+/// rename with a later fsync of another file (ext4 without a journal, btrfs), a power
+/// loss could otherwise undo the rename after the store recorded it, and the old file
+/// would read as this device's edit. B runs under strace; the order of its syscalls is
+/// the evidence (a power loss cannot be staged here).
 #[test]
 fn a_change_put_on_disk_is_durable_in_its_directory_before_the_store_records_it() {
-    let traced = std::process::Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_ok_and(|output| output.status.success());
-    if !traced {
+    if !strace_works() {
         println!(
-            "SKIPPED a_change_put_on_disk_is_durable_in_its_directory_before_the_store_records_it: strace is not installed (apt-get install strace)"
+            "SKIPPED a_change_put_on_disk_is_durable_in_its_directory_before_the_store_records_it: strace is not installed or cannot trace here (apt-get install strace)"
         );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    // The node's paths are canonical; so are the ones looked for in the trace.
+    let base = dir.path().canonicalize().unwrap();
     let roots: Vec<_> = ["a", "b"]
         .iter()
-        .map(|n| dir.path().join(format!("folder_{n}")))
+        .map(|n| base.join(format!("folder_{n}")))
         .collect();
     fs::create_dir_all(roots[0].join("deep/er")).unwrap();
     fs::write(roots[0].join("deep/er/gone.txt"), b"deleted on A later").unwrap();
-    let a = TestNode::start(&dir.path().join("home_a"), &NodeConfig::default());
-    let trace_path = dir.path().join("b.strace");
+    let a = TestNode::start(&base.join("home_a"), &NodeConfig::default());
+    let trace_path = base.join("b.strace");
     let trace_arg = trace_path.to_string_lossy().into_owned();
     let b = TestNode::start_with(
-        &dir.path().join("home_b"),
+        &base.join("home_b"),
         &NodeConfig::default(),
         &[
             "strace",
@@ -984,34 +1019,30 @@ fn a_change_put_on_disk_is_durable_in_its_directory_before_the_store_records_it(
             &trace_arg,
         ],
     );
+    let tracee = TraceeGuard(b.pid());
     let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
     share_along(&[&a, &b], &paths, "durable");
     wait_converged(&paths, &[&a, &b], CONVERGE);
     fs::write(roots[0].join("deep/er/file.txt"), b"made on A").unwrap();
     fs::remove_file(roots[0].join("deep/er/gone.txt")).unwrap();
+    fs::create_dir_all(roots[0].join("new/sub")).unwrap();
+    fs::write(roots[0].join("new/sub/made.txt"), b"in new directories").unwrap();
     wait_converged(&paths, &[&a, &b], CONVERGE);
-    // Both changes recorded in B's store (its API answers from it).
+    // The changes recorded in B's store (its API answers from it).
     let recorded = wait_for(CONVERGE, || {
         let files = b.files("durable");
-        files.iter().any(|f| f.path == "deep/er/file.txt")
-            && !files.iter().any(|f| f.path == "deep/er/gone.txt")
+        let has = |path: &str| files.iter().any(|f| f.path == path);
+        has("deep/er/file.txt") && has("new/sub/made.txt") && !has("deep/er/gone.txt")
     });
     assert!(recorded.is_some(), "B's store did not record the changes");
-    // strace does not take its tracee down with it: stop the node first.
-    let traced_pids =
-        fs::read_to_string(format!("/proc/{0}/task/{0}/children", b.pid())).unwrap_or_default();
-    for pid in traced_pids.split_whitespace() {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", pid])
-            .status();
-        let gone = wait_for(Duration::from_secs(30), || {
-            !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        });
-        assert!(gone.is_some(), "B did not stop");
-    }
-    drop(b);
+    tracee.stop();
+    // strace ends with its tracee and has then written all of its log.
+    assert!(b.stop(), "B did not stop cleanly");
     let trace = Trace::read(&trace_path);
-    let dir_b = roots[1].join("deep/er").to_string_lossy().into_owned();
-    trace.assert_dir_synced_before_commit("rename", "file.txt", &dir_b);
-    trace.assert_dir_synced_before_commit("unlink", "gone.txt", &dir_b);
+    let folder_b = roots[1].to_string_lossy().into_owned();
+    let deep_er = format!("{folder_b}/deep/er");
+    trace.assert_synced_before_commit("rename", "file.txt", &[&deep_er]);
+    trace.assert_synced_before_commit("unlink", "gone.txt", &[&deep_er]);
+    let (new, new_sub) = (format!("{folder_b}/new"), format!("{folder_b}/new/sub"));
+    trace.assert_synced_before_commit("rename", "made.txt", &[&new_sub, &new, &folder_b]);
 }
