@@ -70,6 +70,9 @@ pub struct Fetched {
     pub manifest: Manifest,
     /// Bytes that came over the network.
     pub bytes_fetched: u64,
+    /// Directories on the way to it were made for it, here or by an earlier run whose
+    /// temp file this resumed: they are synced with its rename (`dir_sync`).
+    pub new_dirs: bool,
 }
 
 /// The temp file of a download: deterministic, so a restart resumes it.
@@ -151,14 +154,14 @@ fn copy_workers() -> usize {
 }
 
 /// The local part of a download: keep verified blocks already in the temp file, copy
-/// blocks that exist in local files. Returns the open temp file and what is still
-/// missing.
+/// blocks that exist in local files. Returns the open temp file, what is still
+/// missing, and whether directories may have been made for it ([`open_temp`]).
 fn prepare_locally(
     context: &FetchContext,
     temp: &Path,
     manifest: &Manifest,
-) -> Result<(TempFile, Missing), String> {
-    let (file, existing_len) = open_temp(&context.root, temp, manifest)?;
+) -> Result<(TempFile, Missing, bool), String> {
+    let (file, existing_len, new_dirs) = open_temp(&context.root, temp, manifest)?;
     let missing = copy_locally(
         context,
         temp,
@@ -168,7 +171,7 @@ fn prepare_locally(
         &Missing::new(),
         &Located::new(),
     )?;
-    Ok((file, missing))
+    Ok((file, missing, new_dirs))
 }
 
 /// The first ancestor of `path` (inside `root`, `root` itself excluded) that exists
@@ -211,20 +214,27 @@ fn check_parents(root: &Path, temp: &Path) -> Result<(), String> {
 }
 
 /// Opens (creating its directory if need be) the temp file of a download inside the
-/// folder `root` ([`check_parents`] first); returns it and the length it had (blocks of
-/// an interrupted download are in it).
-fn open_temp(root: &Path, temp: &Path, manifest: &Manifest) -> Result<(TempFile, u64), String> {
+/// folder `root` ([`check_parents`] first); returns it, the length it had (blocks of
+/// an interrupted download are in it), and whether directories may have been made for
+/// it: here, or by the earlier run that left the temp file.
+fn open_temp(
+    root: &Path,
+    temp: &Path,
+    manifest: &Manifest,
+) -> Result<(TempFile, u64, bool), String> {
     check_parents(root, temp)?;
+    let mut new_dirs = false;
     if let Some(parent) = temp.parent() {
         // Usually there: a lookup, where `mkdir` would take the directory's lock
         // (which every file created in it takes too) to find it exists.
         if !parent.is_dir() {
             fs::create_dir_all(parent).map_err(|e| io_error("creating", parent, e))?;
+            new_dirs = true;
         }
     }
-    let existing_len = fs::metadata(temp).map(|m| m.len()).unwrap_or(0);
+    let existing = fs::metadata(temp).map(|m| m.len()).ok();
     let file = TempFile::open(temp, manifest.size()).map_err(|e| io_error("opening", temp, e))?;
-    Ok((file, existing_len))
+    Ok((file, existing.unwrap_or(0), new_dirs || existing.is_some()))
 }
 
 /// The local part of a download into its open temp file: keeps verified blocks already
@@ -592,6 +602,8 @@ struct Download {
     /// Distinct blocks still to come.
     waiting: usize,
     bytes_fetched: u64,
+    /// Directories may have been made for it ([`open_temp`]).
+    new_dirs: bool,
     /// Why this file failed, if it did.
     error: Option<String>,
 }
@@ -619,6 +631,7 @@ pub async fn fetch_files(
                 file: None,
                 waiting: 0,
                 bytes_fetched: 0,
+                new_dirs: false,
                 error: None,
             }),
             Err(error) => results[index] = Some(Err(error)),
@@ -668,6 +681,7 @@ pub async fn fetch_files(
                 temp: download.temp,
                 manifest: download.manifest,
                 bytes_fetched: download.bytes_fetched,
+                new_dirs: download.new_dirs,
             }),
         });
     }
@@ -742,8 +756,9 @@ fn plan_overlap(context: &FetchContext, downloads: &mut [Download]) -> Option<(M
         // All local, or a plain download (direct writes serve that better).
         return None;
     }
-    let (file, _) = open_temp(&context.root, &download.temp, &download.manifest).ok()?;
+    let (file, _, new_dirs) = open_temp(&context.root, &download.temp, &download.manifest).ok()?;
     download.file = Some(Arc::new(file));
+    download.new_dirs = new_dirs;
     // The blocks to fetch, plus the local copy as one more.
     download.waiting = elsewhere.len() + 1;
     Some((elsewhere, located))
@@ -820,7 +835,8 @@ async fn fetch_overlapped(
 /// missing. Returns what is missing.
 fn prepare(context: &FetchContext, download: &mut Download) -> Missing {
     match prepare_locally(context, &download.temp, &download.manifest) {
-        Ok((file, missing)) => {
+        Ok((file, missing, new_dirs)) => {
+            download.new_dirs = new_dirs;
             if missing.is_empty()
                 && let Err(error) =
                     finish_temp(&file, &download.temp, download.mode, download.mtime_ns)
@@ -1183,9 +1199,14 @@ mod tests {
         // A real directory, with a missing one below it, is fine.
         std::fs::remove_file(root.path().join("x")).expect("remove symlink");
         std::fs::create_dir(root.path().join("x")).expect("mkdir");
-        let (file, existing) = open_temp(root.path(), &temp, &manifest).expect("opened");
+        let (file, existing, new_dirs) = open_temp(root.path(), &temp, &manifest).expect("opened");
         drop(file);
         assert_eq!(existing, 0);
+        assert!(new_dirs, "x/y was made");
+        // Opened again: the temp file is there (an interrupted download), so its
+        // directories may be from an earlier run.
+        let (_, _, again) = open_temp(root.path(), &temp, &manifest).expect("reopened");
+        assert!(again);
         assert!(temp.is_file(), "{}", temp.display());
     }
 }

@@ -1939,12 +1939,16 @@ impl FolderActor {
                 continue;
             }
             if let Some(parent) = absolute.parent() {
-                if !parent.is_dir() {
+                let missing = !parent.is_dir();
+                if missing || fetched.new_dirs {
                     let _ = std::fs::create_dir_all(parent);
                 }
-                // The download may have made its directories itself (`fetch`), in this
-                // run or an earlier one: every parent up to the root is synced.
-                self.recorder.dirs.created_all(&root, parent);
+                // Directories made for the file here or by the download (`fetch`), in
+                // this run or an earlier one: every parent up to the root is synced.
+                // (Syncing them for every download cost ~0.4 s of a 3 s initial sync.)
+                if missing || fetched.new_dirs {
+                    self.recorder.dirs.created_all(&root, parent);
+                }
             }
             if let Some(old) = &expected
                 && !self.keep_version(&absolute, old, Some(&fetched.manifest))

@@ -914,33 +914,46 @@ impl Trace {
             .map(|(index, line)| (index, line.split(' ').next().unwrap_or("").to_owned()))
     }
 
-    /// Asserts that after the syscall `call` on `dirs[0]/name`, each of `dirs` was
-    /// synced before the store's next sync on the thread that made the call (the
-    /// folder actor, whose commit records the change).
-    fn assert_synced_before_commit(&self, call: &str, name: &str, dirs: &[&str]) {
-        let (changed, thread) = self
-            .find(0, &[call, &format!("{}/{name}\"", dirs[0])])
-            .unwrap_or_else(|| panic!("no {call} of {name} in the trace:\n{}", self.0.join("\n")));
-        let commit = self
-            .0
+    /// The first line from `from` on that holds every one of `parts`, or a panic.
+    fn line_of(&self, from: usize, parts: &[&str]) -> (usize, String) {
+        self.find(from, parts).unwrap_or_else(|| {
+            panic!(
+                "no line with {parts:?} in the trace from line {from}:\n{}",
+                self.0.join("\n")
+            )
+        })
+    }
+
+    /// The store's first sync after line `from` on `thread` (the folder actor's commit).
+    fn commit_after(&self, from: usize, thread: &str) -> usize {
+        self.0
             .iter()
             .enumerate()
-            .skip(changed + 1)
+            .skip(from + 1)
             .find(|(_, line)| {
                 line.starts_with(&format!("{thread} "))
                     && (line.contains("fsync(") || line.contains("fdatasync("))
                     && line.contains("weft.redb>")
             })
             .map(|(index, _)| index)
-            .unwrap_or_else(|| panic!("no store commit after the {call} of {name}"));
-        for dir in dirs {
-            let synced = self.find(changed + 1, &["fsync(", &format!("{dir}>")]);
-            assert!(
-                synced.is_some_and(|(index, _)| index < commit),
-                "{dir} was not synced between the {call} of {name} (line {changed}) and the store commit (line {commit}):\n{}",
-                self.0[changed..=commit].join("\n")
-            );
-        }
+            .unwrap_or_else(|| panic!("no store commit after line {from}"))
+    }
+
+    /// Asserts that `dir` was synced after line `after` and before line `before`.
+    fn assert_synced(&self, dir: &str, after: usize, before: usize) {
+        let synced = self.find(after + 1, &["fsync(", &format!("{dir}>")]);
+        assert!(
+            synced.is_some_and(|(index, _)| index < before),
+            "{dir} was not synced between lines {after} and {before}:\n{}",
+            self.0[after..=before].join("\n")
+        );
+    }
+
+    /// Asserts that after the syscall `call` on `dir/name` the folder actor synced
+    /// `dir` before its next store commit.
+    fn assert_synced_before_commit(&self, call: &str, dir: &str, name: &str) {
+        let (changed, actor) = self.line_of(0, &[call, &format!("{dir}/{name}\"")]);
+        self.assert_synced(dir, changed, self.commit_after(changed, &actor));
     }
 }
 
@@ -1014,7 +1027,7 @@ fn a_change_put_on_disk_is_durable_in_its_directory_before_the_store_records_it(
             "-qq",
             "-y",
             "-e",
-            "trace=rename,renameat,renameat2,unlink,unlinkat,fsync,fdatasync",
+            "trace=rename,renameat,renameat2,unlink,unlinkat,mkdir,mkdirat,fsync,fdatasync",
             "-o",
             &trace_arg,
         ],
@@ -1041,8 +1054,16 @@ fn a_change_put_on_disk_is_durable_in_its_directory_before_the_store_records_it(
     let trace = Trace::read(&trace_path);
     let folder_b = roots[1].to_string_lossy().into_owned();
     let deep_er = format!("{folder_b}/deep/er");
-    trace.assert_synced_before_commit("rename", "file.txt", &[&deep_er]);
-    trace.assert_synced_before_commit("unlink", "gone.txt", &[&deep_er]);
+    trace.assert_synced_before_commit("rename", &deep_er, "file.txt");
+    trace.assert_synced_before_commit("unlink", &deep_er, "gone.txt");
+    // A file in new directories: its directory before the commit that records it, and
+    // each new directory's parent after the directory was made.
     let (new, new_sub) = (format!("{folder_b}/new"), format!("{folder_b}/new/sub"));
-    trace.assert_synced_before_commit("rename", "made.txt", &[&new_sub, &new, &folder_b]);
+    trace.assert_synced_before_commit("rename", &new_sub, "made.txt");
+    let (renamed, actor) = trace.line_of(0, &["rename", &format!("{new_sub}/made.txt\"")]);
+    let commit = trace.commit_after(renamed, &actor);
+    let (made_sub, _) = trace.line_of(0, &["mkdir", &format!("{new_sub}\""), " = 0"]);
+    trace.assert_synced(&new, made_sub, commit);
+    let (made_new, _) = trace.line_of(0, &["mkdir", &format!("{new}\""), " = 0"]);
+    trace.assert_synced(&folder_b, made_new, commit);
 }
