@@ -45,7 +45,8 @@ impl VersionStore {
     /// those in `still_present` (the new version has them); returns the bytes newly
     /// stored. A block that no longer matches (the file changed) is skipped: only
     /// content that was really there is kept. Blocks are not fsynced one by one: a
-    /// crash may lose a kept version, never a current file.
+    /// crash may lose a kept version, never a current file (and a block a power loss
+    /// cut short is written again the next time it is kept).
     pub fn keep_file(
         &self,
         file: &Path,
@@ -60,7 +61,9 @@ impl VersionStore {
                 continue;
             }
             let target = self.block_path(&block.hash);
-            if target.exists() {
+            // A block of the wrong length (cut short by a power loss: kept blocks are not
+            // fsynced) is written again rather than trusted by its name.
+            if fs::metadata(&target).is_ok_and(|m| m.len() == u64::from(block.len)) {
                 // Refresh its age: it was just kept again.
                 let _ = fs::File::options()
                     .write(true)
@@ -162,6 +165,12 @@ mod tests {
         );
         assert_eq!(store.block(&BlockHash::of(b"world")).unwrap(), b"world");
         assert!(store.contains(&BlockHash::of(b"world")));
+        // A kept block left empty (a power loss before its data was written) is kept
+        // again, not skipped by its name.
+        fs::write(store.block_path(&BlockHash::of(b"world")), b"").unwrap();
+        assert!(store.block(&BlockHash::of(b"world")).is_none());
+        assert_eq!(store.keep_file(&file, &manifest, &none).unwrap(), 5);
+        assert_eq!(store.block(&BlockHash::of(b"world")).unwrap(), b"world");
         assert!(!store.contains(&BlockHash::of(b"other")));
         // A block that no longer matches the file is not kept.
         let stale = Manifest::from_blocks(vec![BlockRef {

@@ -53,10 +53,18 @@ fn three_devices_in_a_chain_converge_after_every_kind_of_change() {
     fs::remove_dir_all(roots[2].join("d000")).unwrap();
     let tree = wait_converged(&paths, &nodes, CONVERGE);
     assert!(tree.contains_key("moved_new/deep/dir/from_b.txt"));
+    let stale: Vec<&String> = tree
+        .keys()
+        .filter(|p| p.starts_with("new/") || p.starts_with("d000"))
+        .collect();
     assert!(
-        !tree
-            .keys()
-            .any(|p| p.starts_with("new/") || p.starts_with("d000"))
+        stale.is_empty(),
+        "moved or removed paths came back: {stale:?}\n{}",
+        [&a, &b, &c]
+            .iter()
+            .map(|n| n.log())
+            .collect::<Vec<_>>()
+            .join("\n-----\n")
     );
 }
 
