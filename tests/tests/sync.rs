@@ -967,13 +967,33 @@ impl Trace {
 
 /// The processes a process started (strace's tracee), stopped with SIGTERM when this
 /// is dropped: strace does not take its tracee down with it, even when killed.
-struct TraceeGuard(u32);
+struct TraceeGuard {
+    pid: u32,
+    stopped: std::cell::Cell<bool>,
+}
 
 impl TraceeGuard {
-    /// Stops the tracees and waits (up to 30 s each) until they are gone.
+    fn new(pid: u32) -> Self {
+        TraceeGuard {
+            pid,
+            stopped: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Stops the tracees and waits (up to 30 s each) until they are gone; once only
+    /// (the tracer's PID may belong to another process afterwards).
     fn stop(&self) {
-        let children =
-            fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.0)).unwrap_or_default();
+        if self.stopped.replace(true) {
+            return;
+        }
+        let children = fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
+            .unwrap_or_default();
+        if children.trim().is_empty() {
+            // A kernel without /proc/PID/task/TID/children: by parent instead.
+            let _ = std::process::Command::new("pkill")
+                .args(["-TERM", "-P", &self.pid.to_string()])
+                .status();
+        }
         for pid in children.split_whitespace() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", pid])
@@ -1040,7 +1060,7 @@ fn a_change_put_on_disk_is_durable_in_its_directory_before_the_store_records_it(
             &trace_arg,
         ],
     );
-    let tracee = TraceeGuard(b.pid());
+    let tracee = TraceeGuard::new(b.pid());
     let paths: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
     share_along(&[&a, &b], &paths, "durable");
     wait_converged(&paths, &[&a, &b], CONVERGE);
