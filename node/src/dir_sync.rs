@@ -109,11 +109,7 @@ impl PendingDirs {
         let started = std::time::Instant::now();
         let dirs: Vec<PathBuf> = std::mem::take(&mut self.dirs).into_iter().collect();
         let threads = dirs.len().min(SYNC_THREADS);
-        if threads <= 1 {
-            dirs.iter().for_each(|dir| sync_dir_logged(dir));
-        } else {
-            sync_on_threads(&dirs, threads);
-        }
+        sync_on_threads(&dirs, threads);
         tracing::debug!(
             dirs = dirs.len(),
             threads,
@@ -123,7 +119,8 @@ impl PendingDirs {
     }
 }
 
-/// Syncs `dirs` on `threads` threads, this one among them.
+/// Syncs `dirs` on `threads` threads (at least one), this one among them: with one,
+/// no thread is started.
 fn sync_on_threads(dirs: &[PathBuf], threads: usize) {
     let share = dirs.len().div_ceil(threads);
     std::thread::scope(|scope| {

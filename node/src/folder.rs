@@ -1940,7 +1940,7 @@ impl FolderActor {
             }
             if let Some(parent) = absolute.parent() {
                 let missing = !parent.is_dir();
-                if missing || fetched.new_dirs {
+                if missing {
                     let _ = std::fs::create_dir_all(parent);
                 }
                 // Directories made for the file here or by the download (`fetch`), in
