@@ -1,9 +1,9 @@
 //! `weft-node`: the Weft device node, as a library behind the `weft` binary.
 //!
-//! The node is an I/O shell around the pure sync [`engine`]: the node home (identity
-//! key, config), the redb [`store`], the [`scan`]ner and [`watch`]er, one [`folder`]
-//! actor per folder that records local changes in the folder document and carries out
-//! the engine's actions, the network ([`net`], [`coalescer`]) and downloads
+//! The node is an I/O shell around the pure folder core (`weft-core`: the sync
+//! [`engine`] and the folder state machine): the node home (identity key, config), the
+//! redb [`store`], the [`scan`]ner and [`watch`]er, one [`folder`] actor per folder that
+//! runs the core over the real disk, store and network, the network ([`net`], [`coalescer`]) and downloads
 //! ([`fetch`], with reused [`block_buffers`]), the [`versions`] store, the [`node`]
 //! that ties them together, and the control [`api`] with its [`client`]. `main.rs` is
 //! the CLI.
@@ -18,7 +18,8 @@ pub mod config;
 pub mod daemon;
 pub mod dir_sync;
 pub mod dirty;
-pub mod engine;
+/// The sync engine, from the folder core (`weft-core`).
+pub use weft_core::engine;
 pub mod events;
 pub mod fetch;
 pub mod folder;

@@ -47,31 +47,7 @@ use crate::store::{LocalChange, LocalEntry};
 pub const IGNORE_FILE: &str = ".weftignore";
 /// Times a file that keeps changing under the hasher is hashed before giving up.
 pub const MAX_HASH_ATTEMPTS: usize = 3;
-/// Timestamp granularity assumed for an mtime with a fraction of a second: above the
-/// longest Linux clock tick (10 ms), exFAT's 10 ms, and what NTFS and APFS keep.
-pub const FINE_RACY_WINDOW: Duration = Duration::from_millis(100);
-/// Timestamp granularity assumed for an mtime of whole seconds: FAT's two seconds
-/// (HFS+ and ext3 keep one).
-pub const COARSE_RACY_WINDOW: Duration = Duration::from_secs(2);
-
-/// How long after `mtime_ns` a write of the same size could still get the same mtime
-/// (see the module doc): [`COARSE_RACY_WINDOW`] for whole seconds, else
-/// [`FINE_RACY_WINDOW`].
-pub fn racy_window(mtime_ns: i64) -> Duration {
-    if mtime_ns % 1_000_000_000 == 0 {
-        COARSE_RACY_WINDOW
-    } else {
-        FINE_RACY_WINDOW
-    }
-}
-
-/// Whether a file with `mtime_ns`, hashed from `hashed_at_ns` on, is racy: its mtime is
-/// within its [`racy_window`] of the hash, on either side (a filesystem's clock may run
-/// a little ahead of ours; an mtime further ahead is no sign of a recent write).
-pub fn is_racy(mtime_ns: i64, hashed_at_ns: i64) -> bool {
-    let window = i64::try_from(racy_window(mtime_ns).as_nanos()).unwrap_or(i64::MAX);
-    mtime_ns.abs_diff(hashed_at_ns) < window.unsigned_abs()
-}
+pub use weft_core::racy::{COARSE_RACY_WINDOW, FINE_RACY_WINDOW, is_racy, racy_window};
 
 /// Files written this recently may still be racy in the store (their second hash may
 /// not have run yet): whoever trusts a stored hash by metadata alone checks the bytes.
@@ -90,24 +66,7 @@ pub fn now_ns() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// Which part of a folder to scan.
-#[derive(Clone, Debug)]
-pub enum Scope {
-    /// Everything.
-    Full,
-    /// These paths and, for directories, everything inside them.
-    Paths(Vec<RelPath>),
-}
-
-impl Scope {
-    /// Whether `path` is in this scope (a scoped directory covers what is inside it).
-    pub fn covers(&self, path: &RelPath) -> bool {
-        match self {
-            Scope::Full => true,
-            Scope::Paths(paths) => paths.iter().any(|scoped| path.starts_with(scoped)),
-        }
-    }
-}
+pub use weft_core::scan::Scope;
 
 /// A path the scan could not handle, and why.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

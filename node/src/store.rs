@@ -202,24 +202,7 @@ pub struct BlockLocation {
     pub len: u32,
 }
 
-/// One row change of a scan batch.
-#[derive(Clone, Debug)]
-pub enum LocalChange {
-    /// The path exists with this entry (and manifest, for files).
-    Upsert {
-        /// The path.
-        path: RelPath,
-        /// What the scanner saw.
-        entry: LocalEntry,
-        /// The file's manifest.
-        manifest: Option<Manifest>,
-    },
-    /// The path no longer exists.
-    Remove {
-        /// The path.
-        path: RelPath,
-    },
-}
+pub use weft_core::scan::LocalChange;
 
 /// The node's store.
 pub struct Store {

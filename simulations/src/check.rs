@@ -151,7 +151,7 @@ pub fn converged(world: &mut World) -> Result<(), Violation> {
     }
     let mut heads = Vec::new();
     for device in &mut world.devices {
-        let mut h = device.document().heads();
+        let mut h = device.document().map(|d| d.heads()).unwrap_or_default();
         h.sort();
         heads.push(h);
     }

@@ -1,41 +1,45 @@
-//! One simulated device: the node's folder shell over a virtual disk and network.
+//! One simulated device: the folder core ([`weft_core::Folder`]), the same code the
+//! node runs, over a virtual disk, store and network.
 //!
-//! The decisions are the node's own code: [`weft_node::engine`] plans every path, the
-//! real [`FolderDocument`] (automerge) holds the folder's metadata and syncs it with
-//! automerge's sync protocol. Around them this module models what the node's folder
-//! actor (`node/src/folder.rs`) and fetcher (`node/src/fetch.rs`) do with the disk and
-//! the network, step for step and in the same order: scan and record (the recorder),
-//! plan children before parents and carry actions out with the pre-replace check,
-//! fetch blocks (local copies first, then peers, verified, resumable through a temp
-//! file whose progress is committed), put finished files into place, keep replaced
-//! versions. When the node's shell changes, this model changes with it.
+//! Every decision is the core's. This module is only its executor: [`SimIo`]
+//! implements the core's traits over the virtual [`Disk`] (with faults: a roll decides
+//! whether an operation fails), the [`Store`] (what the node's redb store holds: each
+//! [`weft_core::io::Store::commit`] is one transaction), the simulated network (sync
+//! messages and block requests in [`Device::outbox`]), and the simulation's clock. Block
+//! transfers (the node's `fetch`) are modelled here: local copies first, then peers,
+//! each block verified, resumable through a temp file whose verified blocks are
+//! committed.
 //!
-//! Durability: [`Store`] is what the node's redb store holds; each `commit` here is one
-//! redb transaction there. A crash ([`Device::crash`]) drops everything else (the
-//! in-memory document, peers, downloads, queues) and [`Device::start`] rebuilds from
-//! the store and the disk, as the node does after `kill -9`.
+//! A crash ([`Device::crash`]) drops everything but the store and the disk; the core
+//! is opened again from the store by [`Device::start`], as the node does after
+//! `kill -9`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 
-use weft_node::engine::{
-    self, Action, FolderMode, LocalEntry, PathView, Remote, SyncedEntry, publish_entry, remote_of,
-    tombstone,
+use weft_core::engine::{self, LocalEntry, Remote, SyncedEntry, remote_of};
+use weft_core::folder::{Fetched, Folder, FolderSettings, Membership};
+use weft_core::io::{
+    self, Clock, Commit, Counts, DownloadRequest, IoError, Level, PeerInput, Peers, Report, Scan,
 };
-use weft_node::folder::{MAX_PLAN_ROUNDS, RACY_RECHECK_AFTER, racy_recheck_delay};
-use weft_node::scan;
-use weft_node::store::LocalChange;
-use weft_protocol::document::{self, Content, Entry, EntryKind, FolderDocument, SyncState};
+use weft_core::racy::is_racy;
+use weft_core::scan::{LocalChange, ScanOutcome, ScanRequest, Scope};
+use weft_protocol::change_signature::SignedChange;
+use weft_protocol::document::{Content, Entry, FolderDocument};
 use weft_protocol::path::TEMP_PREFIX;
-use weft_protocol::{BlockHash, BlockRef, DeviceId, Manifest, ManifestHash, RelPath};
+use weft_protocol::{BlockHash, BlockRef, DeviceId, DeviceKey, Manifest, ManifestHash, RelPath};
 
 use crate::disk::{Disk, DiskError, Node, is_temp, parent};
 use crate::rng::Rng;
 
 /// Block size of simulated files (fixed-size blocks keep files small and many-block).
 pub const BLOCK: usize = 32;
-/// Blocks asked for in one request (the node asks for 32; files here are smaller).
-pub const BATCH_BLOCKS: usize = 8;
+/// Blocks asked for in one request: the node's own number.
+pub const BATCH_BLOCKS: usize = weft_node::fetch::BATCH_BLOCKS;
+/// Document increments after which the store's document is compacted: sooner than the
+/// node (256), which keeps reloads after crashes cheap (the document is the same).
+pub const COMPACT_AFTER: u64 = 32;
 
 /// The manifest of `data` in fixed [`BLOCK`]-byte blocks.
 pub fn manifest_of(data: &[u8]) -> Manifest {
@@ -49,13 +53,14 @@ pub fn manifest_of(data: &[u8]) -> Manifest {
     Manifest::from_blocks(blocks).unwrap_or_else(|_| Manifest::empty())
 }
 
-/// A deliberately broken shell, to show that the invariants catch real bugs.
+/// A deliberately broken executor, to show that the invariants catch real bugs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Sabotage {
-    /// The shell as the node has it.
+    /// The executor as it should be.
     #[default]
     None,
-    /// Skip the pre-replace check (act on a disk that changed since the scan).
+    /// The disk answers the pre-replace check with what the scanner last recorded, not
+    /// with what is there (act on a disk that changed since the scan).
     NoPreReplaceCheck,
     /// Never keep replaced versions.
     NoVersionStore,
@@ -67,7 +72,7 @@ pub enum Sabotage {
 /// What the node's redb store holds for the folder (survives crashes).
 #[derive(Clone, Debug, Default)]
 pub struct Store {
-    /// The document as saved increments, in order.
+    /// The document as saved increments, in order (a compaction leaves one snapshot).
     pub increments: Vec<Vec<u8>>,
     /// The local tree: what the scanner last recorded.
     pub local: BTreeMap<RelPath, LocalEntry>,
@@ -83,14 +88,21 @@ pub struct Store {
     pub progress: BTreeMap<String, BTreeSet<usize>>,
     /// Paths whose local rows are racily clean (the `racy` table).
     pub racy: BTreeSet<RelPath>,
+    /// Signatures of document changes, by change hash.
+    pub signatures: BTreeMap<[u8; 32], SignedChange>,
 }
 
 /// Messages between devices. `DocSync` rides the ordered control stream; the others
 /// are block-stream requests and answers.
 #[derive(Clone, Debug)]
 pub enum Msg {
-    /// An automerge sync message.
-    DocSync(Vec<u8>),
+    /// An automerge sync message and the signatures of the changes it carries.
+    DocSync {
+        /// The authors' signatures.
+        signatures: Vec<SignedChange>,
+        /// The sync message.
+        message: Vec<u8>,
+    },
     /// Asks for a manifest.
     ManifestRequest {
         /// Request ID.
@@ -124,7 +136,7 @@ pub enum Msg {
 impl Msg {
     /// Rides the ordered control stream.
     pub fn is_control(&self) -> bool {
-        matches!(self, Msg::DocSync(_))
+        matches!(self, Msg::DocSync { .. })
     }
 
     /// A request that expects an answer (the world arms a timeout).
@@ -136,10 +148,16 @@ impl Msg {
     }
 }
 
+/// A finished download's temp file on the virtual disk.
 #[derive(Clone, Debug)]
-struct Download {
+pub struct SimTemp(String);
+
+/// One file's transfer in progress (the node's `fetch` of one file).
+#[derive(Clone, Debug)]
+struct Transfer {
+    task: u64,
+    path: RelPath,
     entry: Entry,
-    expected: Option<LocalEntry>,
     manifest: Option<Manifest>,
     temp: Option<String>,
     have: Vec<bool>,
@@ -147,15 +165,41 @@ struct Download {
     tried: BTreeSet<DeviceId>,
 }
 
-/// A simulated device.
+type TaskResults = Vec<(u64, Result<Fetched<SimTemp>, String>)>;
+
+/// A simulated device: the folder core and its executor.
 pub struct Device {
+    core: Option<Folder<SimTemp>>,
+    io: SimIo,
+}
+
+/// The world reads and arranges the executor's state (disk, store, faults) directly.
+impl Deref for Device {
+    type Target = SimIo;
+
+    fn deref(&self) -> &SimIo {
+        &self.io
+    }
+}
+
+impl DerefMut for Device {
+    fn deref_mut(&mut self) -> &mut SimIo {
+        &mut self.io
+    }
+}
+
+/// The executor of one device's folder core over the virtual disk and network.
+pub struct SimIo {
     /// Index in the world.
     pub index: usize,
     /// Device ID.
     pub id: DeviceId,
+    key: Arc<DeviceKey>,
     actor_suffix: [u8; 8],
     /// Devices the folder is shared with (accepted).
     pub members: BTreeSet<DeviceId>,
+    /// Whether this device publishes its local changes.
+    pub mode: engine::FolderMode,
     /// The folder on disk.
     pub disk: Disk,
     /// The durable store.
@@ -173,160 +217,171 @@ pub struct Device {
     pub bad_blocks: BTreeMap<DeviceId, u64>,
     /// Messages to send.
     pub outbox: Vec<(DeviceId, Msg)>,
-    /// Notable shell events for the trace.
+    /// Notable events for the trace.
     pub log: Vec<String>,
     /// Paths the watcher reported since the last scan.
     pub dirty: BTreeSet<RelPath>,
-    doc: FolderDocument,
-    peers: BTreeMap<DeviceId, SyncState>,
-    downloads: BTreeMap<RelPath, Download>,
-    failed: BTreeSet<RelPath>,
-    /// Paths refused because a parent is a file or symlink, by that parent: planned
-    /// again once it is a directory or gone (the node's `FolderActor::blocked`).
-    blocked: engine::Blocked,
-    /// Racily clean files and when to hash them again (the node's `FolderActor::racy`;
-    /// in memory, lost in a crash).
-    racy: BTreeMap<RelPath, i64>,
-    needs_plan: BTreeSet<RelPath>,
-    published: bool,
-    /// A commit failed since the scan began (the node's `Recorder::commit_failed`).
-    commit_failed: bool,
-    unsaved: Vec<u8>,
-    reloaded: bool,
+    /// Connected members.
+    connected: BTreeSet<DeviceId>,
+    /// Transfers by download ID.
+    transfers: BTreeMap<u64, Transfer>,
+    /// Download tasks (groups) not yet reported, with the results so far.
+    tasks: BTreeMap<u64, (usize, TaskResults)>,
+    next_task: u64,
+    /// Tasks finished, to report to the core.
+    completed: Vec<TaskResults>,
     next_request: u64,
     now: i64,
     rng: Rng,
 }
 
-/// A duration in the simulation's clock (ns).
-fn nanos(duration: Duration) -> i64 {
-    i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)
+fn disk_error(error: DiskError) -> IoError {
+    IoError::new(format!("{error:?}"))
 }
 
-fn disk_path(path: &RelPath) -> &str {
-    path.as_str()
+fn crashed() -> IoError {
+    IoError::new("the device crashed")
 }
 
 impl Device {
     /// A device with an empty folder and store (not started).
-    pub fn new(index: usize, id: DeviceId, rng: &mut Rng) -> Self {
+    pub fn new(index: usize, key: DeviceKey, rng: &mut Rng) -> Self {
         let mut suffix = [0u8; 8];
         suffix.copy_from_slice(&rng.bytes(8));
-        let actor = document::actor_id(&id, suffix);
+        let id = key.device_id();
         Self {
-            index,
-            id,
-            actor_suffix: suffix,
-            members: BTreeSet::new(),
-            disk: Disk::new((index as u64 + 1) << 40),
-            store: Store::default(),
-            up: false,
-            crash_after_rename: false,
-            crashed: false,
-            sabotage: Sabotage::None,
-            bad_blocks: BTreeMap::new(),
-            outbox: Vec::new(),
-            log: Vec::new(),
-            dirty: BTreeSet::new(),
-            doc: FolderDocument::new(actor),
-            peers: BTreeMap::new(),
-            downloads: BTreeMap::new(),
-            failed: BTreeSet::new(),
-            blocked: BTreeMap::new(),
-            racy: BTreeMap::new(),
-            needs_plan: BTreeSet::new(),
-            published: false,
-            commit_failed: false,
-            unsaved: Vec::new(),
-            reloaded: false,
-            next_request: 0,
-            now: 0,
-            rng: rng.fork(),
+            core: None,
+            io: SimIo {
+                index,
+                id,
+                key: Arc::new(key),
+                actor_suffix: suffix,
+                members: BTreeSet::new(),
+                mode: engine::FolderMode::SendReceive,
+                disk: Disk::new((index as u64 + 1) << 40),
+                store: Store::default(),
+                up: false,
+                crash_after_rename: false,
+                crashed: false,
+                sabotage: Sabotage::None,
+                bad_blocks: BTreeMap::new(),
+                outbox: Vec::new(),
+                log: Vec::new(),
+                dirty: BTreeSet::new(),
+                connected: BTreeSet::new(),
+                transfers: BTreeMap::new(),
+                tasks: BTreeMap::new(),
+                next_task: 0,
+                completed: Vec::new(),
+                next_request: 0,
+                now: 0,
+                rng: rng.fork(),
+            },
         }
     }
 
-    fn roll(&mut self) -> u64 {
-        self.rng.below(100)
+    /// The in-memory document (`None` while the device is down).
+    pub fn document(&mut self) -> Option<&mut FolderDocument> {
+        self.core.as_mut().map(Folder::document)
     }
 
-    fn note(&mut self, text: String) {
-        self.log.push(text);
+    /// Runs `event` on the core, then reports finished download tasks to it (each as
+    /// the node's actor would on its channel) until none is left. Nothing runs on a
+    /// device that is down or hit its crash point.
+    fn on_core(&mut self, now: i64, event: impl FnOnce(&mut Folder<SimTemp>, &mut SimIo)) {
+        self.io.now = now;
+        let Some(core) = self.core.as_mut() else {
+            return;
+        };
+        if self.io.crashed {
+            return;
+        }
+        event(core, &mut self.io);
+        loop {
+            let completed = std::mem::take(&mut self.io.completed);
+            if completed.is_empty() || self.io.crashed {
+                break;
+            }
+            for results in completed {
+                core.fetched(&mut self.io, results);
+                core.finish_downloads_now(&mut self.io);
+            }
+        }
+        if !self.io.crashed {
+            core.after_changes(&mut self.io);
+        }
     }
 
-    /// The in-memory document.
-    pub fn document(&mut self) -> &mut FolderDocument {
-        &mut self.doc
-    }
-
-    /// Starts (or restarts after a crash): loads the document from the store, scans
-    /// the whole folder, plans every known path (the node's `run` prologue).
+    /// Starts (or restarts after a crash): opens the core from the store, which scans
+    /// the whole folder and plans every known path.
     pub fn start(&mut self, now: i64) {
-        self.now = now;
-        self.up = true;
-        self.crashed = false;
-        self.reload_document();
-        // Racily clean when it stopped: hashed again by the first scan.
-        let marked: Vec<RelPath> = self.store.racy.iter().cloned().collect();
-        self.racy.extend(marked.into_iter().map(|path| (path, now)));
-        self.scan(None);
-        self.plan_all();
-        self.after_changes();
+        self.io.now = now;
+        self.io.up = true;
+        self.io.crashed = false;
+        let settings = FolderSettings {
+            id: crate::world::folder_id(),
+            key: self.io.key.clone(),
+            actor_suffix: self.io.actor_suffix,
+            membership: Membership {
+                mode: self.io.mode,
+                devices: self.io.members.iter().copied().collect(),
+            },
+            downloads: true,
+            compact_after: COMPACT_AFTER,
+        };
+        match Folder::open(settings, &self.io) {
+            Ok(core) => self.core = Some(core),
+            Err(error) => {
+                self.io.note(format!("cannot open the folder: {error}"));
+                return;
+            }
+        }
+        self.on_core(now, |core, io| core.start(io));
     }
 
     /// `kill -9`: everything not in the store or on disk is gone.
     pub fn crash(&mut self) {
-        self.up = false;
-        self.crashed = false;
-        self.crash_after_rename = false;
-        self.peers.clear();
-        self.downloads.clear();
-        self.failed.clear();
-        self.blocked.clear();
-        self.racy.clear();
-        self.needs_plan.clear();
-        self.dirty.clear();
-        self.published = false;
-        self.unsaved.clear();
-        self.reloaded = false;
-        self.outbox.clear();
-        let actor = document::actor_id(&self.id, self.actor_suffix);
-        self.doc = FolderDocument::new(actor);
-    }
-
-    fn reload_document(&mut self) {
-        let actor = document::actor_id(&self.id, self.actor_suffix);
-        self.reloaded = true;
-        let chunks = self
-            .store
-            .increments
-            .iter()
-            .map(Vec::as_slice)
-            .chain((!self.unsaved.is_empty()).then_some(self.unsaved.as_slice()));
-        match FolderDocument::load(&[], chunks, actor) {
-            Ok(doc) => self.doc = doc,
-            Err(error) => self.note(format!("reloading the document failed: {error}")),
-        }
+        self.core = None;
+        let io = &mut self.io;
+        io.up = false;
+        io.crashed = false;
+        io.crash_after_rename = false;
+        io.connected.clear();
+        io.transfers.clear();
+        io.tasks.clear();
+        io.completed.clear();
+        io.dirty.clear();
+        io.outbox.clear();
     }
 
     /// Nothing left to do but wait for news.
     pub fn is_idle(&self) -> bool {
-        self.downloads.is_empty()
-            && self.failed.is_empty()
-            && self.needs_plan.is_empty()
-            && self.dirty.is_empty()
+        self.core.as_ref().is_none_or(Folder::is_idle) && self.io.dirty.is_empty()
     }
 
     /// Idle but for failed downloads waiting for their retry.
     pub fn is_idle_but_failed(&self) -> bool {
-        self.downloads.is_empty() && self.needs_plan.is_empty() && self.dirty.is_empty()
+        self.core.as_ref().is_none_or(Folder::is_idle_but_failed) && self.io.dirty.is_empty()
     }
 
     /// What each failed download wants now (the document's settled value).
     pub fn failed_wants(&mut self) -> Vec<Option<Entry>> {
-        self.failed
+        let Some(core) = self.core.as_mut() else {
+            return Vec::new();
+        };
+        let failed = core.failed();
+        failed
             .iter()
-            .map(|path| engine::settled_value(&remote_of(&self.doc, path)).cloned())
+            .map(|path| engine::settled_value(&remote_of(core.document(), path)).cloned())
             .collect()
+    }
+
+    /// Paths being downloaded now.
+    pub fn downloading(&self) -> Vec<RelPath> {
+        self.core
+            .as_ref()
+            .map(Folder::downloading)
+            .unwrap_or_default()
     }
 
     /// Each known path's local, synced and document state, for traces.
@@ -341,23 +396,27 @@ impl Device {
                 format!("{:?} {}", entry.kind, short(entry.content.manifest_hash()))
             }
         };
-        let mut paths: BTreeSet<RelPath> = self.store.local.keys().cloned().collect();
-        paths.extend(self.store.synced.keys().cloned());
-        paths.extend(self.doc.entries().filter_map(Result::ok).map(|e| e.path));
+        let store = &self.io.store;
+        let Some(doc) = self.core.as_mut().map(Folder::document) else {
+            return vec!["(down)".to_owned()];
+        };
+        let mut paths: BTreeSet<RelPath> = store.local.keys().cloned().collect();
+        paths.extend(store.synced.keys().cloned());
+        paths.extend(doc.entries().filter_map(Result::ok).map(|e| e.path));
         paths
             .iter()
             .map(|path| {
-                let local = self.store.local.get(path).map_or("-".to_owned(), |l| {
+                let local = store.local.get(path).map_or("-".to_owned(), |l| {
                     format!("{:?} {}", l.kind, short(l.manifest))
                 });
-                let synced = self.store.synced.get(path).map_or("-".to_owned(), |s| {
+                let synced = store.synced.get(path).map_or("-".to_owned(), |s| {
                     format!(
                         "{} / {:?}",
                         describe(&s.entry),
                         s.local.as_ref().map(|l| short(l.manifest))
                     )
                 });
-                let remote = match remote_of(&self.doc, path) {
+                let remote = match remote_of(doc, path) {
                     Remote::Absent => "-".to_owned(),
                     Remote::Value(entry) => describe(&entry),
                     Remote::Conflict(values) => {
@@ -368,8 +427,7 @@ impl Device {
                     }
                 };
                 // Every value automerge holds, with its writer (the engine may hide some).
-                let written: Vec<String> = self
-                    .doc
+                let written: Vec<String> = doc
                     .get_all_written(path)
                     .unwrap_or_default()
                     .into_iter()
@@ -378,7 +436,7 @@ impl Device {
                             "{} written by {}",
                             entry
                                 .as_ref()
-                                .map_or("undecodable".to_owned(), describe_entry),
+                                .map_or("undecodable".to_owned(), weft_core::folder::describe),
                             writer.map_or("?".to_owned(), |w| w.short())
                         )
                     })
@@ -391,581 +449,140 @@ impl Device {
             .collect()
     }
 
-    /// Paths being downloaded now.
-    pub fn downloading(&self) -> Vec<RelPath> {
-        self.downloads.keys().cloned().collect()
-    }
-
     // ---- events -------------------------------------------------------------------
 
     /// A connection to `peer` came up.
     pub fn peer_connected(&mut self, peer: DeviceId, now: i64) {
-        self.now = now;
-        if !self.members.contains(&peer) {
+        if !self.io.members.contains(&peer) {
             return;
         }
-        self.peers.insert(peer, SyncState::new());
-        self.send_sync(peer);
-        let failed: Vec<RelPath> = std::mem::take(&mut self.failed).into_iter().collect();
-        self.plan_paths(failed);
-        self.after_changes();
+        self.io.connected.insert(peer);
+        self.on_core(now, |core, io| {
+            core.peer_input(io, PeerInput::Connected(peer))
+        });
     }
 
     /// The connection to `peer` went down: requests to it fail (the fetcher's stream
     /// error), and are asked elsewhere.
     pub fn peer_disconnected(&mut self, peer: DeviceId, now: i64) {
-        self.now = now;
-        self.peers.remove(&peer);
-        let waiting: Vec<RelPath> = self
-            .downloads
-            .iter()
-            .filter(|(_, d)| d.pending.is_some_and(|(p, _)| p == peer))
-            .map(|(path, _)| path.clone())
-            .collect();
-        for path in waiting {
-            if let Some(download) = self.downloads.get_mut(&path) {
-                download.pending = None;
-                download.tried.insert(peer);
+        self.io.connected.remove(&peer);
+        self.on_core(now, |core, io| {
+            core.peer_input(io, PeerInput::Disconnected(peer));
+            let waiting: Vec<u64> = io
+                .transfers
+                .iter()
+                .filter(|(_, t)| t.pending.is_some_and(|(p, _)| p == peer))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in waiting {
+                if let Some(transfer) = io.transfers.get_mut(&id) {
+                    transfer.pending = None;
+                    transfer.tried.insert(peer);
+                }
+                io.advance(id);
             }
-            self.advance(&path);
-        }
-        self.after_changes();
+        });
     }
 
     /// The scan delay after a user's change expired: scan the dirty paths.
     pub fn scan_dirty(&mut self, now: i64) {
-        self.now = now;
-        let dirty = std::mem::take(&mut self.dirty);
+        let dirty = std::mem::take(&mut self.io.dirty);
         if dirty.is_empty() {
             return;
         }
-        self.scan(Some(collapse(dirty)));
-        self.after_changes();
+        self.on_core(now, |core, io| core.scan(io, Scope::of(dirty)));
     }
 
     /// When a racily clean file is next due to be hashed again.
     pub fn next_recheck(&self) -> Option<i64> {
-        self.racy.values().min().copied()
+        self.core.as_ref().and_then(Folder::next_racy_due)
     }
 
     /// Hashes again the racily clean files that are due (the node's run loop).
     pub fn recheck(&mut self, now: i64) {
-        self.now = now;
-        let due: BTreeSet<RelPath> = self
-            .racy
-            .iter()
-            .filter(|(_, due)| **due <= now)
-            .map(|(path, _)| path.clone())
-            .collect();
-        if due.is_empty() {
-            return;
-        }
-        self.scan(Some(collapse(due)));
-        self.after_changes();
+        self.on_core(now, |core, io| core.recheck_racy(io));
     }
 
     /// The periodic full scan: rescan everything and plan every path.
     pub fn full_scan(&mut self, now: i64) {
-        self.now = now;
-        self.dirty.clear();
-        self.scan(None);
-        self.plan_all();
-        self.after_changes();
+        self.io.dirty.clear();
+        self.on_core(now, |core, io| core.full_scan(io));
     }
 
     /// The retry timer: plan failed downloads again.
     pub fn retry(&mut self, now: i64) {
-        self.now = now;
-        let failed: Vec<RelPath> = std::mem::take(&mut self.failed).into_iter().collect();
-        if !failed.is_empty() {
-            self.plan_paths(failed);
-            self.after_changes();
-        }
+        self.on_core(now, |core, io| core.retry(io));
     }
 
     /// A request to a peer got no answer in time.
-    pub fn timeout(&mut self, id: u64, now: i64) {
-        self.now = now;
-        let waiting: Option<RelPath> = self
-            .downloads
-            .iter()
-            .find(|(_, d)| d.pending.is_some_and(|(_, i)| i == id))
-            .map(|(path, _)| path.clone());
-        if let Some(path) = waiting {
-            if let Some(download) = self.downloads.get_mut(&path)
-                && let Some((peer, _)) = download.pending.take()
-            {
-                download.tried.insert(peer);
+    pub fn timeout(&mut self, request: u64, now: i64) {
+        self.on_core(now, |_, io| {
+            let waiting = io
+                .transfers
+                .iter()
+                .find(|(_, t)| t.pending.is_some_and(|(_, r)| r == request))
+                .map(|(id, _)| *id);
+            if let Some(id) = waiting {
+                if let Some(transfer) = io.transfers.get_mut(&id)
+                    && let Some((peer, _)) = transfer.pending.take()
+                {
+                    transfer.tried.insert(peer);
+                }
+                io.advance(id);
             }
-            self.advance(&path);
-            self.after_changes();
-        }
+        });
     }
 
     /// A message from `from`.
     pub fn receive(&mut self, from: DeviceId, message: Msg, now: i64) {
-        self.now = now;
         // Only accepted devices of the folder get folder traffic (net.rs / folder.rs).
-        if !self.members.contains(&from) {
-            self.note(format!(
+        if !self.io.members.contains(&from) {
+            self.io.note(format!(
                 "refused {} from unaccepted device {}",
                 kind_of(&message),
                 from.short()
             ));
             return;
         }
-        match message {
-            Msg::DocSync(bytes) => self.sync_message(from, &bytes),
+        self.on_core(now, |core, io| match message {
+            Msg::DocSync {
+                signatures,
+                message,
+            } => {
+                core.peer_input(io, PeerInput::Signatures(from, signatures));
+                core.peer_input(io, PeerInput::Sync(from, message));
+            }
             Msg::ManifestRequest { id, hash } => {
-                let manifest = self.store.manifests.get(&hash).cloned();
-                self.outbox
+                let manifest = io.store.manifests.get(&hash).cloned();
+                io.outbox
                     .push((from, Msg::ManifestResponse { id, manifest }));
             }
             Msg::BlockRequest { id, hashes } => {
                 let blocks = hashes
                     .into_iter()
                     .map(|hash| {
-                        let data = self.find_block(&hash);
+                        let data = io.find_block(&hash);
                         (hash, data)
                     })
                     .collect();
-                self.outbox.push((from, Msg::Blocks { id, blocks }));
+                io.outbox.push((from, Msg::Blocks { id, blocks }));
             }
-            Msg::ManifestResponse { id, manifest } => self.on_manifest(from, id, manifest),
-            Msg::Blocks { id, blocks } => self.on_blocks(from, id, blocks),
-        }
-        self.after_changes();
+            Msg::ManifestResponse { id, manifest } => io.on_manifest(from, id, manifest),
+            Msg::Blocks { id, blocks } => io.on_blocks(from, id, blocks),
+        });
+    }
+}
+
+impl SimIo {
+    fn roll(&mut self) -> u64 {
+        self.rng.below(100)
     }
 
-    // ---- document sync (folder.rs: send_sync, sync_message) -------------------------
-
-    fn send_sync(&mut self, peer: DeviceId) {
-        let Some(state) = self.peers.get_mut(&peer) else {
-            return;
-        };
-        if let Some(message) = self.doc.generate_sync_message(state) {
-            self.outbox.push((peer, Msg::DocSync(message)));
-        }
+    fn note(&mut self, text: String) {
+        self.log.push(text);
     }
 
-    fn broadcast(&mut self) {
-        let peers: Vec<DeviceId> = self.peers.keys().copied().collect();
-        for peer in peers {
-            self.send_sync(peer);
-        }
-    }
-
-    fn sync_message(&mut self, from: DeviceId, bytes: &[u8]) {
-        let before = self.doc.heads();
-        let state = self.peers.entry(from).or_default();
-        if let Err(error) = self.doc.receive_sync_message(state, bytes) {
-            self.note(format!("bad sync message from {}: {error}", from.short()));
-            return;
-        }
-        let increment = self.increment();
-        if !increment.is_empty() {
-            if self.disk.full {
-                self.note(
-                    "saving received changes failed: disk full; kept for the next commit".into(),
-                );
-                self.unsaved = increment;
-            } else {
-                self.unsaved.clear();
-                self.push_increment(increment);
-            }
-        }
-        let changed = self.doc.changed_paths(&before);
-        if !changed.rejected.is_empty() {
-            self.note(format!("rejected invalid keys {:?}", changed.rejected));
-        }
-        self.send_sync(from);
-        if self.doc.heads() != before {
-            let others: Vec<DeviceId> = self.peers.keys().copied().filter(|d| *d != from).collect();
-            for other in others {
-                self.send_sync(other);
-            }
-        }
-        if !changed.paths.is_empty() {
-            self.plan_paths(changed.paths);
-        }
-    }
-
-    // ---- scanning and recording (scan.rs, folder.rs Recorder) -----------------------
-
-    /// Scans the whole folder (`None`) or the subtrees at `scope`, and records changes.
-    fn scan(&mut self, scope: Option<Vec<RelPath>>) {
-        let in_scope = |path: &RelPath| match &scope {
-            None => true,
-            Some(roots) => roots.iter().any(|root| path.starts_with(root)),
-        };
-        let mut changes = Vec::new();
-        let mut seen = BTreeSet::new();
-        // Racy files in scope that are due are hashed again whatever their metadata says.
-        let rehash: BTreeSet<RelPath> = if self.sabotage == Sabotage::NoRacyCheck {
-            BTreeSet::new()
-        } else {
-            let now = self.now;
-            self.racy
-                .iter()
-                .filter(|(path, due)| **due <= now && in_scope(path))
-                .map(|(path, _)| path.clone())
-                .collect()
-        };
-        let mut racy = Vec::new();
-        for (text, node) in self.disk.nodes() {
-            if is_temp(text) {
-                continue;
-            }
-            let Ok(path) = RelPath::new(text) else {
-                continue;
-            };
-            if !in_scope(&path) {
-                continue;
-            }
-            seen.insert(path.clone());
-            let Some(mut entry) = self.disk.lstat(text) else {
-                continue;
-            };
-            if let Some(old) = self.store.local.get(&path)
-                && engine::metadata_unchanged(old, &entry)
-                && !rehash.contains(&path)
-            {
-                continue;
-            }
-            let manifest = match node {
-                Node::File { data, .. } => {
-                    let manifest = manifest_of(data);
-                    entry.manifest = Some(manifest.hash());
-                    if self.sabotage != Sabotage::NoRacyCheck
-                        && scan::is_racy(entry.mtime_ns, self.now)
-                    {
-                        racy.push((path.clone(), scan::racy_window(entry.mtime_ns)));
-                    }
-                    Some(manifest)
-                }
-                _ => None,
-            };
-            // A racy file hashed again to the same content is no change.
-            if self.store.local.get(&path) == Some(&entry) {
-                continue;
-            }
-            changes.push(LocalChange::Upsert {
-                path,
-                entry,
-                manifest,
-            });
-        }
-        for path in self.store.local.keys() {
-            if in_scope(path) && !seen.contains(path) {
-                changes.push(LocalChange::Remove { path: path.clone() });
-            }
-        }
-        let marks: Vec<RelPath> = racy.iter().map(|(path, _)| path.clone()).collect();
-        self.commit_failed = false;
-        self.commit(changes, &marks);
-        for path in &rehash {
-            if self.commit_failed {
-                // What the hash found is not in the store: due again later.
-                self.racy
-                    .insert(path.clone(), self.now + nanos(RACY_RECHECK_AFTER));
-                continue;
-            }
-            self.racy.remove(path);
-            if !marks.contains(path) {
-                self.store.racy.remove(path);
-            }
-        }
-        for (path, window) in racy {
-            self.racy.insert(
-                path,
-                self.now + nanos(racy_recheck_delay(window, Duration::ZERO)),
-            );
-        }
-    }
-
-    /// Remembers a file put into place as racily clean if its mtime is within its
-    /// timestamp granularity of now (the node's `FolderActor::note_if_racy`).
-    fn note_if_racy(&mut self, path: &RelPath, mtime_ns: i64) -> bool {
-        let racy = self.sabotage != Sabotage::NoRacyCheck && scan::is_racy(mtime_ns, self.now);
-        if racy {
-            let delay = racy_recheck_delay(scan::racy_window(mtime_ns), Duration::ZERO);
-            self.racy.insert(path.clone(), self.now + nanos(delay));
-        }
-        racy
-    }
-
-    /// Whether the file at `path` holds other content than `expected` in a way the
-    /// metadata cannot show (the node's `FolderActor::changed_unseen`).
-    fn changed_unseen(&mut self, path: &RelPath, expected: Option<&LocalEntry>) -> bool {
-        if self.sabotage == Sabotage::NoRacyCheck {
-            return false;
-        }
-        let Some(want) = expected
-            .filter(|e| e.kind == EntryKind::File)
-            .and_then(|e| e.manifest)
-        else {
-            return false;
-        };
-        let recorded = self.store.local.get(path).and_then(|row| row.manifest);
-        if recorded != Some(want) {
-            return true;
-        }
-        if !self.racy.contains_key(path) {
-            return false;
-        }
-        let changed = self
-            .disk
-            .read(disk_path(path))
-            .is_none_or(|data| manifest_of(data).hash() != want);
-        if changed {
-            self.racy.insert(path.clone(), self.now);
-        }
-        changed
-    }
-
-    /// The document entry for a local change (Recorder::entry_for).
-    fn entry_for(&self, change: &LocalChange) -> Option<Entry> {
-        match change {
-            LocalChange::Upsert {
-                entry, manifest, ..
-            } => Some(publish_entry(entry, manifest.as_ref(), self.id)),
-            LocalChange::Remove { path } => {
-                let remote = engine::remote_of(&self.doc, path);
-                engine::live_value(&remote).map(|current| tombstone(current, self.now, self.id))
-            }
-        }
-    }
-
-    /// Records a batch of scan results in one transaction (Recorder::commit).
-    fn commit(&mut self, batch: Vec<LocalChange>, racy: &[RelPath]) {
-        if self.crashed {
-            return;
-        }
-        if batch.is_empty() {
-            return;
-        }
-        let mut synced_updates = Vec::new();
-        let mut recorded = false;
-        for change in &batch {
-            let (path, local) = match change {
-                LocalChange::Upsert { path, entry, .. } => (path, Some(entry)),
-                LocalChange::Remove { path } => (path, None),
-            };
-            let view = PathView {
-                path,
-                local,
-                synced: self.store.synced.get(path),
-                remote: remote_of(&self.doc, path),
-                remote_at: &|other| remote_of(&self.doc, other),
-            };
-            for action in engine::plan_path(&view, FolderMode::SendReceive, &self.id) {
-                match action {
-                    Action::Publish { .. } => {
-                        let Some(entry) = self.entry_for(change) else {
-                            continue;
-                        };
-                        if self.doc.put(path, &entry).is_err() {
-                            continue;
-                        }
-                        recorded = true;
-                        synced_updates.push((
-                            path.clone(),
-                            SyncedEntry {
-                                entry,
-                                local: local.cloned(),
-                            },
-                        ));
-                    }
-                    Action::MarkSynced { entry, local, .. } => {
-                        synced_updates.push((path.clone(), SyncedEntry { entry, local }));
-                    }
-                    _ => {
-                        self.needs_plan.insert(path.clone());
-                    }
-                }
-            }
-        }
-        self.doc.commit(self.now / 1_000_000, "local changes");
-        let increment = self.increment();
-        if self.disk.full {
-            self.note("committing scan results failed: disk full; will rescan".into());
-            self.commit_failed = true;
-            self.reload_document();
-            return;
-        }
-        self.unsaved.clear();
-        if !increment.is_empty() {
-            self.push_increment(increment);
-        }
-        for change in batch {
-            match change {
-                LocalChange::Upsert {
-                    path,
-                    entry,
-                    manifest,
-                } => {
-                    if let Some(manifest) = manifest {
-                        self.store.manifests.insert(manifest.hash(), manifest);
-                    }
-                    self.store.local.insert(path, entry);
-                }
-                LocalChange::Remove { path } => {
-                    self.store.racy.remove(&path);
-                    self.store.local.remove(&path);
-                }
-            }
-        }
-        self.store.racy.extend(racy.iter().cloned());
-        for (path, synced) in synced_updates {
-            self.store.synced.insert(path, synced);
-        }
-        if recorded {
-            self.published = true;
-        }
-    }
-
-    /// Removes `path`'s synced row, committed like a decision.
-    fn forget_synced(&mut self, path: &RelPath) -> bool {
-        if !self.commit_decisions(Vec::new()) {
-            return false;
-        }
-        self.store.synced.remove(path);
-        true
-    }
-
-    /// Commits document decisions and synced rows (Recorder::commit_decisions).
-    fn commit_decisions(&mut self, synced_updates: Vec<(RelPath, SyncedEntry)>) -> bool {
-        if self.crashed {
-            return false;
-        }
-        self.doc.commit(self.now / 1_000_000, "sync");
-        let increment = self.increment();
-        if !increment.is_empty() {
-            self.published = true;
-        }
-        if self.disk.full {
-            self.note("committing a sync decision failed: disk full".into());
-            self.reload_document();
-            return false;
-        }
-        self.unsaved.clear();
-        if !increment.is_empty() {
-            self.published = true;
-            self.push_increment(increment);
-        }
-        for (path, synced) in synced_updates {
-            self.store.synced.insert(path, synced);
-        }
-        true
-    }
-
-    // ---- planning (folder.rs: plan_all, after_changes, plan_paths, execute) ----------
-
-    fn plan_all(&mut self) {
-        let mut paths: BTreeSet<RelPath> = self.store.local.keys().cloned().collect();
-        paths.extend(self.store.synced.keys().cloned());
-        paths.extend(self.doc.entries().filter_map(Result::ok).map(|e| e.path));
-        self.plan_paths(paths.into_iter().collect());
-    }
-
-    /// Appends a committed increment; compacts like the node's store does.
-    fn push_increment(&mut self, increment: Vec<u8>) {
-        self.store.increments.push(increment);
-        self.store.commits += 1;
-        // The node compacts after DOC_INCREMENTS_BEFORE_COMPACTION; sooner here keeps
-        // reloads after crashes cheap (the result is the same document).
-        if self.store.increments.len() >= 32 {
-            self.store.increments = vec![self.doc.save()];
-        }
-    }
-
-    fn increment(&mut self) -> Vec<u8> {
-        let mut bytes = self.unsaved.clone();
-        bytes.extend(self.doc.save_incremental());
-        bytes
-    }
-
-    fn after_changes(&mut self) {
-        if self.crashed {
-            return;
-        }
-        for _ in 0..MAX_PLAN_ROUNDS {
-            if self.needs_plan.is_empty() {
-                break;
-            }
-            let paths: Vec<RelPath> = std::mem::take(&mut self.needs_plan).into_iter().collect();
-            self.plan_paths(paths);
-        }
-        if self.reloaded {
-            self.reloaded = false;
-            for state in self.peers.values_mut() {
-                *state = SyncState::new();
-            }
-            self.published = true;
-        }
-        if self.published {
-            self.published = false;
-            self.broadcast();
-        }
-    }
-
-    fn plan_paths(&mut self, mut paths: Vec<RelPath>) {
-        if self.crashed {
-            return;
-        }
-        paths.extend(self.unblocked());
-        paths.sort_unstable_by(|a, b| b.cmp(a));
-        paths.dedup();
-        let mut queue: std::collections::VecDeque<RelPath> = paths.into_iter().collect();
-        let mut rounds = 0;
-        while !queue.is_empty() && rounds < MAX_PLAN_ROUNDS {
-            rounds += 1;
-            let mut rescan: BTreeSet<RelPath> = BTreeSet::new();
-            let mut seen: BTreeSet<RelPath> = BTreeSet::new();
-            while let Some(path) = queue.pop_front() {
-                if self.downloads.contains_key(&path) || !seen.insert(path.clone()) {
-                    continue;
-                }
-                let local = self.store.local.get(&path).cloned();
-                let synced = self.store.synced.get(&path).cloned();
-                let view = PathView {
-                    path: &path,
-                    local: local.as_ref(),
-                    synced: synced.as_ref(),
-                    remote: remote_of(&self.doc, &path),
-                    remote_at: &|other| remote_of(&self.doc, other),
-                };
-                for action in engine::plan_path(&view, FolderMode::SendReceive, &self.id) {
-                    self.execute(action, local.as_ref(), &mut rescan);
-                    if self.crashed {
-                        return;
-                    }
-                }
-            }
-            if !rescan.is_empty() {
-                self.scan(Some(collapse(rescan)));
-            }
-            let mut next: Vec<RelPath> = std::mem::take(&mut self.needs_plan).into_iter().collect();
-            next.extend(self.unblocked());
-            next.extend(queue.drain(..));
-            next.sort_unstable_by(|a, b| b.cmp(a));
-            next.dedup();
-            queue.extend(next);
-        }
-        if !queue.is_empty() {
-            self.note(format!(
-                "planning did not settle; left for the next change: {:?}",
-                queue.iter().take(4).collect::<Vec<_>>()
-            ));
-            self.needs_plan.extend(queue);
-        }
-    }
-
-    fn parents_are_directories(&self, path: &RelPath) -> bool {
-        self.non_directory_parent(path).is_none()
-    }
-
-    fn non_directory_parent(&self, path: &RelPath) -> Option<RelPath> {
+    fn non_directory_parent_of(&self, path: &RelPath) -> Option<RelPath> {
         let mut at = path.parent();
         while let Some(dir) = at {
             match self.disk.get(dir.as_str()) {
@@ -977,358 +594,84 @@ impl Device {
         None
     }
 
-    /// Takes the blocked paths whose blocking parent is now a directory or gone.
-    fn unblocked(&mut self) -> Vec<RelPath> {
-        let disk = &self.disk;
-        engine::take_unblocked(&mut self.blocked, |blocker| {
-            matches!(disk.get(blocker.as_str()), Some(Node::Dir) | None)
-        })
-    }
-
-    fn disk_matches(&self, path: &RelPath, expected: Option<&LocalEntry>) -> bool {
-        if self.sabotage == Sabotage::NoPreReplaceCheck {
-            return true;
-        }
-        engine::disk_unchanged(self.disk.lstat(disk_path(path)).as_ref(), expected)
-    }
-
-    fn execute(
-        &mut self,
-        action: Action,
-        local: Option<&LocalEntry>,
-        rescan: &mut BTreeSet<RelPath>,
-    ) {
-        let touches_disk = match &action {
-            Action::Apply { path, .. }
-            | Action::Remove { path, .. }
-            | Action::MoveToConflictCopy { path, .. } => Some(path.clone()),
-            _ => None,
-        };
-        if let Some(path) = touches_disk
-            && let Some(blocker) = self.non_directory_parent(&path)
-        {
-            self.note(format!("refused {path}: {blocker} is a symlink or file"));
-            self.blocked.entry(blocker).or_default().insert(path);
-            return;
-        }
-        match action {
-            Action::MarkSynced { path, entry, local } => {
-                self.commit_decisions(vec![(path, SyncedEntry { entry, local })]);
-            }
-            Action::Publish { path } => self.publish(&path, local),
-            Action::Resolve {
-                path,
-                winner,
-                copies,
-            } => {
-                let mut ok = self.doc.put(&path, &winner).is_ok();
-                for (copy, entry) in &copies {
-                    ok &= self.doc.put(copy, entry).is_ok();
-                }
-                if ok && self.commit_decisions(Vec::new()) {
-                    let named: Vec<String> = copies
-                        .iter()
-                        .map(|(copy, entry)| format!("{copy} = {}", describe_entry(entry)))
-                        .collect();
-                    self.note(format!(
-                        "resolved {path} as {} ({} copies: {})",
-                        describe_entry(&winner),
-                        copies.len(),
-                        named.join(", ")
-                    ));
-                    self.needs_plan.insert(path);
-                    self.needs_plan
-                        .extend(copies.into_iter().map(|(copy, _)| copy));
-                }
-            }
-            Action::Apply {
-                path,
-                entry,
-                expected,
-            } => {
-                if !self.disk_matches(&path, expected.as_ref())
-                    || self.changed_unseen(&path, expected.as_ref())
-                {
-                    rescan.insert(path);
-                    return;
-                }
-                let mut expected = expected;
-                if expected
-                    .as_ref()
-                    .is_some_and(|e| e.kind == EntryKind::Directory)
-                    && entry.kind != EntryKind::Directory
-                {
-                    self.disk.remove_temp_files(disk_path(&path));
-                    let roll = self.roll();
-                    if let Err(error) = self.disk.remove_dir(disk_path(&path), roll, true) {
-                        self.note(format!("directory {path} kept: {error:?}"));
-                        if local.is_some() {
-                            let doc = &self.doc;
-                            let copy = engine::replacement_copy_path(&path, &entry, &|other| {
-                                remote_of(doc, other)
-                            });
-                            if let Some(copy) = copy
-                                && self.doc.put(&copy, &entry).is_ok()
-                            {
-                                self.note(format!(
-                                    "{path} kept as directory; its replacement kept as {copy}"
-                                ));
-                                self.needs_plan.insert(copy);
-                            }
-                            self.publish(&path, local);
-                        }
-                        rescan.insert(path);
-                        return;
-                    }
-                    expected = None;
-                }
-                let roll = self.roll();
-                match entry.kind {
-                    EntryKind::Directory => {
-                        if let Some(expected) = &expected
-                            && expected.kind != EntryKind::Directory
-                        {
-                            if !self.keep_version(&path, expected) {
-                                self.failed.insert(path);
-                                return;
-                            }
-                            let roll = self.roll();
-                            let _ = self.disk.remove_file(disk_path(&path), roll, true);
-                        }
-                        if let Err(error) = self.disk.create_dir_all(disk_path(&path), roll, true) {
-                            self.note(format!("cannot create directory {path}: {error:?}"));
-                        }
-                        rescan.insert(path);
-                    }
-                    EntryKind::Symlink => {
-                        if let Content::Symlink(target) = &entry.content {
-                            let temp = temp_beside(&path, &format!("{}", self.now));
-                            if let Some(dir) = parent(disk_path(&path)) {
-                                let _ = self.disk.create_dir_all(dir, roll, true);
-                            }
-                            let roll2 = self.roll();
-                            let made =
-                                self.disk.symlink(target, &temp, roll, true).and_then(|()| {
-                                    self.disk.rename(&temp, disk_path(&path), roll2, true)
-                                });
-                            if let Err(error) = made {
-                                let _ = self.disk.remove_file(&temp, 100, true);
-                                self.note(format!("cannot create symlink {path}: {error:?}"));
-                            }
-                        }
-                        rescan.insert(path);
-                    }
-                    EntryKind::File => self.start_fetch(path, entry, expected),
-                }
-            }
-            Action::Remove { path, expected, .. } => {
-                if !self.disk_matches(&path, Some(&expected))
-                    || self.changed_unseen(&path, Some(&expected))
-                {
-                    rescan.insert(path);
-                    return;
-                }
-                if expected.kind == EntryKind::File && !self.keep_version(&path, &expected) {
-                    self.failed.insert(path);
-                    return;
-                }
-                if expected.kind == EntryKind::Directory {
-                    self.disk.remove_temp_files(disk_path(&path));
-                }
-                let roll = self.roll();
-                let removed = match expected.kind {
-                    EntryKind::Directory => self.disk.remove_dir(disk_path(&path), roll, true),
-                    _ => self.disk.remove_file(disk_path(&path), roll, true),
-                };
-                match removed {
-                    Ok(()) => self.note(format!("removed {path}")),
-                    Err(error) if expected.kind == EntryKind::Directory => {
-                        let children: Vec<RelPath> = self
-                            .store
-                            .local
-                            .keys()
-                            .filter(|child| child.starts_with(&path) && **child != path)
-                            .cloned()
-                            .collect();
-                        let all_going = children.iter().all(|child| {
-                            matches!(remote_of(&self.doc, child), Remote::Value(ref e) if e.deleted)
-                        });
-                        if all_going && !children.is_empty() {
-                            self.needs_plan.insert(path.clone());
-                        } else {
-                            self.note(format!("directory {path} kept: {error:?}"));
-                            if local.is_some() {
-                                self.publish(&path, local);
-                            }
-                        }
-                    }
-                    Err(error) => self.note(format!("cannot delete {path}: {error:?}")),
-                }
-                rescan.insert(path);
-            }
-            Action::MoveToConflictCopy { path, to, expected } => {
-                if !self.disk_matches(&path, Some(&expected)) {
-                    rescan.insert(path);
-                    return;
-                }
-                let planned = to.clone();
-                let mut to = to;
-                let mut n = 2;
-                while self.disk.get(disk_path(&to)).is_some() {
-                    match engine::numbered_copy_path(&planned, n) {
-                        Some(next) if n < engine::MAX_COPY_NUMBER => to = next,
-                        _ => return,
-                    }
-                    n += 1;
-                }
-                // Nothing is synced at `path` once its version is moved aside (the
-                // node's `MoveToConflictCopy`).
-                if !self.forget_synced(&path) {
-                    return;
-                }
-                let roll = self.roll();
-                match self
-                    .disk
-                    .rename(disk_path(&path), disk_path(&to), roll, true)
-                {
-                    Ok(()) => self.note(format!("conflict: {path} kept as {to}")),
-                    Err(error) => {
-                        self.note(format!("cannot make conflict copy of {path}: {error:?}"))
-                    }
-                }
-                rescan.insert(path);
-                rescan.insert(to);
-            }
-            Action::KeepLocal { .. } => {}
-        }
-    }
-
-    fn publish(&mut self, path: &RelPath, local: Option<&LocalEntry>) {
-        let entry = match local {
-            Some(local) => {
-                let manifest = local
-                    .manifest
-                    .and_then(|hash| self.store.manifests.get(&hash).cloned());
-                publish_entry(local, manifest.as_ref(), self.id)
-            }
-            None => match engine::live_value(&engine::remote_of(&self.doc, path)) {
-                Some(current) => tombstone(current, self.now, self.id),
-                None => return,
-            },
-        };
-        if self.doc.put(path, &entry).is_ok() {
-            self.commit_decisions(vec![(
-                path.clone(),
-                SyncedEntry {
-                    entry,
-                    local: local.cloned(),
-                },
-            )]);
-        }
-    }
-
-    /// Keeps the content of the local file at `path` (about to be replaced or deleted)
-    /// in the version store, if it still is what `old` says.
-    /// False if the version could not be kept (disk full): the caller leaves the
-    /// file alone and retries.
-    fn keep_version(&mut self, path: &RelPath, old: &LocalEntry) -> bool {
-        let (Some(hash), Some(data)) = (old.manifest, self.disk.read(disk_path(path))) else {
-            return true;
-        };
-        if manifest_of(data).hash() != hash || self.sabotage == Sabotage::NoVersionStore {
-            return true;
-        }
-        if self.disk.full {
-            self.note(format!(
-                "could not keep the old version of {path}: disk full; left in place"
-            ));
-            return false;
-        }
-        self.store.versions.insert(hash, data.to_vec());
-        true
-    }
-
-    // ---- fetching (fetch.rs) ------------------------------------------------------
-
-    fn start_fetch(&mut self, path: RelPath, entry: Entry, expected: Option<LocalEntry>) {
-        let manifest = match &entry.content {
-            Content::Inline(manifest) => Some(manifest.clone()),
-            Content::Manifest(hash) => self.store.manifests.get(hash).cloned(),
-            _ => None,
-        };
-        self.downloads.insert(
-            path.clone(),
-            Download {
-                entry,
-                expected,
-                manifest,
-                temp: None,
-                have: Vec::new(),
-                pending: None,
-                tried: BTreeSet::new(),
-            },
-        );
-        self.advance(&path);
-    }
+    // ---- transfers (the node's fetch.rs) ------------------------------------------
 
     fn pick_peer(&mut self, tried: &BTreeSet<DeviceId>) -> Option<DeviceId> {
         let candidates: Vec<DeviceId> = self
-            .peers
-            .keys()
+            .connected
+            .iter()
             .copied()
             .filter(|p| !tried.contains(p))
             .collect();
         self.rng.pick(&candidates).copied()
     }
 
-    fn fail(&mut self, path: &RelPath, why: &str) {
-        self.downloads.remove(path);
-        self.note(format!("download of {path} failed: {why}; will retry"));
-        self.failed.insert(path.clone());
+    /// Ends transfer `id` with `result`; a task whose files have all ended is reported.
+    fn end_transfer(&mut self, id: u64, result: Result<Fetched<SimTemp>, String>) {
+        let Some(transfer) = self.transfers.remove(&id) else {
+            return;
+        };
+        if let Err(why) = &result {
+            self.note(format!(
+                "download of {} failed: {why}; will retry",
+                transfer.path
+            ));
+        }
+        let Some((left, results)) = self.tasks.get_mut(&transfer.task) else {
+            return;
+        };
+        results.push((id, result));
+        *left = left.saturating_sub(1);
+        if *left == 0
+            && let Some((_, results)) = self.tasks.remove(&transfer.task)
+        {
+            self.completed.push(results);
+        }
     }
 
-    /// Moves a download forward: manifest, temp file, local copies, then peers.
-    fn advance(&mut self, path: &RelPath) {
+    /// Moves a transfer forward: manifest, temp file, local copies, then peers.
+    fn advance(&mut self, id: u64) {
         if self.crashed {
             return;
         }
-        let Some(download) = self.downloads.get(path).cloned() else {
+        let Some(transfer) = self.transfers.get(&id).cloned() else {
             return;
         };
-        if download.pending.is_some() {
+        if transfer.pending.is_some() {
             return;
         }
-        let Some(manifest) = download.manifest.clone() else {
-            let Content::Manifest(hash) = download.entry.content else {
-                self.fail(path, "entry without content");
+        let Some(manifest) = transfer.manifest.clone() else {
+            let Content::Manifest(hash) = transfer.entry.content else {
+                self.end_transfer(id, Err("entry without content".into()));
                 return;
             };
-            let Some(peer) = self.pick_peer(&download.tried) else {
-                self.fail(path, "no peer has the manifest");
+            let Some(peer) = self.pick_peer(&transfer.tried) else {
+                self.end_transfer(id, Err("no peer has the manifest".into()));
                 return;
             };
-            let id = self.request_id();
-            self.outbox.push((peer, Msg::ManifestRequest { id, hash }));
-            if let Some(d) = self.downloads.get_mut(path) {
-                d.pending = Some((peer, id));
+            let request = self.request_id();
+            self.outbox
+                .push((peer, Msg::ManifestRequest { id: request, hash }));
+            if let Some(t) = self.transfers.get_mut(&id) {
+                t.pending = Some((peer, request));
             }
             return;
         };
-        let temp = match &download.temp {
+        let temp = match &transfer.temp {
             Some(temp) => temp.clone(),
-            None => match self.prepare_temp(path, &manifest) {
+            None => match self.prepare_temp(id, &transfer.path, &manifest) {
                 Ok(temp) => temp,
                 Err(error) => {
-                    self.fail(path, &format!("temp file: {error:?}"));
+                    self.end_transfer(id, Err(format!("temp file: {error:?}")));
                     return;
                 }
             },
         };
         // Local copies first: any block some local file or version holds.
         let mut have = self
-            .downloads
-            .get(path)
-            .map(|d| d.have.clone())
+            .transfers
+            .get(&id)
+            .map(|t| t.have.clone())
             .unwrap_or_default();
         if have.len() != manifest.blocks().len() {
             have = vec![false; manifest.blocks().len()];
@@ -1341,7 +684,7 @@ impl Device {
             if let Some(bytes) = self.find_block(&block.hash) {
                 let roll = self.roll();
                 if let Err(error) = self.disk.write_at(&temp, offset as usize, &bytes, roll) {
-                    self.fail(path, &format!("writing the temp file: {error:?}"));
+                    self.end_transfer(id, Err(format!("writing the temp file: {error:?}")));
                     return;
                 }
                 have[index] = true;
@@ -1349,9 +692,9 @@ impl Device {
             }
         }
         self.record_progress(&temp, &wrote);
-        if let Some(d) = self.downloads.get_mut(path) {
-            d.temp = Some(temp);
-            d.have = have.clone();
+        if let Some(t) = self.transfers.get_mut(&id) {
+            t.temp = Some(temp.clone());
+            t.have = have.clone();
         }
         let missing: Vec<BlockHash> = {
             let mut hashes = Vec::new();
@@ -1366,23 +709,29 @@ impl Device {
             hashes
         };
         if missing.is_empty() {
-            self.finish(path);
+            self.end_transfer(
+                id,
+                Ok(Fetched {
+                    temp: SimTemp(temp),
+                    manifest,
+                }),
+            );
             return;
         }
-        let Some(peer) = self.pick_peer(&download.tried) else {
-            self.fail(path, "no connected peer has the blocks");
+        let Some(peer) = self.pick_peer(&transfer.tried) else {
+            self.end_transfer(id, Err("no connected peer has the blocks".into()));
             return;
         };
-        let id = self.request_id();
+        let request = self.request_id();
         self.outbox.push((
             peer,
             Msg::BlockRequest {
-                id,
+                id: request,
                 hashes: missing,
             },
         ));
-        if let Some(d) = self.downloads.get_mut(path) {
-            d.pending = Some((peer, id));
+        if let Some(t) = self.transfers.get_mut(&id) {
+            t.pending = Some((peer, request));
         }
     }
 
@@ -1404,7 +753,12 @@ impl Device {
 
     /// The temp file for a version: deterministic, so a restarted node resumes it
     /// (only blocks recorded as verified and still matching are trusted).
-    fn prepare_temp(&mut self, path: &RelPath, manifest: &Manifest) -> Result<String, DiskError> {
+    fn prepare_temp(
+        &mut self,
+        id: u64,
+        path: &RelPath,
+        manifest: &Manifest,
+    ) -> Result<String, DiskError> {
         let mut key = blake3::Hasher::new();
         key.update(path.as_str().as_bytes());
         key.update(manifest.hash().as_bytes());
@@ -1412,10 +766,10 @@ impl Device {
         let temp = temp_beside(path, &name);
         // fetch::check_parents: a parent that became a symlink (or file) since the
         // download was planned would put the temp file outside the folder.
-        if !self.parents_are_directories(path) {
+        if self.non_directory_parent_of(path).is_some() {
             return Err(DiskError::NotADirectory);
         }
-        if let Some(dir) = parent(disk_path(path)) {
+        if let Some(dir) = parent(path.as_str()) {
             let roll = self.roll();
             self.disk.create_dir_all(dir, roll, true)?;
         }
@@ -1449,54 +803,59 @@ impl Device {
                 self.store.progress.remove(&temp);
             }
         }
-        if let Some(d) = self.downloads.get_mut(path) {
-            d.have = have;
+        if let Some(t) = self.transfers.get_mut(&id) {
+            t.have = have;
         }
         Ok(temp)
     }
 
-    fn on_manifest(&mut self, from: DeviceId, id: u64, manifest: Option<Manifest>) {
-        let Some(path) = self.waiting_for(from, id) else {
+    fn waiting_for(&self, from: DeviceId, request: u64) -> Option<u64> {
+        self.transfers
+            .iter()
+            .find(|(_, t)| t.pending == Some((from, request)))
+            .map(|(id, _)| *id)
+    }
+
+    fn on_manifest(&mut self, from: DeviceId, request: u64, manifest: Option<Manifest>) {
+        let Some(id) = self.waiting_for(from, request) else {
             return;
         };
-        let Some(download) = self.downloads.get_mut(&path) else {
+        let Some(transfer) = self.transfers.get_mut(&id) else {
             return;
         };
-        download.pending = None;
-        let wanted = download.entry.content.manifest_hash();
+        transfer.pending = None;
+        let wanted = transfer.entry.content.manifest_hash();
         match manifest {
-            Some(manifest) if Some(manifest.hash()) == wanted => download.manifest = Some(manifest),
+            Some(manifest) if Some(manifest.hash()) == wanted => transfer.manifest = Some(manifest),
             Some(_) => {
-                download.tried.insert(from);
+                transfer.tried.insert(from);
                 *self.bad_blocks.entry(from).or_default() += 1;
             }
             None => {
-                download.tried.insert(from);
+                transfer.tried.insert(from);
             }
         }
-        self.advance(&path);
+        self.advance(id);
     }
 
-    fn waiting_for(&self, from: DeviceId, id: u64) -> Option<RelPath> {
-        self.downloads
-            .iter()
-            .find(|(_, d)| d.pending == Some((from, id)))
-            .map(|(path, _)| path.clone())
-    }
-
-    fn on_blocks(&mut self, from: DeviceId, id: u64, blocks: Vec<(BlockHash, Option<Vec<u8>>)>) {
+    fn on_blocks(
+        &mut self,
+        from: DeviceId,
+        request: u64,
+        blocks: Vec<(BlockHash, Option<Vec<u8>>)>,
+    ) {
         // Answers to requests no longer pending (duplicates, late) are dropped.
-        let Some(path) = self.waiting_for(from, id) else {
+        let Some(id) = self.waiting_for(from, request) else {
             return;
         };
-        let Some(download) = self.downloads.get(&path).cloned() else {
+        let Some(transfer) = self.transfers.get(&id).cloned() else {
             return;
         };
-        let (Some(manifest), Some(temp)) = (download.manifest.clone(), download.temp.clone())
+        let (Some(manifest), Some(temp)) = (transfer.manifest.clone(), transfer.temp.clone())
         else {
             return;
         };
-        let mut have = download.have.clone();
+        let mut have = transfer.have.clone();
         let mut useful = false;
         let mut bad = false;
         let mut wrote = Vec::new();
@@ -1510,7 +869,7 @@ impl Device {
                 if block.hash == hash && !have[index] {
                     let roll = self.roll();
                     if let Err(error) = self.disk.write_at(&temp, offset as usize, &data, roll) {
-                        self.fail(&path, &format!("writing the temp file: {error:?}"));
+                        self.end_transfer(id, Err(format!("writing the temp file: {error:?}")));
                         return;
                     }
                     have[index] = true;
@@ -1524,14 +883,14 @@ impl Device {
             *self.bad_blocks.entry(from).or_default() += 1;
             self.note(format!("bad block from {}; asking elsewhere", from.short()));
         }
-        if let Some(d) = self.downloads.get_mut(&path) {
-            d.pending = None;
-            d.have = have;
+        if let Some(t) = self.transfers.get_mut(&id) {
+            t.pending = None;
+            t.have = have;
             if bad || !useful {
-                d.tried.insert(from);
+                t.tried.insert(from);
             }
         }
-        self.advance(&path);
+        self.advance(id);
     }
 
     /// A block from any local file (checked against its hash) or the version store.
@@ -1562,78 +921,452 @@ impl Device {
         }
         None
     }
+}
 
-    /// Puts a complete download into place (folder.rs finish_downloads, one item).
-    fn finish(&mut self, path: &RelPath) {
-        let Some(download) = self.downloads.remove(path) else {
-            return;
-        };
-        let (Some(manifest), Some(temp)) = (download.manifest, download.temp) else {
-            return;
-        };
-        let entry = download.entry;
-        let still_wanted = engine::settled_value(&remote_of(&self.doc, path)) == Some(&entry);
-        if !still_wanted
-            || !self.disk_matches(path, download.expected.as_ref())
-            || self.changed_unseen(path, download.expected.as_ref())
-            || !self.parents_are_directories(path)
-        {
-            if !still_wanted {
-                let _ = self.disk.remove_file(&temp, 100, true);
-                self.store.progress.remove(&temp);
-            }
-            self.scan(Some(vec![path.clone()]));
-            self.plan_paths(vec![path.clone()]);
-            return;
+impl Clock for SimIo {
+    fn now_ns(&self) -> i64 {
+        self.now
+    }
+}
+
+impl io::Disk for SimIo {
+    type Temp = SimTemp;
+
+    fn lstat(&mut self, path: &RelPath) -> Result<Option<LocalEntry>, IoError> {
+        if self.sabotage == Sabotage::NoPreReplaceCheck {
+            return Ok(self.store.local.get(path).cloned());
         }
-        if let Some(dir) = parent(disk_path(path)) {
+        Ok(self.disk.lstat(path.as_str()))
+    }
+
+    fn content_hash(&mut self, path: &RelPath) -> Option<ManifestHash> {
+        if self.sabotage == Sabotage::NoRacyCheck {
+            return self.store.local.get(path).and_then(|row| row.manifest);
+        }
+        self.disk
+            .read(path.as_str())
+            .map(|data| manifest_of(data).hash())
+    }
+
+    fn non_directory_parent(&mut self, path: &RelPath) -> Option<RelPath> {
+        self.non_directory_parent_of(path)
+    }
+
+    fn is_directory_or_gone(&mut self, path: &RelPath) -> bool {
+        matches!(self.disk.get(path.as_str()), Some(Node::Dir) | None)
+    }
+
+    fn exists(&mut self, path: &RelPath) -> bool {
+        self.disk.get(path.as_str()).is_some()
+    }
+
+    fn remove_temp_files(&mut self, dir: &RelPath) {
+        if !self.crashed {
+            self.disk.remove_temp_files(dir.as_str());
+        }
+    }
+
+    fn remove_dir(&mut self, path: &RelPath) -> Result<(), IoError> {
+        if self.crashed {
+            return Err(crashed());
+        }
+        let roll = self.roll();
+        self.disk
+            .remove_dir(path.as_str(), roll, true)
+            .map_err(disk_error)
+    }
+
+    fn remove_file(&mut self, path: &RelPath, _size: u64) -> Result<(), IoError> {
+        if self.crashed {
+            return Err(crashed());
+        }
+        let roll = self.roll();
+        self.disk
+            .remove_file(path.as_str(), roll, true)
+            .map_err(disk_error)
+    }
+
+    fn discard_file(&mut self, path: &RelPath) {
+        if !self.crashed {
             let roll = self.roll();
+            let _ = self.disk.remove_file(path.as_str(), roll, true);
+        }
+    }
+
+    fn create_dir(&mut self, path: &RelPath, _mode: u32) -> Result<(), IoError> {
+        if self.crashed {
+            return Err(crashed());
+        }
+        let roll = self.roll();
+        self.disk
+            .create_dir_all(path.as_str(), roll, true)
+            .map_err(disk_error)
+    }
+
+    fn make_symlink(&mut self, path: &RelPath, target: &str) -> Result<(), IoError> {
+        if self.crashed {
+            return Err(crashed());
+        }
+        let temp = temp_beside(path, &format!("{}", self.now));
+        let roll = self.roll();
+        if let Some(dir) = parent(path.as_str()) {
             let _ = self.disk.create_dir_all(dir, roll, true);
         }
-        if let Some(old) = &download.expected
-            && !self.keep_version(path, old)
-        {
-            self.failed.insert(path.clone());
-            return;
+        let roll2 = self.roll();
+        let made = self
+            .disk
+            .symlink(target, &temp, roll, true)
+            .and_then(|()| self.disk.rename(&temp, path.as_str(), roll2, true));
+        if made.is_err() {
+            let _ = self.disk.remove_file(&temp, 100, true);
+        }
+        made.map_err(disk_error)
+    }
+
+    fn rename(&mut self, from: &RelPath, to: &RelPath) -> Result<(), IoError> {
+        if self.crashed {
+            return Err(crashed());
+        }
+        let roll = self.roll();
+        self.disk
+            .rename(from.as_str(), to.as_str(), roll, true)
+            .map_err(disk_error)
+    }
+
+    fn keep_version(
+        &mut self,
+        path: &RelPath,
+        old: &Manifest,
+        _new: Option<&Manifest>,
+    ) -> Result<(), IoError> {
+        if self.sabotage == Sabotage::NoVersionStore {
+            return Ok(());
+        }
+        let hash = old.hash();
+        let Some(data) = self.disk.read(path.as_str()) else {
+            return Ok(());
+        };
+        if manifest_of(data).hash() != hash {
+            return Ok(());
+        }
+        if self.disk.full || self.crashed {
+            return Err(IoError::new("disk full"));
+        }
+        let data = data.to_vec();
+        self.store.versions.insert(hash, data);
+        Ok(())
+    }
+
+    fn put_into_place(
+        &mut self,
+        temp: &SimTemp,
+        path: &RelPath,
+        entry: &Entry,
+        _replaces: Option<&LocalEntry>,
+    ) -> Result<LocalEntry, IoError> {
+        if self.crashed {
+            return Err(crashed());
+        }
+        if let Some(dir) = parent(path.as_str()) {
+            let roll = self.roll();
+            let _ = self.disk.create_dir_all(dir, roll, true);
         }
         let mode = if entry.mode & 0o777 == 0 {
             0o644
         } else {
             entry.mode & 0o7777
         };
-        self.disk.set_times(&temp, mode, entry.mtime_ns);
+        self.disk.set_times(&temp.0, mode, entry.mtime_ns);
         let roll = self.roll();
-        if let Err(error) = self.disk.rename(&temp, disk_path(path), roll, true) {
-            self.fail(path, &format!("cannot move into place: {error:?}"));
-            return;
-        }
-        self.store.progress.remove(&temp);
-        self.note(format!("wrote {path} ({})", &manifest.hash().to_hex()[..8]));
+        self.disk
+            .rename(&temp.0, path.as_str(), roll, true)
+            .map_err(disk_error)?;
+        self.store.progress.remove(&temp.0);
         if self.crash_after_rename {
             self.crashed = true;
             self.note(format!(
                 "crash point: {path} renamed into place, not recorded"
             ));
-            return;
+            return Err(crashed());
         }
-        let Some(mut local) = self.disk.lstat(disk_path(path)) else {
-            self.plan_paths(vec![path.clone()]);
-            return;
-        };
-        local.manifest = Some(manifest.hash());
-        let racy = if self.note_if_racy(path, local.mtime_ns) {
-            vec![path.clone()]
-        } else {
-            Vec::new()
-        };
-        self.commit(
-            vec![LocalChange::Upsert {
-                path: path.clone(),
-                entry: local,
-                manifest: Some(manifest),
-            }],
-            &racy,
-        );
+        self.disk
+            .lstat(path.as_str())
+            .ok_or_else(|| IoError::new("gone right after the rename"))
+    }
+
+    fn discard_temp(&mut self, temp: SimTemp) {
+        if !self.crashed {
+            let _ = self.disk.remove_file(&temp.0, 100, true);
+            self.store.progress.remove(&temp.0);
+        }
+    }
+
+    fn sync_dirs(&mut self) {}
+}
+
+impl io::Store for SimIo {
+    fn local(&self, path: &RelPath) -> Result<Option<LocalEntry>, IoError> {
+        Ok(self.store.local.get(path).cloned())
+    }
+
+    fn local_under(
+        &self,
+        under: Option<&RelPath>,
+    ) -> Result<BTreeMap<RelPath, LocalEntry>, IoError> {
+        Ok(self
+            .store
+            .local
+            .iter()
+            .filter(|(path, _)| under.is_none_or(|under| path.starts_with(under)))
+            .map(|(path, entry)| (path.clone(), entry.clone()))
+            .collect())
+    }
+
+    fn synced(&self, path: &RelPath) -> Result<Option<SyncedEntry>, IoError> {
+        Ok(self.store.synced.get(path).cloned())
+    }
+
+    fn synced_paths(&self) -> Result<Vec<RelPath>, IoError> {
+        Ok(self.store.synced.keys().cloned().collect())
+    }
+
+    fn manifest(&self, hash: &ManifestHash) -> Option<Manifest> {
+        self.store.manifests.get(hash).cloned()
+    }
+
+    fn document(&self) -> Result<(Vec<u8>, Vec<Vec<u8>>), IoError> {
+        Ok((Vec::new(), self.store.increments.clone()))
+    }
+
+    fn change_signatures(&self) -> Result<Vec<SignedChange>, IoError> {
+        Ok(self.store.signatures.values().copied().collect())
+    }
+
+    fn commit(&mut self, commit: Commit<'_>) -> Result<u64, IoError> {
+        if self.crashed {
+            return Err(crashed());
+        }
+        if self.disk.full {
+            return Err(IoError::new("disk full"));
+        }
+        for change in commit.changes {
+            match change {
+                LocalChange::Upsert {
+                    path,
+                    entry,
+                    manifest,
+                } => {
+                    if let Some(manifest) = manifest {
+                        self.store
+                            .manifests
+                            .insert(manifest.hash(), manifest.clone());
+                    }
+                    self.store.local.insert(path.clone(), entry.clone());
+                }
+                LocalChange::Remove { path } => {
+                    self.store.racy.remove(path);
+                    self.store.local.remove(path);
+                }
+            }
+        }
+        self.store.racy.extend(commit.racy.iter().cloned());
+        for (path, synced) in commit.synced {
+            match synced {
+                Some(synced) => {
+                    self.store.synced.insert(path.clone(), synced.clone());
+                }
+                None => {
+                    self.store.synced.remove(path);
+                }
+            }
+        }
+        if !commit.increment.is_empty() {
+            self.store.increments.push(commit.increment.to_vec());
+            self.store.commits += 1;
+        }
+        Ok(self.store.increments.len() as u64)
+    }
+
+    fn compact(&mut self, snapshot: &[u8]) -> Result<(), IoError> {
+        if self.crashed {
+            return Err(crashed());
+        }
+        self.store.increments = vec![snapshot.to_vec()];
+        Ok(())
+    }
+
+    fn put_change_signatures(&mut self, signed: &[SignedChange]) -> Result<(), IoError> {
+        if self.crashed {
+            return Err(crashed());
+        }
+        self.store
+            .signatures
+            .extend(signed.iter().map(|s| (s.hash, *s)));
+        Ok(())
+    }
+
+    fn racy_paths(&self) -> Result<Vec<RelPath>, IoError> {
+        if self.sabotage == Sabotage::NoRacyCheck {
+            return Ok(Vec::new());
+        }
+        Ok(self.store.racy.iter().cloned().collect())
+    }
+
+    fn clear_racy(&mut self, paths: &[RelPath]) -> Result<(), IoError> {
+        if self.crashed {
+            return Err(crashed());
+        }
+        for path in paths {
+            self.store.racy.remove(path);
+        }
+        Ok(())
+    }
+}
+
+impl Peers for SimIo {
+    fn send_sync(
+        &mut self,
+        device: DeviceId,
+        signatures: Vec<SignedChange>,
+        message: Vec<u8>,
+    ) -> bool {
+        self.outbox.push((
+            device,
+            Msg::DocSync {
+                signatures,
+                message,
+            },
+        ));
+        true
+    }
+
+    fn disconnect(&mut self, device: DeviceId) {
+        self.note(format!("disconnecting {}", device.short()));
+    }
+
+    fn is_connected(&self, device: &DeviceId) -> bool {
+        self.connected.contains(device)
+    }
+
+    fn start_download(&mut self, group: Vec<DownloadRequest>, _peers: Vec<DeviceId>) {
+        self.next_task += 1;
+        let task = self.next_task;
+        self.tasks.insert(task, (group.len(), Vec::new()));
+        let ids: Vec<u64> = group.iter().map(|request| request.id).collect();
+        for request in group {
+            let manifest = match &request.entry.content {
+                Content::Inline(manifest) => Some(manifest.clone()),
+                Content::Manifest(hash) => self.store.manifests.get(hash).cloned(),
+                _ => None,
+            };
+            self.transfers.insert(
+                request.id,
+                Transfer {
+                    task,
+                    path: request.path,
+                    entry: request.entry,
+                    manifest,
+                    temp: None,
+                    have: Vec::new(),
+                    pending: None,
+                    tried: BTreeSet::new(),
+                },
+            );
+        }
+        for id in ids {
+            self.advance(id);
+        }
+    }
+}
+
+impl Scan for SimIo {
+    fn scan(
+        &mut self,
+        request: ScanRequest<'_>,
+        sink: &mut dyn FnMut(&mut Self, LocalChange, bool),
+    ) -> ScanOutcome {
+        if self.crashed {
+            return ScanOutcome::default();
+        }
+        let trust_metadata = self.sabotage == Sabotage::NoRacyCheck;
+        let mut changes = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut outcome = ScanOutcome::default();
+        for (text, node) in self.disk.nodes() {
+            if is_temp(text) {
+                continue;
+            }
+            let Ok(path) = RelPath::new(text) else {
+                continue;
+            };
+            if !request.scope.covers(&path) {
+                continue;
+            }
+            seen.insert(path.clone());
+            let Some(mut entry) = self.disk.lstat(text) else {
+                continue;
+            };
+            let previous = request.previous.get(&path);
+            if let Some(old) = previous
+                && engine::metadata_unchanged(old, &entry)
+                && (trust_metadata || !request.rehash.contains(&path))
+            {
+                continue;
+            }
+            let manifest = match node {
+                Node::File { data, .. } => {
+                    let manifest = manifest_of(data);
+                    entry.manifest = Some(manifest.hash());
+                    Some(manifest)
+                }
+                _ => None,
+            };
+            let racy = !trust_metadata && manifest.is_some() && is_racy(entry.mtime_ns, self.now);
+            if racy {
+                outcome
+                    .racy
+                    .push((path.clone(), weft_core::racy::racy_window(entry.mtime_ns)));
+            }
+            // A racy file hashed again to the same content is no change.
+            if previous == Some(&entry) {
+                continue;
+            }
+            changes.push((
+                LocalChange::Upsert {
+                    path,
+                    entry,
+                    manifest,
+                },
+                racy,
+            ));
+        }
+        for path in request.previous.keys() {
+            if !seen.contains(path) {
+                changes.push((LocalChange::Remove { path: path.clone() }, false));
+            }
+        }
+        for (change, racy) in changes {
+            sink(self, change, racy);
+        }
+        outcome
+    }
+
+    fn peer_input_during_scan(&mut self) -> Option<PeerInput> {
+        None
+    }
+}
+
+impl Report for SimIo {
+    fn log(&mut self, _level: Level, message: std::fmt::Arguments<'_>) {
+        self.log.push(message.to_string());
+    }
+
+    fn local_change(&mut self, _path: &RelPath, _deleted: bool) {}
+
+    fn counts(&mut self, _counts: &Counts) {}
+
+    fn restored(&mut self, ticket: u64, result: Result<String, String>) {
+        self.note(format!("restore {ticket}: {result:?}"));
     }
 }
 
@@ -1646,40 +1379,10 @@ fn temp_beside(path: &RelPath, name: &str) -> String {
 
 fn kind_of(message: &Msg) -> &'static str {
     match message {
-        Msg::DocSync(_) => "sync message",
+        Msg::DocSync { .. } => "sync message",
         Msg::ManifestRequest { .. } => "manifest request",
         Msg::ManifestResponse { .. } => "manifest",
         Msg::BlockRequest { .. } => "block request",
         Msg::Blocks { .. } => "blocks",
     }
-}
-
-/// Keeps the outermost of nested paths (`a` covers `a/b`), as folder.rs does.
-fn collapse(paths: BTreeSet<RelPath>) -> Vec<RelPath> {
-    paths
-        .iter()
-        .filter(|path| {
-            let mut at = path.parent();
-            while let Some(dir) = at {
-                if paths.contains(&dir) {
-                    return false;
-                }
-                at = dir.parent();
-            }
-            true
-        })
-        .cloned()
-        .collect()
-}
-
-/// An entry as traces show it: `deleted`, or its kind, first hash bytes and author.
-fn describe_entry(entry: &Entry) -> String {
-    if entry.deleted {
-        return format!("deleted by {}", entry.author.short());
-    }
-    let hash = entry
-        .content
-        .manifest_hash()
-        .map_or("-".to_owned(), |h| h.to_hex()[..8].to_owned());
-    format!("{:?} {hash} by {}", entry.kind, entry.author.short())
 }

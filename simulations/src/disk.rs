@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use weft_node::engine::LocalEntry;
+use weft_core::engine::LocalEntry;
 use weft_protocol::document::EntryKind;
 use weft_protocol::path::TEMP_PREFIX;
 

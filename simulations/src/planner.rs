@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use weft_node::engine::{
+use weft_core::engine::{
     self, Action, FolderMode, LocalEntry, PathView, Remote, SyncedEntry, local_matches,
     publish_entry,
 };

@@ -191,8 +191,7 @@ impl World {
             .map(|index| {
                 let mut secret = [0u8; 32];
                 secret.copy_from_slice(&rng.bytes(32));
-                let id = DeviceKey::from_secret_bytes(secret).device_id();
-                Device::new(index, id, &mut rng)
+                Device::new(index, DeviceKey::from_secret_bytes(secret), &mut rng)
             })
             .collect();
         let ids: Vec<DeviceId> = devices.iter().map(|d| d.id).collect();
@@ -318,7 +317,7 @@ impl World {
             .disk
             .files()
             .iter()
-            .filter(|p| p.contains(weft_node::engine::CONFLICT_MARKER))
+            .filter(|p| p.contains(weft_core::engine::CONFLICT_MARKER))
             .count() as u64;
         Outcome {
             seed,
@@ -843,7 +842,10 @@ impl World {
                     from: usize::MAX,
                     to: 0,
                     epoch: 0,
-                    msg: Msg::DocSync(bytes),
+                    msg: Msg::DocSync {
+                        signatures: Vec::new(),
+                        message: bytes,
+                    },
                 },
             );
         }
@@ -1219,7 +1221,7 @@ fn short_index(index: usize) -> String {
 
 fn describe(msg: &Msg) -> String {
     match msg {
-        Msg::DocSync(bytes) => format!("sync message ({} B)", bytes.len()),
+        Msg::DocSync { message, .. } => format!("sync message ({} B)", message.len()),
         Msg::ManifestRequest { id, .. } => format!("manifest request #{id}"),
         Msg::ManifestResponse { id, manifest } => {
             format!(
@@ -1240,4 +1242,9 @@ fn describe(msg: &Msg) -> String {
             blocks.len()
         ),
     }
+}
+
+/// The one folder every simulated device shares.
+pub fn folder_id() -> weft_protocol::FolderId {
+    weft_protocol::FolderId::random([0x5e; 8])
 }

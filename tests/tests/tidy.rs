@@ -28,7 +28,15 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn every_rust_file_opens_with_a_module_doc() {
     let root = workspace_root();
     let mut files = Vec::new();
-    for crate_dir in ["protocol", "node", "relay", "simulations", "tests", "fuzz"] {
+    for crate_dir in [
+        "protocol",
+        "core",
+        "node",
+        "relay",
+        "simulations",
+        "tests",
+        "fuzz",
+    ] {
         rust_files(&root.join(crate_dir), &mut files);
     }
     assert!(files.len() >= 10, "found only {} files", files.len());

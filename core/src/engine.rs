@@ -467,7 +467,10 @@ pub type Blocked = std::collections::BTreeMap<RelPath, std::collections::BTreeSe
 /// Takes out of `blocked` the paths whose blocking parent `is_free` now says is a
 /// directory or gone, to be planned again (one still blocked further up is refused
 /// again, under that parent).
-pub fn take_unblocked(blocked: &mut Blocked, is_free: impl Fn(&RelPath) -> bool) -> Vec<RelPath> {
+pub fn take_unblocked(
+    blocked: &mut Blocked,
+    mut is_free: impl FnMut(&RelPath) -> bool,
+) -> Vec<RelPath> {
     let free: Vec<RelPath> = blocked.keys().filter(|b| is_free(b)).cloned().collect();
     free.iter()
         .filter_map(|blocker| blocked.remove(blocker))

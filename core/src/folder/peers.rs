@@ -1,0 +1,258 @@
+//! The folder document's sync with each peer: automerge's sync protocol, with the
+//! authors' signature of every change checked before anything of a message is saved
+//! or acted on.
+//!
+//! Only devices the folder is shared with take part; a device that keeps sending
+//! changes without valid signatures ([`MAX_REFUSALS`] times without an accepted change
+//! in between) is disconnected, since its sync is looping without progress.
+
+use std::collections::HashMap;
+
+use weft_protocol::change_signature::{self, ChangeSignatureError, SignedChange};
+use weft_protocol::document::SyncState;
+use weft_protocol::{DeviceId, RelPath};
+
+use super::{Folder, Plan};
+use crate::io::{FolderIo, Level};
+
+/// Sync messages with unsigned or forged changes a device may send without one
+/// accepted change in between before it is disconnected.
+pub const MAX_REFUSALS: u32 = 3;
+/// Change signatures held for one device's next sync message.
+pub const MAX_PENDING_SIGNATURES: usize = 1 << 20;
+
+impl<T> Folder<T> {
+    pub(super) fn peer_connected<I: FolderIo<Temp = T>>(
+        &mut self,
+        io: &mut I,
+        device: DeviceId,
+        plan: Plan,
+    ) {
+        if !self.membership.devices.contains(&device) {
+            return;
+        }
+        self.peers.insert(device, SyncState::new());
+        self.send_sync(io, device);
+        // Downloads that failed for want of a peer may succeed now.
+        let failed: Vec<RelPath> = std::mem::take(&mut self.downloads.failed)
+            .into_iter()
+            .collect();
+        self.plan(io, failed, plan);
+    }
+
+    pub(super) fn peer_disconnected(&mut self, device: DeviceId) {
+        self.peers.remove(&device);
+        self.assemblies.remove(&device);
+        self.pending_signatures.remove(&device);
+    }
+
+    /// Sends `device` the next sync message of the document, if it lacks anything.
+    pub(super) fn send_sync<I: FolderIo<Temp = T>>(&mut self, io: &mut I, device: DeviceId) {
+        let Some(state) = self.peers.get_mut(&device) else {
+            return;
+        };
+        let Some((message, changes)) = self.document.generate_sync_message_with_changes(state)
+        else {
+            return;
+        };
+        let signatures = self.signatures_for(io, &changes);
+        if !io.send_sync(device, signatures, message) {
+            io.log(
+                Level::Debug,
+                format_args!("sync message to {device} not sent"),
+            );
+        }
+    }
+
+    /// Offers the document to every connected peer.
+    pub(super) fn broadcast<I: FolderIo<Temp = T>>(&mut self, io: &mut I) {
+        let peers: Vec<DeviceId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            self.send_sync(io, peer);
+        }
+    }
+
+    fn shared_with<I: FolderIo<Temp = T>>(&self, io: &mut I, device: &DeviceId) -> bool {
+        let shared = self.membership.devices.contains(device);
+        if !shared {
+            io.log(
+                Level::Warn,
+                format_args!(
+                    "sync message from {device}, a device this folder is not shared with; ignored"
+                ),
+            );
+        }
+        shared
+    }
+
+    pub(super) fn change_signatures<I: FolderIo<Temp = T>>(
+        &mut self,
+        io: &mut I,
+        device: DeviceId,
+        signed: Vec<SignedChange>,
+    ) {
+        if !self.shared_with(io, &device) {
+            return;
+        }
+        let pending = self.pending_signatures.entry(device).or_default();
+        if pending.len().saturating_add(signed.len()) > MAX_PENDING_SIGNATURES {
+            pending.clear();
+            io.log(
+                Level::Warn,
+                format_args!(
+                    "too many change signatures from {device} before a sync message; dropped"
+                ),
+            );
+            return;
+        }
+        pending.extend(signed.into_iter().map(|s| (s.hash, s.signature)));
+    }
+
+    /// Refuses a sync message whose changes are not all signed by their authors: the
+    /// document goes back to what the store holds (nothing of the message was saved
+    /// or acted on), every peer's sync starts over, and a device refused
+    /// [`MAX_REFUSALS`] times without an accepted change in between is disconnected.
+    fn refuse_sync_message<I: FolderIo<Temp = T>>(
+        &mut self,
+        io: &mut I,
+        device: DeviceId,
+        error: &ChangeSignatureError,
+    ) {
+        io.log(
+            Level::Warn,
+            format_args!(
+                "sync message from {device} refused: a change is not signed by its author ({error}); nothing of it was applied"
+            ),
+        );
+        self.reload_document(io);
+        let refusals = self.refusals.entry(device).or_default();
+        *refusals += 1;
+        if *refusals >= MAX_REFUSALS {
+            *refusals = 0;
+            io.log(
+                Level::Warn,
+                format_args!(
+                    "device {device} keeps sending changes without valid signatures; disconnecting"
+                ),
+            );
+            io.disconnect(device);
+        }
+    }
+
+    pub(super) fn sync_message_part<I: FolderIo<Temp = T>>(
+        &mut self,
+        io: &mut I,
+        device: DeviceId,
+        bytes: &[u8],
+    ) {
+        if !self.shared_with(io, &device) {
+            return;
+        }
+        let assembly = self.assemblies.entry(device).or_default();
+        if let Err(error) = assembly.push_part(bytes) {
+            io.log(
+                Level::Warn,
+                format_args!("sync message from {device} too large; dropped: {error}"),
+            );
+        }
+    }
+
+    pub(super) fn sync_message<I: FolderIo<Temp = T>>(
+        &mut self,
+        io: &mut I,
+        device: DeviceId,
+        bytes: Vec<u8>,
+        plan: Plan,
+    ) {
+        if !self.shared_with(io, &device) {
+            return;
+        }
+        let bytes = match self.assemblies.remove(&device) {
+            Some(mut assembly) => assembly.finish(bytes),
+            None => Ok(bytes),
+        };
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                io.log(
+                    Level::Warn,
+                    format_args!("sync message from {device} too large; dropped: {error}"),
+                );
+                return;
+            }
+        };
+        let before = self.document.heads();
+        let state = self.peers.entry(device).or_default();
+        if let Err(error) = self.document.receive_sync_message(state, &bytes) {
+            io.log(
+                Level::Warn,
+                format_args!("bad sync message from {device}; ignored: {error}"),
+            );
+            return;
+        }
+        // Every change the message added must be signed by its author before anything
+        // is saved or acted on. Signatures stay pending until their change arrives
+        // (automerge holds back a change whose dependencies are still missing).
+        let added = if self.document.heads() == before {
+            Vec::new()
+        } else {
+            self.document.changes_since(&before)
+        };
+        if !added.is_empty() {
+            let pending: HashMap<[u8; 32], weft_protocol::Signature> =
+                self.pending_signatures.remove(&device).unwrap_or_default();
+            let known = &self.signatures;
+            let checked = change_signature::verify(&self.id, &added, |hash| {
+                pending.get(hash).or_else(|| known.get(hash)).copied()
+            });
+            match checked {
+                Ok(signed) => {
+                    // Progress: the device's refusals no longer count as a loop.
+                    self.refusals.remove(&device);
+                    self.keep_signatures(io, &signed);
+                    let mut pending = pending;
+                    for change in &signed {
+                        pending.remove(&change.hash);
+                    }
+                    if !pending.is_empty() {
+                        self.pending_signatures.insert(device, pending);
+                    }
+                }
+                Err(error) => {
+                    self.refuse_sync_message(io, device, &error);
+                    return;
+                }
+            }
+        }
+        self.save_received(io);
+        let changed = self.document.changed_paths(&before);
+        if !changed.rejected.is_empty() {
+            io.log(
+                Level::Warn,
+                format_args!(
+                    "ignored entries from {device} whose paths are invalid (absolute, '..', reserved); nothing written for them: {:?}",
+                    changed.rejected
+                ),
+            );
+        }
+        let changed = changed.paths;
+        // Answer this peer, and pass new changes on to the others (A-B-C chains): any
+        // new change, even one that changes no visible value (a conflict resolved to a
+        // value already shown), or the others never learn it.
+        self.send_sync(io, device);
+        if self.document.heads() != before {
+            let others: Vec<DeviceId> = self
+                .peers
+                .keys()
+                .copied()
+                .filter(|d| *d != device)
+                .collect();
+            for other in others {
+                self.send_sync(io, other);
+            }
+        }
+        if !changed.is_empty() {
+            self.plan(io, changed, plan);
+        }
+    }
+}
