@@ -48,10 +48,13 @@ impl IoError {
     }
 }
 
-/// The time, in ns since the Unix epoch (the clock of mtimes).
+/// The time: the wall clock for what is compared with mtimes or written into the
+/// document, a monotonic clock for deadlines (a wall clock set back would delay them).
 pub trait Clock {
-    /// Now.
+    /// Now, in ns since the Unix epoch (the clock of mtimes).
     fn now_ns(&self) -> i64;
+    /// Now, in ns on a clock that never goes back (from any fixed start).
+    fn monotonic_ns(&self) -> i64;
 }
 
 /// The folder's files, by path relative to its root.
@@ -62,6 +65,16 @@ pub trait Disk {
     /// What is at `path` now (without following a symlink): `None` if nothing, an
     /// error if it cannot be read (then nothing is done to it).
     fn lstat(&mut self, path: &RelPath) -> Result<Option<LocalEntry>, IoError>;
+    /// The check before every replace or delete: whether the disk at `path` still
+    /// holds what `expected` says (nothing, for `None`). Unreadable counts as changed:
+    /// never act on what cannot be seen. Executors keep this default; the simulation
+    /// replaces it only to show that its checker catches a broken one.
+    fn unchanged_since_plan(&mut self, path: &RelPath, expected: Option<&LocalEntry>) -> bool {
+        match self.lstat(path) {
+            Ok(actual) => crate::engine::disk_unchanged(actual.as_ref(), expected),
+            Err(_) => false,
+        }
+    }
     /// The manifest hash of the file's current bytes (`None`: cannot be read).
     fn content_hash(&mut self, path: &RelPath) -> Option<ManifestHash>;
     /// The nearest ancestor of `path` that exists and is not a real directory (a file,
@@ -101,14 +114,16 @@ pub trait Disk {
     ) -> Result<(), IoError>;
     /// Puts the finished download `temp` into place at `path` (making its parents),
     /// replacing what is there (`replaces`, checked by the core just before), and
-    /// returns what is there now, as the scanner would see it (without a manifest).
+    /// returns what is there now, as the scanner would see it (without a manifest):
+    /// `None` if it was put into place but cannot be read back. An error means it was
+    /// not put into place.
     fn put_into_place(
         &mut self,
         temp: &Self::Temp,
         path: &RelPath,
         entry: &Entry,
         replaces: Option<&LocalEntry>,
-    ) -> Result<LocalEntry, IoError>;
+    ) -> Result<Option<LocalEntry>, IoError>;
     /// Removes a download's temp file that is no longer wanted.
     fn discard_temp(&mut self, temp: Self::Temp);
     /// Makes every directory change made since the last call durable (`fsync` of the
@@ -265,6 +280,8 @@ pub trait Report {
     fn local_change(&mut self, path: &RelPath, deleted: bool);
     /// The counts changed.
     fn counts(&mut self, counts: &Counts);
+    /// A scan could not run (the store's rows cannot be read).
+    fn scan_failed(&mut self, error: &IoError);
     /// A restore (named by its ticket) finished: the path written, or why not.
     fn restored(&mut self, ticket: u64, result: Result<String, String>);
 }

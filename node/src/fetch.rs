@@ -23,7 +23,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use weft_protocol::document::{Content, Entry};
 use weft_protocol::path::TEMP_PREFIX;
-use weft_protocol::{BlockHash, DeviceId, FolderId, Manifest, RelPath};
+use weft_protocol::{BlockHash, DeviceId, FolderId, Manifest, ManifestHash, RelPath};
 
 use crate::net::NetHandle;
 use crate::store::Store;
@@ -88,12 +88,65 @@ pub fn temp_path(root: &Path, path: &RelPath, manifest: &Manifest) -> PathBuf {
     dir.join(format!("{TEMP_PREFIX}{}", &id[..24]))
 }
 
-fn io_error(what: &str, path: &Path, error: std::io::Error) -> String {
-    format!("{what} {}: {error}", path.display())
+/// Why a download failed. Cloned onto every file of a group that one failure ends.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// A file operation on the temp file or its directory failed.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// To which file.
+        path: PathBuf,
+        /// The error.
+        source: Arc<std::io::Error>,
+    },
+    /// The version's manifest is neither stored here nor held by a connected device.
+    #[error("no connected device has manifest {0}")]
+    NoManifest(ManifestHash),
+    /// The entry is not a file with content.
+    #[error("entry has no file content")]
+    NoContent,
+    /// The temp file would be outside the folder.
+    #[error("refused: {} is outside the folder", .0.display())]
+    OutsideFolder(PathBuf),
+    /// A parent of the temp file is not a real directory.
+    #[error("refused: {} is a symlink or file on this device, or cannot be read", .0.display())]
+    NotADirectory(PathBuf),
+    /// A blocking task of the download did not finish (the runtime is shutting down).
+    #[error("{0} failed: {1}")]
+    Task(&'static str, String),
+    /// Block requests failed too often.
+    #[error("block requests keep failing: {0}")]
+    RequestsFailing(crate::net::NetError),
+    /// No connected device has this block.
+    #[error("block {0} is not available from any connected device")]
+    Unavailable(BlockHash),
+    /// The download has no temp file to finish.
+    #[error("the download has no temp file")]
+    NoTempFile,
+    /// The download stopped before its end (its task ended early).
+    #[error("the download stopped before its end")]
+    Stopped,
+    /// No peer is connected.
+    #[error("no connected device to fetch blocks from")]
+    NoPeers,
+    /// The download was never run.
+    #[error("the download did not run")]
+    NotRun,
+}
+
+fn io_error(action: &'static str, path: &Path, error: std::io::Error) -> FetchError {
+    FetchError::Io {
+        action,
+        path: path.to_path_buf(),
+        source: Arc::new(error),
+    }
 }
 
 /// Gets the manifest of an entry: inline, stored, or from a peer.
-async fn manifest_of(context: &FetchContext, entry: &Entry) -> Result<Manifest, String> {
+async fn manifest_of(context: &FetchContext, entry: &Entry) -> Result<Manifest, FetchError> {
     match &entry.content {
         Content::Inline(manifest) => Ok(manifest.clone()),
         Content::Manifest(hash) => {
@@ -123,9 +176,9 @@ async fn manifest_of(context: &FetchContext, entry: &Entry) -> Result<Manifest, 
                     }
                 }
             }
-            Err(format!("no connected device has manifest {hash}"))
+            Err(FetchError::NoManifest(*hash))
         }
-        _ => Err("entry has no file content".into()),
+        _ => Err(FetchError::NoContent),
     }
 }
 
@@ -160,7 +213,7 @@ fn prepare_locally(
     context: &FetchContext,
     temp: &Path,
     manifest: &Manifest,
-) -> Result<(TempFile, Missing, bool), String> {
+) -> Result<(TempFile, Missing, bool), FetchError> {
     let (file, existing_len, new_dirs) = open_temp(&context.root, temp, manifest)?;
     let missing = copy_locally(
         context,
@@ -200,15 +253,12 @@ pub fn non_directory_parent(root: &Path, path: &Path) -> Option<PathBuf> {
 /// directory replaced by a symlink, say to `/etc`) may have made one a symlink: opening
 /// the temp file, and making its missing directories, would then write outside the
 /// folder.
-fn check_parents(root: &Path, temp: &Path) -> Result<(), String> {
+fn check_parents(root: &Path, temp: &Path) -> Result<(), FetchError> {
     if !temp.starts_with(root) {
-        return Err(format!("refused: {} is outside the folder", temp.display()));
+        return Err(FetchError::OutsideFolder(temp.to_path_buf()));
     }
     match non_directory_parent(root, temp) {
-        Some(dir) => Err(format!(
-            "refused: {} is a symlink or file on this device, or cannot be read",
-            dir.display()
-        )),
+        Some(dir) => Err(FetchError::NotADirectory(dir)),
         None => Ok(()),
     }
 }
@@ -221,7 +271,7 @@ fn open_temp(
     root: &Path,
     temp: &Path,
     manifest: &Manifest,
-) -> Result<(TempFile, u64, bool), String> {
+) -> Result<(TempFile, u64, bool), FetchError> {
     check_parents(root, temp)?;
     let mut new_dirs = false;
     if let Some(parent) = temp.parent() {
@@ -249,7 +299,7 @@ fn copy_locally(
     manifest: &Manifest,
     elsewhere: &Missing,
     located: &Located,
-) -> Result<Missing, String> {
+) -> Result<Missing, FetchError> {
     // Large files are copied on every core: verifying and moving a 256 MiB file's
     // blocks is the bulk of a small edit's time on the receiving side.
     let blocks: Vec<(u64, weft_protocol::BlockRef)> = manifest
@@ -263,7 +313,7 @@ fn copy_locally(
     let workers = copy_workers().min(blocks.len().div_ceil(64).max(1));
     let write_back = WriteBack::new(file);
     let share = blocks.len().div_ceil(workers).max(1);
-    let parts: Vec<Result<Vec<(BlockHash, u64)>, String>> = if workers == 1 {
+    let parts: Vec<Result<Vec<(BlockHash, u64)>, FetchError>> = if workers == 1 {
         // Most files: no thread for a few blocks.
         vec![copy_local_blocks(
             context,
@@ -296,9 +346,12 @@ fn copy_locally(
             handles
                 .into_iter()
                 .map(|handle| {
-                    handle
-                        .join()
-                        .unwrap_or_else(|_| Err("a local copy worker failed".into()))
+                    handle.join().unwrap_or_else(|_| {
+                        Err(FetchError::Task(
+                            "a local copy worker",
+                            "it panicked".into(),
+                        ))
+                    })
                 })
                 .collect()
         })
@@ -356,7 +409,7 @@ fn copy_local_blocks(
     blocks: &[(u64, weft_protocol::BlockRef)],
     located: &Located,
     write_back: &WriteBack,
-) -> Result<Vec<(BlockHash, u64)>, String> {
+) -> Result<Vec<(BlockHash, u64)>, FetchError> {
     let mut missing = Vec::new();
     let mut buffer = Vec::new();
     // One read buffer for every run of this worker (zeroed once, not per run).
@@ -455,7 +508,7 @@ fn copy_run(
     buffer: &mut Vec<u8>,
     write_back: &WriteBack,
     missing: &mut Vec<(BlockHash, u64)>,
-) -> Result<(), String> {
+) -> Result<(), FetchError> {
     if buffer.len() < run.len as usize {
         buffer.resize(run.len as usize, 0);
     }
@@ -508,7 +561,7 @@ fn copy_block(
     locations: Option<Vec<crate::store::BlockLocation>>,
     write_back: &WriteBack,
     missing: &mut Vec<(BlockHash, u64)>,
-) -> Result<(), String> {
+) -> Result<(), FetchError> {
     let locations = locations.unwrap_or_else(|| {
         context
             .store
@@ -605,7 +658,7 @@ struct Download {
     /// Directories may have been made for it ([`open_temp`]).
     new_dirs: bool,
     /// Why this file failed, if it did.
-    error: Option<String>,
+    error: Option<FetchError>,
 }
 
 /// Downloads several file versions (`(path, entry)`) into their temp files, as one
@@ -617,8 +670,9 @@ struct Download {
 pub async fn fetch_files(
     context: FetchContext,
     wanted: Vec<(RelPath, Entry)>,
-) -> Vec<Result<Fetched, String>> {
-    let mut results: Vec<Option<Result<Fetched, String>>> = wanted.iter().map(|_| None).collect();
+) -> Vec<Result<Fetched, FetchError>> {
+    let mut results: Vec<Option<Result<Fetched, FetchError>>> =
+        wanted.iter().map(|_| None).collect();
     let mut downloads = Vec::with_capacity(wanted.len());
     for (index, (path, entry)) in wanted.iter().enumerate() {
         match manifest_of(&context, entry).await {
@@ -676,7 +730,7 @@ pub async fn fetch_files(
     for download in downloads {
         results[download.index] = Some(match download.error {
             Some(error) => Err(error),
-            None if download.waiting > 0 => Err("the download stopped before its end".into()),
+            None if download.waiting > 0 => Err(FetchError::Stopped),
             None => Ok(Fetched {
                 temp: download.temp,
                 manifest: download.manifest,
@@ -687,7 +741,7 @@ pub async fn fetch_files(
     }
     results
         .into_iter()
-        .map(|result| result.unwrap_or_else(|| Err("the download did not run".into())))
+        .map(|result| result.unwrap_or(Err(FetchError::NotRun)))
         .collect()
 }
 
@@ -801,7 +855,7 @@ async fn fetch_overlapped(
         Err(error) => {
             download
                 .error
-                .get_or_insert_with(|| format!("the local copy failed: {error}"));
+                .get_or_insert_with(|| FetchError::Task("the local copy", error.to_string()));
             return downloads;
         }
     };
@@ -819,14 +873,19 @@ async fn fetch_overlapped(
         let (mode, mtime_ns) = (download.mode, download.mtime_ns);
         tokio::task::spawn_blocking(move || match file {
             Some(file) => finish_temp(&file, &temp, mode, mtime_ns),
-            None => Err("the download has no temp file".into()),
+            None => Err(FetchError::NoTempFile),
         })
         .await
     };
     match finished {
         Ok(Ok(())) => {}
         Ok(Err(error)) => download.error = Some(error),
-        Err(error) => download.error = Some(format!("finishing the download failed: {error}")),
+        Err(error) => {
+            download.error = Some(FetchError::Task(
+                "finishing the download",
+                error.to_string(),
+            ));
+        }
     }
     downloads
 }
@@ -895,11 +954,7 @@ async fn fetch_missing(
     let downloads = Arc::new(std::sync::Mutex::new(downloads));
     if !order.is_empty() {
         if context.peers.is_empty() {
-            fail_all(
-                &downloads,
-                &targets,
-                "no connected device to fetch blocks from",
-            );
+            fail_all(&downloads, &targets, &FetchError::NoPeers);
         } else {
             request_blocks(context, &downloads, &mut targets, &lengths, order).await;
         }
@@ -911,13 +966,13 @@ async fn fetch_missing(
 }
 
 /// Marks every download still waiting for a block failed with `error`.
-fn fail_all(downloads: &std::sync::Mutex<Vec<Download>>, targets: &Targets, error: &str) {
+fn fail_all(downloads: &std::sync::Mutex<Vec<Download>>, targets: &Targets, error: &FetchError) {
     let mut downloads = downloads
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     for (index, _) in targets.values().flatten() {
         if let Some(download) = downloads.get_mut(*index) {
-            download.error.get_or_insert_with(|| error.to_string());
+            download.error.get_or_insert_with(|| error.clone());
         }
     }
 }
@@ -1009,11 +1064,7 @@ async fn request_blocks(
                 // peer, without counting it as the blocks' absence.
                 stream_failures += 1;
                 if stream_failures > MAX_REQUEST_FAILURES {
-                    fail_all(
-                        downloads,
-                        targets,
-                        &format!("block requests keep failing: {error}"),
-                    );
+                    fail_all(downloads, targets, &FetchError::RequestsFailing(error));
                     break;
                 }
                 tracing::debug!(peer = %peer, %error, "block request failed; asking again");
@@ -1035,11 +1086,7 @@ async fn request_blocks(
                 // The files that need it fail; the others go on.
                 if let Some(places) = targets.remove(&hash) {
                     let lost = Targets::from([(hash, places)]);
-                    fail_all(
-                        downloads,
-                        &lost,
-                        &format!("block {hash} is not available from any connected device"),
-                    );
+                    fail_all(downloads, &lost, &FetchError::Unavailable(hash));
                 }
                 continue;
             }
@@ -1137,7 +1184,7 @@ fn write_answer(downloads: &std::sync::Mutex<Vec<Download>>, writes: Vec<(Vec<u8
 
 /// Gives the temp file its final size, mode and mtime, then makes it durable (data
 /// and metadata).
-fn finish_temp(file: &TempFile, temp: &Path, mode: u32, mtime_ns: i64) -> Result<(), String> {
+fn finish_temp(file: &TempFile, temp: &Path, mode: u32, mtime_ns: i64) -> Result<(), FetchError> {
     use std::os::unix::fs::PermissionsExt;
     // A large file's data, and the metadata that maps it, go to the disk while it still
     // has its in-progress size: then the complete size shows (to anything that lists
@@ -1189,7 +1236,7 @@ mod tests {
         let error = open_temp(root.path(), &temp, &manifest)
             .err()
             .expect("refused");
-        assert!(error.contains("symlink or file"), "{error}");
+        assert!(matches!(error, FetchError::NotADirectory(_)), "{error}");
         let made: Vec<_> = std::fs::read_dir(outside.path()).expect("read").collect();
         assert!(made.is_empty(), "made outside the folder: {made:?}");
         // A file on the way is refused too.

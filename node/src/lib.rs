@@ -13,7 +13,6 @@
 pub mod api;
 pub mod block_buffers;
 pub mod client;
-pub mod coalescer;
 pub mod config;
 pub mod daemon;
 pub mod dir_sync;

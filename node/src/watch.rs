@@ -10,8 +10,7 @@
 //! scanned). An event that says events were lost, or a watcher error, asks for a full
 //! rescan.
 
-use std::path::Path;
-use std::sync::mpsc;
+use std::path::{Path, PathBuf};
 
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
 use notify::{EventKind, RecursiveMode, Watcher as _};
@@ -19,7 +18,6 @@ use notify::{EventKind, RecursiveMode, Watcher as _};
 use weft_protocol::path::TEMP_PREFIX;
 
 use crate::dirty::Change;
-use crate::folder::FolderCommand;
 
 /// Whether an event of this kind says its change is complete. Only kinds that say so
 /// for sure are [`Change::Settled`]; a platform whose watcher reports less (no close
@@ -41,15 +39,30 @@ fn is_temp_file(path: &Path) -> bool {
         .is_some_and(|name| name.starts_with(TEMP_PREFIX))
 }
 
+/// What the watcher reports.
+#[derive(Debug)]
+pub enum WatchEvent {
+    /// These absolute paths changed; `change` says whether the event marks the change
+    /// as complete.
+    Paths {
+        /// Absolute paths.
+        paths: Vec<PathBuf>,
+        /// Settled or still open.
+        change: Change,
+    },
+    /// Events were lost: only a full rescan can tell what changed.
+    Overflow,
+}
+
 /// A running watcher; dropping it stops watching.
 pub type Watcher = notify::RecommendedWatcher;
 
 /// Starts watching `root`; `None` (with a warning) if the platform refuses, in which
 /// case the folder relies on periodic full rescans.
-pub fn watch(root: &str, actor: mpsc::Sender<FolderCommand>) -> Option<Watcher> {
+pub fn watch(root: &str, on_event: impl Fn(WatchEvent) + Send + 'static) -> Option<Watcher> {
     let handler = move |result: notify::Result<notify::Event>| {
-        let command = match result {
-            Ok(event) if event.need_rescan() => FolderCommand::WatcherOverflow,
+        let event = match result {
+            Ok(event) if event.need_rescan() => WatchEvent::Overflow,
             Ok(event) => {
                 if let EventKind::Access(kind) = event.kind
                     && kind != AccessKind::Close(AccessMode::Write)
@@ -67,17 +80,17 @@ pub fn watch(root: &str, actor: mpsc::Sender<FolderCommand>) -> Option<Watcher> 
                 if paths.is_empty() {
                     return;
                 }
-                FolderCommand::FileEvents {
+                WatchEvent::Paths {
                     paths,
                     change: change_of(&event.kind),
                 }
             }
             Err(error) => {
                 tracing::warn!(%error, "file watcher error; rescanning the folder");
-                FolderCommand::WatcherOverflow
+                WatchEvent::Overflow
             }
         };
-        let _ = actor.send(command);
+        on_event(event);
     };
     let mut watcher = match notify::recommended_watcher(handler) {
         Ok(watcher) => watcher,
@@ -101,9 +114,12 @@ mod tests {
     #[test]
     fn temp_files_are_not_reported_and_their_rename_is() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (sender, receiver) = mpsc::channel();
+        let (sender, receiver) = std::sync::mpsc::channel();
         let root = dir.path().to_str().expect("utf-8 temp dir");
-        let _watcher = watch(root, sender).expect("watcher");
+        let _watcher = watch(root, move |event| {
+            let _ = sender.send(event);
+        })
+        .expect("watcher");
         let temp = dir.path().join(format!("{TEMP_PREFIX}download"));
         std::fs::write(&temp, b"partial").expect("write temp");
         std::fs::write(dir.path().join("other.txt"), b"edit").expect("write file");
@@ -115,7 +131,7 @@ mod tests {
             .any(|p: &std::path::PathBuf| p.ends_with("done.txt"))
             && Instant::now() < deadline
         {
-            if let Ok(FolderCommand::FileEvents { paths, .. }) =
+            if let Ok(WatchEvent::Paths { paths, .. }) =
                 receiver.recv_timeout(Duration::from_millis(100))
             {
                 seen.extend(paths);
@@ -128,14 +144,14 @@ mod tests {
 
     /// The events of `name` until `until` holds for them (or 5 s pass).
     fn events_of(
-        receiver: &mpsc::Receiver<FolderCommand>,
+        receiver: &std::sync::mpsc::Receiver<WatchEvent>,
         name: &str,
         until: impl Fn(&[Change]) -> bool,
     ) -> Vec<Change> {
         let mut seen = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !until(&seen) && Instant::now() < deadline {
-            if let Ok(FolderCommand::FileEvents { paths, change }) =
+            if let Ok(WatchEvent::Paths { paths, change }) =
                 receiver.recv_timeout(Duration::from_millis(50))
                 && paths.iter().any(|p| p.ends_with(name))
             {
@@ -150,9 +166,12 @@ mod tests {
         use std::io::Write as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let outside = tempfile::tempdir().expect("tempdir");
-        let (sender, receiver) = mpsc::channel();
+        let (sender, receiver) = std::sync::mpsc::channel();
         let root = dir.path().to_str().expect("utf-8 temp dir");
-        let _watcher = watch(root, sender).expect("watcher");
+        let _watcher = watch(root, move |event| {
+            let _ = sender.send(event);
+        })
+        .expect("watcher");
         // A file still being written: its events are open, and stay so while it is.
         let mut file = std::fs::File::create(dir.path().join("growing.log")).expect("create");
         file.write_all(b"first line\n").expect("write");

@@ -286,6 +286,24 @@ fn check_limit(field: &'static str, len: usize, limit: usize) -> Result<(), Wire
 }
 
 impl Message {
+    /// The message's kind, for logs and errors (never its contents, which may be
+    /// large or a peer's).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::DocSync(_) => "DocSync",
+            Message::ManifestRequest(_) => "ManifestRequest",
+            Message::ManifestResponse(_) => "ManifestResponse",
+            Message::BlockRequest(_) => "BlockRequest",
+            Message::Block(_) => "Block",
+            Message::BlockMissing(_) => "BlockMissing",
+            Message::Error(_) => "Error",
+            Message::Invite(_) => "Invite",
+            Message::DocSyncPart(_) => "DocSyncPart",
+            Message::ChangeSignatures(_) => "ChangeSignatures",
+        }
+    }
+
     /// Checks every field against its limit.
     pub fn validate(&self) -> Result<(), WireError> {
         match self {

@@ -59,8 +59,7 @@ pub enum Sabotage {
     /// The executor as it should be.
     #[default]
     None,
-    /// The disk answers the pre-replace check with what the scanner last recorded, not
-    /// with what is there (act on a disk that changed since the scan).
+    /// Skip the pre-replace check (act on a disk that changed since the scan).
     NoPreReplaceCheck,
     /// Never keep replaced versions.
     NoVersionStore,
@@ -927,16 +926,24 @@ impl Clock for SimIo {
     fn now_ns(&self) -> i64 {
         self.now
     }
+
+    fn monotonic_ns(&self) -> i64 {
+        self.now
+    }
 }
 
 impl io::Disk for SimIo {
     type Temp = SimTemp;
 
     fn lstat(&mut self, path: &RelPath) -> Result<Option<LocalEntry>, IoError> {
-        if self.sabotage == Sabotage::NoPreReplaceCheck {
-            return Ok(self.store.local.get(path).cloned());
-        }
         Ok(self.disk.lstat(path.as_str()))
+    }
+
+    fn unchanged_since_plan(&mut self, path: &RelPath, expected: Option<&LocalEntry>) -> bool {
+        if self.sabotage == Sabotage::NoPreReplaceCheck {
+            return true;
+        }
+        engine::disk_unchanged(self.disk.lstat(path.as_str()).as_ref(), expected)
     }
 
     fn content_hash(&mut self, path: &RelPath) -> Option<ManifestHash> {
@@ -1063,7 +1070,7 @@ impl io::Disk for SimIo {
         path: &RelPath,
         entry: &Entry,
         _replaces: Option<&LocalEntry>,
-    ) -> Result<LocalEntry, IoError> {
+    ) -> Result<Option<LocalEntry>, IoError> {
         if self.crashed {
             return Err(crashed());
         }
@@ -1089,9 +1096,7 @@ impl io::Disk for SimIo {
             ));
             return Err(crashed());
         }
-        self.disk
-            .lstat(path.as_str())
-            .ok_or_else(|| IoError::new("gone right after the rename"))
+        Ok(self.disk.lstat(path.as_str()))
     }
 
     fn discard_temp(&mut self, temp: SimTemp) {
@@ -1364,6 +1369,10 @@ impl Report for SimIo {
     fn local_change(&mut self, _path: &RelPath, _deleted: bool) {}
 
     fn counts(&mut self, _counts: &Counts) {}
+
+    fn scan_failed(&mut self, error: &IoError) {
+        self.note(format!("scan failed: {error}"));
+    }
 
     fn restored(&mut self, ticket: u64, result: Result<String, String>) {
         self.note(format!("restore {ticket}: {result:?}"));

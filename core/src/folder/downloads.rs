@@ -76,7 +76,7 @@ pub(super) struct Downloads<T> {
     /// Paths whose download failed; planned again when peers change or at the retry.
     pub(super) failed: BTreeSet<RelPath>,
     /// When failed downloads were last tried again (ns).
-    last_retry: i64,
+    pub(super) last_retry: i64,
 }
 
 impl<T> Downloads<T> {
@@ -256,7 +256,7 @@ impl<T> Folder<T> {
                 self.downloads.finished.push((download, result));
             }
         }
-        let now = io.now_ns();
+        let now = io.monotonic_ns();
         self.downloads.finished_since.get_or_insert(now);
         self.pump_downloads(io);
     }
@@ -267,9 +267,9 @@ impl<T> Folder<T> {
         let downloads = &self.downloads;
         let due = downloads.finished.len() >= FINALIZE_BATCH
             || (!downloads.finished.is_empty() && downloads.running == 0)
-            || downloads
-                .finished_since
-                .is_some_and(|since| io.now_ns() >= since.saturating_add(nanos(FINALIZE_DELAY)));
+            || downloads.finished_since.is_some_and(|since| {
+                io.monotonic_ns() >= since.saturating_add(nanos(FINALIZE_DELAY))
+            });
         if due {
             self.finish_downloads_now(io);
         }
@@ -286,7 +286,7 @@ impl<T> Folder<T> {
 
     /// Tries failed downloads again.
     pub fn retry<I: FolderIo<Temp = T>>(&mut self, io: &mut I) {
-        self.downloads.last_retry = io.now_ns();
+        self.downloads.last_retry = io.monotonic_ns();
         let failed: Vec<RelPath> = std::mem::take(&mut self.downloads.failed)
             .into_iter()
             .collect();
@@ -317,7 +317,7 @@ impl<T> Folder<T> {
         io: &mut I,
         batch: Vec<(Download, Result<Fetched<T>, String>)>,
     ) {
-        let started = io.now_ns();
+        let started = io.monotonic_ns();
         let files = batch.len();
         let mut changes = Vec::new();
         let mut previous = BTreeMap::new();
@@ -382,7 +382,15 @@ impl<T> Folder<T> {
                 download.expected.as_ref(),
             );
             let mut local = match placed {
-                Ok(local) => local,
+                Ok(Some(local)) => local,
+                Ok(None) => {
+                    // In place, but it cannot be read back: the rescan says what is there.
+                    if let Some(ticket) = download.restore {
+                        replies.push((ticket, path.to_string()));
+                    }
+                    replan.push(path);
+                    continue;
+                }
                 Err(error) => {
                     io.log(
                         Level::Warn,
@@ -394,6 +402,13 @@ impl<T> Folder<T> {
             };
             local.manifest = Some(fetched.manifest.hash());
             if local.kind != EntryKind::File {
+                // Something else took the path at once: the rescan says what.
+                if let Some(ticket) = download.restore {
+                    io.restored(
+                        ticket,
+                        Err(format!("{path} changed while restoring; try again")),
+                    );
+                }
                 replan.push(path);
                 continue;
             }
@@ -415,7 +430,7 @@ impl<T> Folder<T> {
         if !changes.is_empty() {
             self.commit(io, changes, &previous, &racy);
         }
-        let took_ms = io.now_ns().saturating_sub(started) / 1_000_000;
+        let took_ms = io.monotonic_ns().saturating_sub(started) / 1_000_000;
         io.log(
             Level::Debug,
             format_args!("{files} downloads put into place in {took_ms} ms"),

@@ -274,9 +274,10 @@ impl<T> Folder<T> {
     /// due at once, a full scan records what changed meanwhile, and every known path is
     /// planned (work a crash left).
     pub fn start<I: FolderIo<Temp = T>>(&mut self, io: &mut I) {
+        self.downloads.last_retry = io.monotonic_ns();
         match io.racy_paths() {
             Ok(paths) => {
-                let now = io.now_ns();
+                let now = io.monotonic_ns();
                 self.racy.extend(paths.into_iter().map(|path| (path, now)));
             }
             Err(error) => {
@@ -326,7 +327,7 @@ impl<T> Folder<T> {
         self.membership = membership;
     }
 
-    /// When [`Folder::tick`] has work next (ns), if ever: a racy file due, failed
+    /// When [`Folder::tick`] has work next (ns of [`crate::io::Clock::monotonic_ns`]), if ever: a racy file due, failed
     /// downloads to retry, finished downloads to put into place.
     pub fn next_deadline(&self) -> Option<i64> {
         [
@@ -343,14 +344,14 @@ impl<T> Folder<T> {
     pub fn tick<I: FolderIo<Temp = T>>(&mut self, io: &mut I) {
         self.recheck_racy(io);
         self.finish_due_downloads(io);
-        if self.downloads.retry_due(io.now_ns()) {
+        if self.downloads.retry_due(io.monotonic_ns()) {
             self.retry(io);
         }
     }
 
     /// Hashes again the racily clean files that are due.
     pub fn recheck_racy<I: FolderIo<Temp = T>>(&mut self, io: &mut I) {
-        let now = io.now_ns();
+        let now = io.monotonic_ns();
         let due: BTreeSet<RelPath> = self
             .racy
             .iter()

@@ -102,11 +102,10 @@ impl<T> Folder<T> {
         path: &RelPath,
         mtime_ns: i64,
     ) -> bool {
-        let now = io.now_ns();
-        let racy = is_racy(mtime_ns, now);
+        let racy = is_racy(mtime_ns, io.now_ns());
         if racy {
             let delay = racy_recheck_delay(racy_window(mtime_ns), std::time::Duration::ZERO);
-            self.racy_due(path, Self::due_in(now, delay));
+            self.racy_due(path, Self::due_in(io.monotonic_ns(), delay));
         }
         racy
     }
@@ -117,11 +116,7 @@ impl<T> Folder<T> {
         path: &RelPath,
         expected: Option<&LocalEntry>,
     ) -> bool {
-        match io.lstat(path) {
-            Ok(actual) => engine::disk_unchanged(actual.as_ref(), expected),
-            // Unreadable: never act on what we cannot see.
-            Err(_) => false,
-        }
+        io.unchanged_since_plan(path, expected)
     }
 
     /// Whether the file at `path` holds other content than `expected` (what an action
@@ -152,7 +147,7 @@ impl<T> Folder<T> {
         }
         let changed = io.content_hash(path) != Some(want);
         if changed {
-            let now = io.now_ns();
+            let now = io.monotonic_ns();
             self.racy_due(path, now);
         }
         changed

@@ -214,6 +214,7 @@ impl<T> Folder<T> {
                     format_args!("committing scan results failed; will rescan: {error}"),
                 );
                 self.commit_failed = true;
+                self.store_failing = true;
                 self.reload_document(io);
                 return;
             }
@@ -302,6 +303,7 @@ impl<T> Folder<T> {
                     Level::Error,
                     format_args!("committing a sync decision failed: {error}"),
                 );
+                self.store_failing = true;
                 self.reload_document(io);
                 false
             }
@@ -343,6 +345,7 @@ impl<T> Folder<T> {
                     ),
                 );
                 self.unsaved = increment;
+                self.store_failing = true;
             }
         }
     }
@@ -352,7 +355,6 @@ impl<T> Folder<T> {
     pub(super) fn reload_document<I: FolderIo<Temp = T>>(&mut self, io: &mut I) {
         let actor = document::actor_id(&self.device, self.actor_suffix);
         self.reloaded = true;
-        self.store_failing = true;
         match io.document() {
             Ok((snapshot, increments)) => {
                 let chunks = increments

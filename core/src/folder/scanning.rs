@@ -18,7 +18,7 @@ impl<T> Folder<T> {
     /// Scans `scope` and records what changed. Nothing is planned here; the paths that
     /// need more than recording are planned by [`Folder::after_changes`].
     pub fn scan<I: FolderIo<Temp = T>>(&mut self, io: &mut I, scope: Scope) {
-        let started = io.now_ns();
+        let started = io.monotonic_ns();
         let full = matches!(scope, Scope::Full);
         let previous = match &scope {
             Scope::Full => io.local_under(None),
@@ -41,11 +41,13 @@ impl<T> Folder<T> {
                     Level::Error,
                     format_args!("cannot read the local tree; scan skipped: {error}"),
                 );
+                io.scan_failed(&error);
                 return;
             }
         };
         if full {
             self.recount(&previous);
+            io.counts(&self.counts);
         }
         // Racy files in scope that are due are hashed again: a write since the last hash
         // may have left their metadata as it was. One not due yet is left for its own
@@ -76,7 +78,7 @@ impl<T> Folder<T> {
                 batch.push(change);
                 // A peer's message is answered with everything hashed so far.
                 let input = io.peer_input_during_scan();
-                let now = io.now_ns();
+                let now = io.monotonic_ns();
                 if batch.len() >= BATCH_CHANGES
                     || now.saturating_sub(last_commit) >= interval
                     || input.is_some()
@@ -87,7 +89,7 @@ impl<T> Folder<T> {
                         &previous,
                         &std::mem::take(&mut racy_batch),
                     );
-                    last_commit = io.now_ns();
+                    last_commit = io.monotonic_ns();
                     interval = nanos(BATCH_INTERVAL);
                     // Offer each committed batch at once: peers start fetching while the
                     // rest of a long scan goes on.
@@ -109,7 +111,7 @@ impl<T> Folder<T> {
         // Files hashed again leave the map, unless what the hash found could not be
         // committed: then they stay, due again later.
         let failed = self.commit_failed;
-        let now = io.now_ns();
+        let now = io.monotonic_ns();
         for path in &rehash {
             if failed {
                 self.racy_due(path, Self::due_in(now, RACY_RECHECK_AFTER));

@@ -91,6 +91,16 @@ impl Clock for NodeIo {
     fn now_ns(&self) -> i64 {
         now_ns()
     }
+
+    fn monotonic_ns(&self) -> i64 {
+        i64::try_from(monotonic_start().elapsed().as_nanos()).unwrap_or(i64::MAX)
+    }
+}
+
+/// The start of the folder actors' monotonic clock ([`Clock::monotonic_ns`]).
+pub(super) fn monotonic_start() -> Instant {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(Instant::now)
 }
 
 impl Disk for NodeIo {
@@ -230,7 +240,7 @@ impl Disk for NodeIo {
         path: &RelPath,
         _entry: &Entry,
         replaces: Option<&LocalEntry>,
-    ) -> Result<LocalEntry, IoError> {
+    ) -> Result<Option<LocalEntry>, IoError> {
         let absolute = self.absolute(path);
         if let Some(parent) = absolute.parent() {
             let missing = !parent.is_dir();
@@ -253,8 +263,9 @@ impl Disk for NodeIo {
         // The temp file is in the same directory (`fetch::temp_path`).
         self.dirs.changed_entry(&absolute);
         renamed.map_err(IoError::new)?;
-        let metadata = std::fs::symlink_metadata(&absolute).map_err(IoError::new)?;
-        Ok(crate::scan::entry_from_metadata(&metadata, None))
+        Ok(std::fs::symlink_metadata(&absolute)
+            .ok()
+            .map(|metadata| crate::scan::entry_from_metadata(&metadata, None)))
     }
 
     fn discard_temp(&mut self, temp: DownloadedTemp) {
@@ -404,13 +415,15 @@ impl Peers for NodeIo {
                 .into_iter()
                 .zip(results)
                 .map(|(id, result)| {
-                    let result = result.map(|fetched| Fetched {
-                        temp: DownloadedTemp {
-                            path: fetched.temp,
-                            new_dirs: fetched.new_dirs,
-                        },
-                        manifest: fetched.manifest,
-                    });
+                    let result = result
+                        .map_err(|error| error.to_string())
+                        .map(|fetched| Fetched {
+                            temp: DownloadedTemp {
+                                path: fetched.temp,
+                                new_dirs: fetched.new_dirs,
+                            },
+                            manifest: fetched.manifest,
+                        });
                     (id, result)
                 })
                 .collect();
@@ -587,6 +600,18 @@ impl Report for NodeIo {
                     FolderState::Idle
                 };
             }
+        });
+    }
+
+    fn scan_failed(&mut self, error: &IoError) {
+        self.shared.update(|s| s.state = FolderState::Error);
+        self.last_scan = Some(ScanResult {
+            seen: 0,
+            changes: 0,
+            problems: vec![super::Problem {
+                path: ".".into(),
+                error: format!("the folder's local tree cannot be read from the store: {error}"),
+            }],
         });
     }
 

@@ -365,7 +365,16 @@ pub fn start(
         &io,
     )?;
     let watcher = if settings.watch {
-        crate::watch::watch(&record.path, sender.clone())
+        let actor = sender.clone();
+        crate::watch::watch(&record.path, move |event| {
+            let command = match event {
+                crate::watch::WatchEvent::Paths { paths, change } => {
+                    FolderCommand::FileEvents { paths, change }
+                }
+                crate::watch::WatchEvent::Overflow => FolderCommand::WatcherOverflow,
+            };
+            let _ = actor.send(command);
+        })
     } else {
         None
     };
@@ -406,10 +415,9 @@ struct FolderActor {
     _watcher: Option<crate::watch::Watcher>,
 }
 
-/// The wall-clock deadline `at_ns` as an instant of the monotonic clock.
+/// The core's deadline `at_ns` ([`weft_core::io::Clock::monotonic_ns`]) as an instant.
 fn instant_of(at_ns: i64) -> Instant {
-    let from_now = at_ns.saturating_sub(crate::scan::now_ns());
-    Instant::now() + Duration::from_nanos(u64::try_from(from_now).unwrap_or(0))
+    executor::monotonic_start() + Duration::from_nanos(u64::try_from(at_ns).unwrap_or(0))
 }
 
 impl FolderActor {
@@ -432,6 +440,7 @@ impl FolderActor {
             match next {
                 Ok(FolderCommand::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Ok(FolderCommand::Scan { scope, reply }) => {
+                    self.io.last_scan = None;
                     self.core.scan(&mut self.io, scope);
                     let result = self.io.last_scan.take().unwrap_or_else(|| ScanResult {
                         seen: 0,

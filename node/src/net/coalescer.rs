@@ -14,7 +14,7 @@
 //! any number of requests on a stream, one after the other). Opening a stream costs a
 //! protocol negotiation and a dozen task wake-ups on the two nodes; an initial sync
 //! makes thousands of requests. A stream idle for [`STREAM_IDLE`] is dropped (the
-//! responder closes its end after [`crate::net::SERVE_IDLE`]), so is every kept
+//! responder closes its end after [`super::SERVE_IDLE`]), so is every kept
 //! stream once a connection to the device opens or closes (a stream on a connection
 //! whose peer died, e.g. QUIC after `kill -9`, would take a request and never answer),
 //! and a request that fails on a kept stream (closed by the other side meanwhile) is
@@ -35,7 +35,24 @@ use std::time::Instant;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use weft_protocol::{BlockHash, DeviceId, FolderId};
 
-use crate::net::{NetError, NetHandle};
+use super::error::{NetError, StreamFailure};
+
+/// What the coalescer needs of the network (the node's `NetHandle` in `request.rs`):
+/// one block request on a kept or new stream, and the epoch of a device's connections,
+/// which says whether a kept stream may still be used.
+pub trait BlockStreams: Clone + Send + Sync + 'static {
+    /// Changes whenever a connection to `device` opens or closes.
+    fn connection_epoch(&self, device: &DeviceId) -> u64;
+    /// One block request on `stream` (a new one if `None`), which is left there for
+    /// the next request if the whole answer came.
+    fn request_blocks(
+        &self,
+        device: &DeviceId,
+        folder: &FolderId,
+        hashes: Vec<BlockHash>,
+        stream: &mut Option<libp2p::Stream>,
+    ) -> impl Future<Output = Result<Blocks, NetError>> + Send;
+}
 
 /// Requests open at once per device and folder. Their blocks are what a receiver
 /// holds in memory while the disk catches up: at 16 they were 33 MiB of its 71 MiB
@@ -54,7 +71,7 @@ pub const STREAM_RETRY_PAUSES: [std::time::Duration; 3] = [
 ];
 
 /// Kept streams unused for this long are dropped rather than reused (shorter than
-/// the responder's [`crate::net::SERVE_IDLE`], so a kept stream is rarely one the
+/// the responder's [`super::SERVE_IDLE`], so a kept stream is rarely one the
 /// other side has just closed).
 pub const STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -76,7 +93,7 @@ impl Coalescer {
     /// Asks `device` for `hashes` of `folder`, sharing a request with others waiting.
     pub async fn fetch(
         &self,
-        net: &NetHandle,
+        net: &impl BlockStreams,
         device: DeviceId,
         folder: &FolderId,
         hashes: Vec<BlockHash>,
@@ -98,12 +115,10 @@ impl Coalescer {
             };
             match sender.send(pending) {
                 Ok(()) => {
-                    return answer.await.unwrap_or_else(|_| {
-                        Err(NetError::Stream {
-                            device,
-                            reason: "request dropped".into(),
-                        })
-                    });
+                    return answer.await.unwrap_or(Err(NetError::Stream {
+                        device,
+                        source: StreamFailure::Dropped,
+                    }));
                 }
                 Err(mpsc::error::SendError(returned)) => {
                     pending = returned;
@@ -114,7 +129,7 @@ impl Coalescer {
         }
         Err(NetError::Stream {
             device,
-            reason: "the request queue is gone (shutting down?)".into(),
+            source: StreamFailure::Dropped,
         })
     }
 }
@@ -122,14 +137,14 @@ impl Coalescer {
 /// A stream whose last request got its whole answer, waiting for the next.
 struct KeptStream {
     since: Instant,
-    /// [`NetHandle::connection_epoch`] when it was last used.
+    /// [`BlockStreams::connection_epoch`] when it was last used.
     epoch: u64,
-    stream: crate::net::Stream,
+    stream: libp2p::Stream,
 }
 
 /// The most recently used kept stream, if one is recent and of the current connection
 /// epoch; the others are dropped.
-fn take_idle(idle: &Mutex<Vec<KeptStream>>, epoch: u64) -> Option<crate::net::Stream> {
+fn take_idle(idle: &Mutex<Vec<KeptStream>>, epoch: u64) -> Option<libp2p::Stream> {
     let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
     idle.retain(|kept| kept.epoch == epoch && kept.since.elapsed() < STREAM_IDLE);
     idle.pop().map(|kept| kept.stream)
@@ -137,7 +152,7 @@ fn take_idle(idle: &Mutex<Vec<KeptStream>>, epoch: u64) -> Option<crate::net::St
 
 /// The task of one queue: takes a free slot, then every waiting request that fits.
 async fn drain(
-    net: NetHandle,
+    net: impl BlockStreams,
     device: DeviceId,
     folder: FolderId,
     mut receiver: mpsc::UnboundedReceiver<Pending>,
@@ -225,12 +240,8 @@ async fn drain(
                     }
                 }
                 Err(error) => {
-                    let reason = error.to_string();
                     for pending in group {
-                        let _ = pending.reply.send(Err(NetError::Stream {
-                            device,
-                            reason: reason.clone(),
-                        }));
+                        let _ = pending.reply.send(Err(error.clone()));
                     }
                 }
             }
