@@ -5,7 +5,8 @@
 //! publishing them, syncing the folder document with peers (signatures checked),
 //! planning rounds and their order, carrying out the engine's actions with the checks
 //! before every replace or delete, download queueing and putting finished downloads
-//! into place, racy-file rechecks ([`racy`]), and what each store commit holds.
+//! into place, block transfers ([`transfer`]: which peer is asked for which blocks),
+//! racy-file rechecks ([`racy`]), and what each store commit holds.
 //!
 //! The node (`weft-node`) and the simulation (`weft-simulations`) both run this code:
 //! each is an executor of the small traits in [`io`] (disk, store, peers, scanner,
@@ -29,6 +30,7 @@ pub mod folder;
 pub mod io;
 pub mod racy;
 pub mod scan;
+pub mod transfer;
 
 pub use folder::{Folder, FolderSettings};
 pub use io::{FolderIo, IoError};

@@ -22,27 +22,17 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use weft_protocol::document::{Content, Entry};
-use weft_protocol::path::TEMP_PREFIX;
 use weft_protocol::{BlockHash, DeviceId, FolderId, Manifest, ManifestHash, RelPath};
 
 use crate::net::NetHandle;
 use crate::store::Store;
 use crate::temp_file::TempFile;
 
-/// Blocks per request: a few MiB per round trip with the default chunk size.
-pub const BATCH_BLOCKS: usize = 8;
-/// Requests in flight per download (~8 MiB with the default chunk size). 8 looked a
-/// little faster for large files but doubles what a dropped connection loses (see
-/// docs/benchmarks.md, session 6).
-pub const BATCHES_IN_FLIGHT: usize = 4;
-/// Times a block is asked for (from different peers where possible) before giving up.
-pub const BLOCK_ATTEMPTS: usize = 3;
-/// Failed requests (not missing blocks) a download survives.
-pub const MAX_REQUEST_FAILURES: usize = 50;
+pub use weft_core::transfer::{BATCH_BLOCKS, BATCHES_IN_FLIGHT, BLOCK_ATTEMPTS};
+use weft_core::transfer::{BlockRequests, ManifestRequests, Received};
+
 /// Bytes written to a download between two early write-backs (see [`fetch_files`]).
 pub const EARLY_SYNC_BYTES: u64 = 32 * 1024 * 1024;
-/// Pause before a failed request is sent again, times the failures so far.
-pub const REQUEST_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What a download needs from the node.
 #[derive(Clone)]
@@ -77,15 +67,7 @@ pub struct Fetched {
 
 /// The temp file of a download: deterministic, so a restart resumes it.
 pub fn temp_path(root: &Path, path: &RelPath, manifest: &Manifest) -> PathBuf {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(path.as_str().as_bytes());
-    hasher.update(manifest.hash().as_bytes());
-    let id = hasher.finalize().to_hex();
-    let dir = match path.parent() {
-        Some(parent) => root.join(parent.as_str()),
-        None => root.to_path_buf(),
-    };
-    dir.join(format!("{TEMP_PREFIX}{}", &id[..24]))
+    root.join(weft_core::transfer::temp_name(path, manifest))
 }
 
 /// Why a download failed. Cloned onto every file of a group that one failure ends.
@@ -155,25 +137,22 @@ async fn manifest_of(context: &FetchContext, entry: &Entry) -> Result<Manifest, 
             }
             // Each peer is asked; a failed request (not an answer "missing") is asked
             // again after a growing pause, like block requests.
-            let mut failures = 0usize;
-            let mut peers: std::collections::VecDeque<DeviceId> =
-                context.peers.iter().copied().collect();
-            while let Some(peer) = peers.pop_front() {
-                match context
+            let mut requests = ManifestRequests::new(&context.peers);
+            while let Some(peer) = requests.next_peer() {
+                let answer = match context
                     .net
                     .fetch_manifest(&peer, &context.folder, *hash)
                     .await
                 {
                     Ok(Some(manifest)) => return Ok(manifest),
-                    Ok(None) => {}
+                    Ok(None) => Some(false),
                     Err(error) => {
-                        failures += 1;
                         tracing::debug!(%error, "manifest request failed; asking again");
-                        if failures <= MAX_REQUEST_FAILURES {
-                            tokio::time::sleep(REQUEST_RETRY_PAUSE * failures.min(20) as u32).await;
-                            peers.push_back(peer);
-                        }
+                        None
                     }
+                };
+                if let Some(pause) = requests.answered(peer, answer) {
+                    tokio::time::sleep(pause).await;
                 }
             }
             Err(FetchError::NoManifest(*hash))
@@ -1002,45 +981,32 @@ async fn request_blocks(
             })
             .collect()
     };
-    let mut attempts: HashMap<BlockHash, usize> = HashMap::new();
-    let mut queue: Vec<Vec<BlockHash>> = order.chunks(BATCH_BLOCKS).map(<[_]>::to_vec).collect();
-    queue.reverse();
-    let mut round = 0usize;
-    // A block one peer did not have is asked of the next peer, not of whichever peer
-    // the rotation gives (with two peers of which one lacks it, the rotation could ask
-    // the same one three times and give the block up).
-    let mut next_peer: HashMap<BlockHash, usize> = HashMap::new();
-    let mut stream_failures = 0usize;
+    // Which peer is asked for which blocks, and what an answer means, is the folder
+    // core's (`weft_core::transfer`); this loop sends, verifies and writes.
+    let mut requests = BlockRequests::new(&order, context.peers.clone());
     let mut in_flight = futures::stream::FuturesUnordered::new();
     let mut writing = None;
     loop {
-        while in_flight.len() < BATCHES_IN_FLIGHT {
-            let Some(batch) = queue.pop() else { break };
-            let index = match batch.as_slice() {
-                [hash] => next_peer.get(hash).copied(),
-                _ => None,
-            }
-            .unwrap_or_else(|| {
-                round += 1;
-                round - 1
-            });
-            let peer = context.peers[index % context.peers.len()];
+        while let Some(request) = requests.next_request() {
             let net = context.net.clone();
             let folder = context.folder.clone();
             in_flight.push(async move {
-                let result = net.fetch_blocks(&peer, &folder, batch.clone()).await;
-                (peer, batch, result)
+                let result = net
+                    .fetch_blocks(&request.peer, &folder, request.hashes.clone())
+                    .await;
+                (request, result)
             });
         }
-        let Some((peer, batch, result)) = in_flight.next().await else {
+        let Some((request, result)) = in_flight.next().await else {
             break;
         };
-        let mut retry = Vec::new();
+        let peer = request.peer;
         let mut writes = Vec::new();
-        match result {
+        let (answer, failure) = match result {
             Ok(blocks) => {
+                let mut received = Vec::with_capacity(blocks.len());
                 for (hash, data) in blocks {
-                    match data {
+                    let kind = match data {
                         Some(data)
                             if BlockHash::of(&data) == hash
                                 && lengths.get(&hash) == Some(&(data.len() as u32)) =>
@@ -1048,49 +1014,42 @@ async fn request_blocks(
                             if let Some(places) = targets.remove(&hash) {
                                 writes.push((data, places));
                             }
+                            Received::Verified
                         }
                         Some(_) => {
                             tracing::warn!(peer = %peer, %hash, "block failed verification; asking elsewhere");
-                            context.net.penalise(&peer);
-                            retry.push(hash);
+                            Received::Corrupt
                         }
-                        None => retry.push(hash),
-                    }
+                        None => Received::Missing,
+                    };
+                    received.push((hash, kind));
                 }
+                (Some(received), None)
             }
             Err(error) => {
-                // A failed request (stream refused or reset under load) says nothing
-                // about the blocks: ask again after a growing pause, from the next
-                // peer, without counting it as the blocks' absence.
-                stream_failures += 1;
-                if stream_failures > MAX_REQUEST_FAILURES {
-                    fail_all(downloads, targets, &FetchError::RequestsFailing(error));
-                    break;
-                }
                 tracing::debug!(peer = %peer, %error, "block request failed; asking again");
-                let pause = REQUEST_RETRY_PAUSE * stream_failures.min(20) as u32;
-                tokio::time::sleep(pause).await;
-                queue.push(batch);
+                (None, Some(error))
             }
+        };
+        let outcome = requests.answered(request, answer);
+        if outcome.penalise {
+            context.net.penalise(&peer);
         }
-        let after = context
-            .peers
-            .iter()
-            .position(|device| *device == peer)
-            .map_or(0, |index| index + 1);
-        for hash in retry {
-            next_peer.insert(hash, after);
-            let tries = attempts.entry(hash).or_insert(0);
-            *tries += 1;
-            if *tries >= BLOCK_ATTEMPTS.max(context.peers.len()) {
-                // The files that need it fail; the others go on.
-                if let Some(places) = targets.remove(&hash) {
-                    let lost = Targets::from([(hash, places)]);
-                    fail_all(downloads, &lost, &FetchError::Unavailable(hash));
-                }
-                continue;
+        if outcome.give_up
+            && let Some(error) = failure
+        {
+            fail_all(downloads, targets, &FetchError::RequestsFailing(error));
+            break;
+        }
+        if let Some(pause) = outcome.pause {
+            tokio::time::sleep(pause).await;
+        }
+        for hash in outcome.lost {
+            // The files that need it fail; the others go on.
+            if let Some(places) = targets.remove(&hash) {
+                let lost = Targets::from([(hash, places)]);
+                fail_all(downloads, &lost, &FetchError::Unavailable(hash));
             }
-            queue.push(vec![hash]);
         }
         if writes.is_empty() {
             continue;

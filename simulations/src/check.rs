@@ -22,8 +22,8 @@ use std::collections::BTreeMap;
 
 use weft_protocol::ManifestHash;
 
-use crate::device::manifest_of;
 use crate::disk::{Node, is_temp};
+use crate::executor::manifest_of;
 use crate::world::World;
 
 /// An invariant that failed, and how.

@@ -1,9 +1,11 @@
-//! Deterministic simulations of Weft's sync: many devices running the node's real
-//! engine and folder document against a virtual disk and network, with faults, on
-//! virtual time, all from one seed.
+//! Deterministic simulations of Weft's sync: many devices running the node's folder
+//! core against a virtual disk and network, with faults, on virtual time, all from one
+//! seed.
 //!
 //! - [`world`]: the scheduler, the users, the network and the faults;
-//! - [`device`]: one device: the node's folder shell modelled over [`disk`];
+//! - [`device`]: one device: the folder core (`weft-core`, the node's own code) and its
+//!   [`executor`] over the virtual [`disk`], store and network ([`message`],
+//!   [`transfer`]);
 //! - [`check`]: the invariants;
 //! - [`planner`]: a CanopyCheck-style property check of the planner alone;
 //! - [`rng`]: the one source of randomness.
@@ -16,12 +18,15 @@
 pub mod check;
 pub mod device;
 pub mod disk;
+pub mod executor;
+pub mod message;
 pub mod planner;
 pub mod rng;
+pub mod transfer;
 pub mod world;
 
 pub use check::Violation;
-pub use device::Sabotage;
+pub use executor::Sabotage;
 pub use world::{Config, Outcome, World};
 
 /// Runs one seed.

@@ -18,8 +18,8 @@ use weft_core::engine::{
 use weft_protocol::document::{Content, Entry, EntryKind};
 use weft_protocol::{DeviceId, DeviceKey, Manifest, ManifestHash, RelPath};
 
-use crate::device::manifest_of;
 use crate::disk::directory_entry;
+use crate::executor::manifest_of;
 use crate::rng::Rng;
 
 /// Paths the trees are made of: nested, so parents and children interact.

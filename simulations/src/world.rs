@@ -19,8 +19,10 @@ use weft_protocol::document::{Content, Entry, EntryKind, FolderDocument, SyncSta
 use weft_protocol::{DeviceId, DeviceKey, ManifestHash, RelPath};
 
 use crate::check::{self, Violation};
-use crate::device::{Device, Msg, Sabotage, manifest_of};
+use crate::device::Device;
 use crate::disk::Node;
+use crate::executor::{Sabotage, manifest_of};
+use crate::message::Msg;
 use crate::rng::Rng;
 
 /// 2026-11-27 09:03:04 UTC: the simulated clock's start.
@@ -719,6 +721,21 @@ impl World {
                 continue;
             };
             self.send(index, to, msg);
+        }
+        // A device the folder core disconnects (its sync kept failing) reconnects a
+        // moment later, as the node's peers dial again.
+        let disconnects = std::mem::take(&mut self.devices[index].disconnects);
+        for peer in disconnects {
+            let Some(other) = self.devices.iter().position(|d| d.id == peer) else {
+                continue;
+            };
+            let link = pair(index, other);
+            self.trace(format!("dev{index} disconnects dev{other}"));
+            self.cut.insert(link);
+            self.refresh_links();
+            self.cut.remove(&link);
+            let delay = self.rng.range(10, 500) as i64 * MS;
+            self.schedule(delay, Event::Reconnect);
         }
         // The node's run loop wakes up when a racy file is due.
         if let Some(due) = self.devices[index].next_recheck()

@@ -5,7 +5,7 @@ use weft_simulations::{Config, Sabotage, simulate};
 
 /// Seeds that found engine bugs, with the shape they failed in (see
 /// docs/simulation.md for each bug and its fix).
-const REGRESSIONS: [(u64, usize, u64); 13] = [
+const REGRESSIONS: [(u64, usize, u64); 14] = [
     // A deleted directory kept alive by an abandoned temp file: planning looped.
     (0, 2, 1500),
     // A document reloaded after a failed commit, with peers' sync states kept: the
@@ -41,6 +41,10 @@ const REGRESSIONS: [(u64, usize, u64); 13] = [
     // row; the copy renamed back elsewhere then read as unchanged, and the empty path
     // as the user's delete.
     (200, 2, 93),
+    // A change automerge held back for a missing dependency was applied when another
+    // peer sent the dependency, and refused: its signature had come from the first
+    // peer, and only the sender's were looked at. The sync looped.
+    (26, 3, 1000),
 ];
 
 /// Seeds that found bugs on coarse timestamps (`--coarse-timestamps`), with their

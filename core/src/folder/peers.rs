@@ -6,8 +6,6 @@
 //! changes without valid signatures ([`MAX_REFUSALS`] times without an accepted change
 //! in between) is disconnected, since its sync is looping without progress.
 
-use std::collections::HashMap;
-
 use weft_protocol::change_signature::{self, ChangeSignatureError, SignedChange};
 use weft_protocol::document::SyncState;
 use weft_protocol::{DeviceId, RelPath};
@@ -199,26 +197,34 @@ impl<T> Folder<T> {
             self.document.changes_since(&before)
         };
         if !added.is_empty() {
-            let pending: HashMap<[u8; 32], weft_protocol::Signature> =
-                self.pending_signatures.remove(&device).unwrap_or_default();
+            // A signature is checked against its author's key, so it may have come from
+            // any peer: a change automerge held back for a missing dependency is
+            // applied when another peer sends that dependency.
+            let pending = &self.pending_signatures;
             let known = &self.signatures;
             let checked = change_signature::verify(&self.id, &added, |hash| {
-                pending.get(hash).or_else(|| known.get(hash)).copied()
+                pending
+                    .get(&device)
+                    .and_then(|own| own.get(hash))
+                    .or_else(|| known.get(hash))
+                    .or_else(|| pending.values().find_map(|other| other.get(hash)))
+                    .copied()
             });
             match checked {
                 Ok(signed) => {
                     // Progress: the device's refusals no longer count as a loop.
                     self.refusals.remove(&device);
                     self.keep_signatures(io, &signed);
-                    let mut pending = pending;
-                    for change in &signed {
-                        pending.remove(&change.hash);
+                    for pending in self.pending_signatures.values_mut() {
+                        for change in &signed {
+                            pending.remove(&change.hash);
+                        }
                     }
-                    if !pending.is_empty() {
-                        self.pending_signatures.insert(device, pending);
-                    }
+                    self.pending_signatures
+                        .retain(|_, pending| !pending.is_empty());
                 }
                 Err(error) => {
+                    self.pending_signatures.remove(&device);
                     self.refuse_sync_message(io, device, &error);
                     return;
                 }
