@@ -24,6 +24,9 @@ use crate::executor::{COMPACT_AFTER, SimIo, SimTemp};
 use crate::message::{Msg, kind_of};
 use crate::rng::Rng;
 
+/// Download tasks reported to the core in one event at most (see [`Device::on_core`]).
+const MAX_ROUNDS_PER_EVENT: usize = 1_000;
+
 /// A simulated device: the folder core and its executor.
 pub struct Device {
     core: Option<Folder<SimTemp>>,
@@ -73,7 +76,9 @@ impl Device {
             return;
         }
         event(core, &mut self.io);
-        loop {
+        // Downloads that finish at once (every block is local) and are planned again at
+        // once would loop here forever: a livelock, left for the termination check.
+        for _ in 0..MAX_ROUNDS_PER_EVENT {
             let completed = std::mem::take(&mut self.io.transfers.completed);
             if completed.is_empty() || self.io.crashed {
                 break;
@@ -149,6 +154,14 @@ impl Device {
             .iter()
             .map(|path| engine::settled_value(&remote_of(core.document(), path)).cloned())
             .collect()
+    }
+
+    /// Local changes this device keeps unpublished (a receive-only device's).
+    pub fn local_only(&self) -> Vec<RelPath> {
+        self.core
+            .as_ref()
+            .map(|core| core.counts().local_only.clone())
+            .unwrap_or_default()
     }
 
     /// Paths being downloaded now.

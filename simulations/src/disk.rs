@@ -3,8 +3,17 @@
 //! It behaves like the POSIX calls the node's shell makes (`lstat`, write, rename,
 //! `mkdir -p`, `unlink`, `rmdir`, `symlink`) with their failure modes: a missing
 //! parent, a non-empty directory, an injected I/O error, a full disk. A kill -9 keeps
-//! everything here (the shell fsyncs before it renames); what a crash loses is the
+//! everything here (the node fsyncs a file before it renames it); what it loses is the
 //! device's memory, modelled in [`crate::device`].
+//!
+//! A power loss loses more: a new name, a rename or an unlink is a change to its
+//! directory, and it is durable only once that directory is synced (ext4 without a
+//! journal, or with `fast_commit`, and btrfs do not write it with the next `fsync` of
+//! another file). The disk keeps the node's directory changes since its last
+//! [`Disk::sync_dirs`] and [`Disk::lose_unsynced`] undoes them, newest first. A user's
+//! own operation makes the paths it touches durable (an editor syncs what it saves),
+//! so that a power loss never takes back a user's write, which the checker would
+//! count as lost.
 //!
 //! With `coarse_timestamps` the disk keeps mtimes the way FAT does, in even seconds:
 //! two writes of the same size within two seconds leave size, mtime and inode as they
@@ -75,6 +84,9 @@ pub struct Disk {
     pub escapes: Vec<String>,
     /// Mtimes are kept in even seconds (FAT), see the module doc.
     pub coarse_timestamps: bool,
+    /// The node's directory changes not yet synced, oldest first: each path with what
+    /// it held before (`None`: nothing).
+    unsynced: Vec<(String, Option<Node>)>,
 }
 
 /// FAT's timestamp granularity.
@@ -113,6 +125,59 @@ impl Disk {
             next_inode: first_inode,
             ..Self::default()
         }
+    }
+
+    /// Notes a change to `path`'s directory entry: the node's (`sync`) is undone by a
+    /// power loss until [`Disk::sync_dirs`]; a user's makes the path durable.
+    fn entry_changes(&mut self, path: &str, sync: bool) {
+        if sync {
+            let old = self.nodes.get(path).cloned();
+            self.unsynced.push((path.to_owned(), old));
+        } else {
+            let under = format!("{path}/");
+            self.unsynced.retain(|(changed, _)| {
+                !(changed == path
+                    || changed.starts_with(&under)
+                    || path.starts_with(&format!("{changed}/")))
+            });
+        }
+    }
+
+    /// Notes changes to `path` and everything under it.
+    fn tree_changes(&mut self, path: &str, sync: bool) {
+        let under = format!("{path}/");
+        let inside: Vec<String> = self
+            .nodes
+            .range(under.clone()..)
+            .take_while(|(p, _)| p.starts_with(&under))
+            .map(|(p, _)| p.clone())
+            .collect();
+        self.entry_changes(path, sync);
+        for child in inside {
+            self.entry_changes(&child, sync);
+        }
+    }
+
+    /// The node synced every directory it changed (before a store commit).
+    pub fn sync_dirs(&mut self) {
+        self.unsynced.clear();
+    }
+
+    /// A power loss: the node's directory changes since the last sync are undone,
+    /// newest first. Returns how many.
+    pub fn lose_unsynced(&mut self) -> usize {
+        let undone = self.unsynced.len();
+        while let Some((path, old)) = self.unsynced.pop() {
+            match old {
+                Some(node) => {
+                    self.nodes.insert(path, node);
+                }
+                None => {
+                    self.nodes.remove(&path);
+                }
+            }
+        }
+        undone
     }
 
     fn inode(&mut self) -> u64 {
@@ -198,14 +263,17 @@ impl Disk {
 
     /// Checks a write's path: every ancestor must be a directory that exists (or, with
     /// `create`, is missing and may be made). An ancestor symlink is an escape.
-    fn check_parents(&mut self, path: &str, create: bool) -> Result<(), DiskError> {
+    fn check_parents(&mut self, path: &str, create: bool, sync: bool) -> Result<(), DiskError> {
         let mut missing = false;
         let mut at = parent(path);
         while let Some(dir) = at {
             match self.nodes.get(dir) {
                 Some(Node::Dir) => {}
                 Some(Node::Symlink { .. }) => {
-                    self.escapes.push(path.to_owned());
+                    // The node's operations only: a user may try anything.
+                    if sync {
+                        self.escapes.push(path.to_owned());
+                    }
                     return Err(DiskError::NotADirectory);
                 }
                 Some(Node::File { .. }) => return Err(DiskError::NotADirectory),
@@ -239,17 +307,24 @@ impl Disk {
 
     /// `mkdir -p`.
     pub fn create_dir_all(&mut self, path: &str, roll: u64, sync: bool) -> Result<(), DiskError> {
-        self.check_parents(path, true)?;
+        self.check_parents(path, true, sync)?;
         match self.nodes.get(path) {
             Some(Node::Dir) => return Ok(()),
             Some(_) => return Err(DiskError::Exists),
             None => {}
         }
         self.writable(sync, roll)?;
+        let mut made = Vec::new();
         let mut at = Some(path);
         while let Some(dir) = at {
-            self.nodes.entry(dir.to_owned()).or_insert(Node::Dir);
+            if !self.nodes.contains_key(dir) {
+                made.push(dir.to_owned());
+            }
             at = parent(dir);
+        }
+        for dir in made.into_iter().rev() {
+            self.entry_changes(&dir, sync);
+            self.nodes.insert(dir, Node::Dir);
         }
         Ok(())
     }
@@ -265,7 +340,7 @@ impl Disk {
         roll: u64,
         sync: bool,
     ) -> Result<(), DiskError> {
-        self.check_parents(path, false)?;
+        self.check_parents(path, false, sync)?;
         self.writable(sync, roll)?;
         let inode = match self.nodes.get(path) {
             Some(Node::File { inode, .. }) => *inode,
@@ -273,6 +348,7 @@ impl Disk {
             None => self.inode(),
         };
         let mtime_ns = self.stamp(mtime_ns);
+        self.entry_changes(path, sync);
         self.nodes.insert(
             path.to_owned(),
             Node::File {
@@ -324,11 +400,12 @@ impl Disk {
         roll: u64,
         sync: bool,
     ) -> Result<(), DiskError> {
-        self.check_parents(path, false)?;
+        self.check_parents(path, false, sync)?;
         self.writable(sync, roll)?;
         if self.nodes.contains_key(path) {
             return Err(DiskError::Exists);
         }
+        self.entry_changes(path, sync);
         let inode = self.inode();
         self.nodes.insert(
             path.to_owned(),
@@ -343,8 +420,8 @@ impl Disk {
     /// `rename(from, to)`: replaces a file or symlink at `to`, or an empty directory
     /// with a directory; moves a directory's whole subtree.
     pub fn rename(&mut self, from: &str, to: &str, roll: u64, sync: bool) -> Result<(), DiskError> {
-        self.check_parents(from, false)?;
-        self.check_parents(to, false)?;
+        self.check_parents(from, false, sync)?;
+        self.check_parents(to, false, sync)?;
         self.writable(sync, roll)?;
         let Some(node) = self.nodes.get(from).cloned() else {
             return Err(DiskError::NotFound);
@@ -362,6 +439,8 @@ impl Disk {
             (Some(_), Node::Dir) => return Err(DiskError::NotADirectory),
             (Some(_), _) => {}
         }
+        self.tree_changes(from, sync);
+        self.tree_changes(to, sync);
         self.nodes.remove(from);
         if matches!(node, Node::Dir) {
             let prefix = format!("{from}/");
@@ -373,8 +452,9 @@ impl Disk {
                 .collect();
             for old in moved {
                 if let Some(child) = self.nodes.remove(&old) {
-                    self.nodes
-                        .insert(format!("{to}/{}", &old[prefix.len()..]), child);
+                    let new = format!("{to}/{}", &old[prefix.len()..]);
+                    self.entry_changes(&new, sync);
+                    self.nodes.insert(new, child);
                 }
             }
         }
@@ -384,13 +464,14 @@ impl Disk {
 
     /// `unlink`.
     pub fn remove_file(&mut self, path: &str, roll: u64, sync: bool) -> Result<(), DiskError> {
-        self.check_parents(path, false)?;
+        self.check_parents(path, false, sync)?;
         if sync && roll < self.fail_percent {
             return Err(DiskError::Io);
         }
         match self.nodes.get(path) {
             Some(Node::Dir) => Err(DiskError::Exists),
             Some(_) => {
+                self.entry_changes(path, sync);
                 self.nodes.remove(path);
                 Ok(())
             }
@@ -400,13 +481,14 @@ impl Disk {
 
     /// `rmdir` (empty directories only).
     pub fn remove_dir(&mut self, path: &str, roll: u64, sync: bool) -> Result<(), DiskError> {
-        self.check_parents(path, false)?;
+        self.check_parents(path, false, sync)?;
         if sync && roll < self.fail_percent {
             return Err(DiskError::Io);
         }
         match self.nodes.get(path) {
             Some(Node::Dir) if self.has_children(path) => Err(DiskError::NotEmpty),
             Some(Node::Dir) => {
+                self.entry_changes(path, sync);
                 self.nodes.remove(path);
                 Ok(())
             }
@@ -419,12 +501,21 @@ impl Disk {
     /// before removing a directory the remote deleted).
     pub fn remove_temp_files(&mut self, dir: &str) {
         let prefix = format!("{dir}/");
-        self.nodes.retain(|path, node| {
-            !(matches!(node, Node::File { .. })
-                && path.starts_with(&prefix)
-                && !path[prefix.len()..].contains('/')
-                && is_temp(path))
-        });
+        let temps: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(path, node)| {
+                matches!(node, Node::File { .. })
+                    && path.starts_with(&prefix)
+                    && !path[prefix.len()..].contains('/')
+                    && is_temp(path)
+            })
+            .map(|(path, _)| path.clone())
+            .collect();
+        for temp in temps {
+            self.entry_changes(&temp, true);
+            self.nodes.remove(&temp);
+        }
     }
 
     /// `rm -rf` (a user's): the paths of the files it removed, with their bytes.
@@ -437,6 +528,7 @@ impl Disk {
             .filter(|(p, _)| *p == path || p.starts_with(&prefix))
             .map(|(p, _)| p.clone())
             .collect();
+        self.tree_changes(path, false);
         let mut removed = Vec::new();
         for p in doomed {
             if let Some(Node::File { data, .. }) = self.nodes.remove(&p) {

@@ -58,6 +58,9 @@ pub enum Sabotage {
     /// Trust a racily clean file's metadata: never hash it again, nor check its bytes
     /// before replacing it.
     NoRacyCheck,
+    /// Never sync a directory before a store commit: a power loss can undo a rename
+    /// the store has recorded.
+    NoDirSync,
 }
 
 /// What the node's redb store holds for the folder (survives crashes).
@@ -372,7 +375,11 @@ impl io::Disk for SimIo {
         }
     }
 
-    fn sync_dirs(&mut self) {}
+    fn sync_dirs(&mut self) {
+        if self.sabotage != Sabotage::NoDirSync && !self.crashed {
+            self.disk.sync_dirs();
+        }
+    }
 }
 
 impl io::Store for SimIo {

@@ -218,6 +218,13 @@ impl World {
                 }
             }
         }
+        // A third of the worlds of three or more devices have a receive-only device
+        // (the last): it applies what the others publish and publishes nothing. Its
+        // user does not edit, so that every tree still converges exactly (a local
+        // change there stays local by design: the black-box tests cover that).
+        if n >= 3 && rng.chance(33) {
+            devices[n - 1].mode = weft_core::engine::FolderMode::ReceiveOnly;
+        }
         let mut secret = [0u8; 32];
         secret.copy_from_slice(&rng.bytes(32));
         let intruder = DeviceKey::from_secret_bytes(secret).device_id();
@@ -340,7 +347,11 @@ impl World {
             self.schedule(FULL_SCAN / 2 + jitter, Event::FullScan(index));
             self.schedule(RETRY + index as i64 * MS, Event::Retry(index));
             let first = self.rng.below(300) as i64 * MS;
-            self.schedule(first, Event::User(index));
+            if self.devices[index].mode == weft_core::engine::FolderMode::ReceiveOnly {
+                self.trace(format!("dev{index} is receive-only"));
+            } else {
+                self.schedule(first, Event::User(index));
+            }
         }
         self.refresh_links();
         if self.config.faults {
@@ -655,7 +666,16 @@ impl World {
 
     fn crash(&mut self, index: usize) {
         self.stats.crashes += 1;
-        self.trace(format!("dev{index} crashes"));
+        // Half of the crashes are power losses: directory changes the node had not
+        // synced yet are gone too (disk.rs).
+        if self.rng.chance(50) {
+            let undone = self.devices[index].disk.lose_unsynced();
+            self.trace(format!(
+                "dev{index} loses power ({undone} unsynced directory changes undone)"
+            ));
+        } else {
+            self.trace(format!("dev{index} crashes"));
+        }
         self.devices[index].crash();
         self.refresh_links();
     }
@@ -1183,7 +1203,9 @@ impl World {
                     (index + 1 + self.rng.index(self.devices.len() - 1)) % self.devices.len();
                 let mine = self.content(false);
                 self.write(index, &path, mine, "edits (concurrently)");
-                if self.devices[other].disk.read(&path).is_some() {
+                let receive_only =
+                    self.devices[other].mode == weft_core::engine::FolderMode::ReceiveOnly;
+                if !receive_only && self.devices[other].disk.read(&path).is_some() {
                     let theirs = self.content(false);
                     self.write(other, &path, theirs, "edits (concurrently)");
                 }

@@ -11,7 +11,7 @@
 //! each checked against the disk just before. A failed download is tried again every
 //! [`RETRY_INTERVAL`] and whenever a peer connects.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use weft_protocol::document::{Entry, EntryKind};
@@ -60,7 +60,7 @@ pub(super) struct Downloads<T> {
     /// Whether this folder can download at all (a node without network cannot).
     enabled: bool,
     /// Downloads queued or running: path and bytes.
-    pub(super) in_flight: HashMap<RelPath, u64>,
+    pub(super) in_flight: BTreeMap<RelPath, u64>,
     /// Downloads waiting for a slot; the largest starts first.
     queue: Vec<Download>,
     /// Downloads started, by ID, until their task reports.
@@ -83,7 +83,7 @@ impl<T> Downloads<T> {
     pub(super) fn new(enabled: bool) -> Self {
         Self {
             enabled,
-            in_flight: HashMap::new(),
+            in_flight: BTreeMap::new(),
             queue: Vec::new(),
             started: BTreeMap::new(),
             next_id: 0,
@@ -250,6 +250,7 @@ impl<T> Folder<T> {
         io: &mut I,
         results: Vec<(u64, Result<Fetched<T>, String>)>,
     ) {
+        self.begin_event();
         self.downloads.running = self.downloads.running.saturating_sub(1);
         for (id, result) in results {
             if let Some(download) = self.downloads.started.remove(&id) {
@@ -286,6 +287,7 @@ impl<T> Folder<T> {
 
     /// Tries failed downloads again.
     pub fn retry<I: FolderIo<Temp = T>>(&mut self, io: &mut I) {
+        self.begin_event();
         self.downloads.last_retry = io.monotonic_ns();
         let failed: Vec<RelPath> = std::mem::take(&mut self.downloads.failed)
             .into_iter()
@@ -345,14 +347,17 @@ impl<T> Folder<T> {
             let still_wanted = download.restore.is_some()
                 || engine::settled_value(&remote_of(&self.document, &path))
                     == Some(&download.entry);
+            let parents_ok = io.non_directory_parent(&path).is_none();
             if !still_wanted
+                || !parents_ok
                 || !Self::disk_matches(io, &path, download.expected.as_ref())
                 || self.changed_unseen(io, &path, download.expected.as_ref())
-                || io.non_directory_parent(&path).is_some()
             {
                 // Changed here or there meanwhile: decide again. The temp file is kept
-                // for a retry of the same version, and removed otherwise.
-                if !still_wanted || download.restore.is_some() {
+                // for a retry of the same version, and removed otherwise; never through
+                // a parent that is no longer a directory (a symlink there leads out of
+                // the folder: the scan's temp-file expiry finds it if it is still ours).
+                if (!still_wanted || download.restore.is_some()) && parents_ok {
                     io.discard_temp(fetched.temp);
                 }
                 if let Some(ticket) = download.restore {
@@ -439,7 +444,7 @@ impl<T> Folder<T> {
             io.restored(ticket, Ok(path));
         }
         if !replan.is_empty() {
-            self.scan(io, Scope::of(replan.iter().cloned().collect()));
+            self.scan_scope(io, Scope::of(replan.iter().cloned().collect()));
             self.plan_paths(io, replan);
         }
         self.pump_downloads(io);
@@ -456,6 +461,7 @@ impl<T> Folder<T> {
         to: Option<RelPath>,
         ticket: u64,
     ) {
+        self.begin_event();
         let versions = self.history(&path);
         if versions.is_empty() {
             io.restored(ticket, Err(format!("{path} has no history in this folder")));

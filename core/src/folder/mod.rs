@@ -36,7 +36,7 @@ mod plan;
 mod record;
 mod scanning;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -139,7 +139,7 @@ pub struct Folder<T> {
     document: FolderDocument,
     /// Authors' signatures of the document's changes, by change hash (verified, or
     /// made here); passed on with the changes.
-    signatures: HashMap<[u8; 32], Signature>,
+    signatures: BTreeMap<[u8; 32], Signature>,
     /// Received changes whose store commit failed: kept in memory and saved with the
     /// next commit (automerge's `save_incremental` hands each change out only once).
     unsaved: Vec<u8>,
@@ -151,9 +151,9 @@ pub struct Folder<T> {
     /// A commit of scan results failed since this was last cleared (a scan's racy files
     /// then stay racy: what their second hash found is not in the store).
     commit_failed: bool,
-    /// The last store commit failed (a full disk, say): planning stops until one
-    /// succeeds, since every round's rescan would fail to commit and reload the
-    /// document again. The paths left wait in `needs_plan` for the next event.
+    /// A store commit failed in this event (a full disk, say): planning stops until
+    /// the next event, since every round's rescan would fail to commit and reload the
+    /// document again. The paths left wait in `needs_plan`.
     store_failing: bool,
     /// Paths where the engine wants more than publishing (apply, conflict, ...), or
     /// left over from a planning that did not settle.
@@ -163,7 +163,7 @@ pub struct Folder<T> {
     /// Sync messages arriving in parts, per device.
     assemblies: BTreeMap<DeviceId, SyncAssembly>,
     /// Signatures a device sent for the changes of its next sync message.
-    pending_signatures: BTreeMap<DeviceId, HashMap<[u8; 32], Signature>>,
+    pending_signatures: BTreeMap<DeviceId, BTreeMap<[u8; 32], Signature>>,
     /// Sync messages refused since the device's last accepted change.
     refusals: BTreeMap<DeviceId, u32>,
     downloads: downloads::Downloads<T>,
@@ -274,6 +274,7 @@ impl<T> Folder<T> {
     /// due at once, a full scan records what changed meanwhile, and every known path is
     /// planned (work a crash left).
     pub fn start<I: FolderIo<Temp = T>>(&mut self, io: &mut I) {
+        self.begin_event();
         self.downloads.last_retry = io.monotonic_ns();
         match io.racy_paths() {
             Ok(paths) => {
@@ -287,7 +288,7 @@ impl<T> Folder<T> {
                 );
             }
         }
-        self.scan(io, Scope::Full);
+        self.scan_scope(io, Scope::Full);
         self.plan_all(io);
         self.after_changes(io);
     }
@@ -295,12 +296,14 @@ impl<T> Folder<T> {
     /// The periodic full scan: rescan everything and plan every known path (repairs
     /// whatever an earlier event left undone).
     pub fn full_scan<I: FolderIo<Temp = T>>(&mut self, io: &mut I) {
-        self.scan(io, Scope::Full);
+        self.begin_event();
+        self.scan_scope(io, Scope::Full);
         self.plan_all(io);
     }
 
     /// An event from a peer (or a change of members), handled at once.
     pub fn peer_input<I: FolderIo<Temp = T>>(&mut self, io: &mut I, input: PeerInput) {
+        self.begin_event();
         self.handle_peer_input(io, input, Plan::Now);
     }
 
@@ -342,6 +345,7 @@ impl<T> Folder<T> {
     /// Does what is due by now: racy files hashed again, finished downloads put into
     /// place, failed downloads tried again.
     pub fn tick<I: FolderIo<Temp = T>>(&mut self, io: &mut I) {
+        self.begin_event();
         self.recheck_racy(io);
         self.finish_due_downloads(io);
         if self.downloads.retry_due(io.monotonic_ns()) {
@@ -351,6 +355,7 @@ impl<T> Folder<T> {
 
     /// Hashes again the racily clean files that are due.
     pub fn recheck_racy<I: FolderIo<Temp = T>>(&mut self, io: &mut I) {
+        self.begin_event();
         let now = io.monotonic_ns();
         let due: BTreeSet<RelPath> = self
             .racy
@@ -359,7 +364,7 @@ impl<T> Folder<T> {
             .map(|(path, _)| path.clone())
             .collect();
         if !due.is_empty() {
-            self.scan(io, Scope::of(due));
+            self.scan_scope(io, Scope::of(due));
         }
     }
 
@@ -386,6 +391,12 @@ impl<T> Folder<T> {
     /// Paths downloading or waiting to.
     pub fn downloading(&self) -> Vec<RelPath> {
         self.downloads.in_flight.keys().cloned().collect()
+    }
+
+    /// A new event: the store is tried again (planning stopped for the rest of the
+    /// event in which a commit failed).
+    fn begin_event(&mut self) {
+        self.store_failing = false;
     }
 
     /// Marks a path to be hashed again at `due` (ns) whatever its metadata says.

@@ -160,6 +160,11 @@ impl<T> Folder<T> {
         io: &mut I,
         mut paths: Vec<RelPath>,
     ) {
+        if self.store_failing {
+            // Nothing could be recorded: the paths wait for the next event.
+            self.needs_plan.extend(paths);
+            return;
+        }
         // Children before their parents: a directory is removed after its contents
         // (and files create their parent directories themselves).
         paths.extend(self.unblocked(io));
@@ -199,7 +204,7 @@ impl<T> Folder<T> {
                 }
             }
             if !rescan.is_empty() {
-                self.scan(io, Scope::of(rescan));
+                self.scan_scope(io, Scope::of(rescan));
             }
             if self.store_failing {
                 // Nothing can be recorded: the rest waits for the next event.
@@ -363,13 +368,16 @@ impl<T> Folder<T> {
                 rescan.insert(path);
                 rescan.insert(to);
             }
-            Action::KeepLocal { path } => {
-                if self.counts.local_only.len() < MAX_LOCAL_ONLY_SHOWN
-                    && !self.counts.local_only.contains(&path)
-                {
-                    self.counts.local_only.push(path);
-                }
-            }
+            Action::KeepLocal { path } => self.keep_local(path),
+        }
+    }
+
+    /// Lists `path` among the local changes this device keeps unpublished.
+    fn keep_local(&mut self, path: RelPath) {
+        if self.counts.local_only.len() < MAX_LOCAL_ONLY_SHOWN
+            && !self.counts.local_only.contains(&path)
+        {
+            self.counts.local_only.push(path);
         }
     }
 
@@ -484,21 +492,39 @@ impl<T> Folder<T> {
                 // remote still has; or files that are not synced at all, like ignored
                 // ones) the directory stays and is published again: an edit wins over a
                 // delete, and a directory planned for removal forever would never settle.
+                // A child is going if the document deleted it and it is as it was
+                // synced: a local change there stays (published, or kept local by a
+                // receive-only device), and so does the directory.
                 let children = io.local_under(Some(&path)).unwrap_or_default();
-                let children: Vec<&RelPath> =
-                    children.keys().filter(|child| **child != path).collect();
-                let all_going = children.iter().all(|child| {
-                    matches!(remote_of(&self.document, child), Remote::Value(ref e) if e.deleted)
-                });
-                if all_going && !children.is_empty() {
+                let mut children = children.iter().filter(|(child, _)| **child != path);
+                let all_going = children.clone().next().is_some()
+                    && children.all(|(child, row)| {
+                        let deleted = matches!(
+                            remote_of(&self.document, child),
+                            Remote::Value(ref e) if e.deleted
+                        );
+                        let synced = io.synced(child).ok().flatten();
+                        deleted
+                            && synced.is_some_and(|s| {
+                                s.local
+                                    .as_ref()
+                                    .is_some_and(|at| engine::metadata_unchanged(at, row))
+                            })
+                    });
+                if all_going {
                     self.needs_plan.insert(path.clone());
                 } else {
                     io.log(
                         Level::Info,
                         format_args!("{path}: directory kept: it still holds files ({error})"),
                     );
-                    if self.membership.mode == FolderMode::SendReceive && local.is_some() {
-                        self.publish(io, &path, local);
+                    match self.membership.mode {
+                        FolderMode::SendReceive if local.is_some() => {
+                            self.publish(io, &path, local);
+                        }
+                        // Kept for the local changes inside it: a local change itself.
+                        FolderMode::ReceiveOnly => self.keep_local(path.clone()),
+                        FolderMode::SendReceive => {}
                     }
                 }
             }

@@ -18,6 +18,12 @@ impl<T> Folder<T> {
     /// Scans `scope` and records what changed. Nothing is planned here; the paths that
     /// need more than recording are planned by [`Folder::after_changes`].
     pub fn scan<I: FolderIo<Temp = T>>(&mut self, io: &mut I, scope: Scope) {
+        self.begin_event();
+        self.scan_scope(io, scope);
+    }
+
+    /// [`Folder::scan`] within an event (a plan round's rescan, say).
+    pub(super) fn scan_scope<I: FolderIo<Temp = T>>(&mut self, io: &mut I, scope: Scope) {
         let started = io.monotonic_ns();
         let full = matches!(scope, Scope::Full);
         let previous = match &scope {
