@@ -10,9 +10,11 @@
 //! a local copy (an edit to a large file) has the blocks no local file has fetched
 //! while the copy runs, rather than after it.
 //!
-//! The result is a complete, fsynced temp file with the version's mode and mtime. The
-//! folder actor then checks that the destination is still what it expects and renames
-//! the temp file over it (DESIGN.md, "Applying changes safely").
+//! Which peer is asked for which blocks, and what each answer means, is decided by the
+//! folder core (`weft_core::transfer`), which the simulation runs too; this module
+//! reads, verifies and writes. The result is a complete, fsynced temp file with the
+//! version's mode and mtime. The folder core then checks that the destination is still
+//! what it expects and has it renamed over it (DESIGN.md, "Applying changes safely").
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};

@@ -360,12 +360,7 @@ impl<T> Folder<T> {
                 if (!still_wanted || download.restore.is_some()) && parents_ok {
                     io.discard_temp(fetched.temp);
                 }
-                if let Some(ticket) = download.restore {
-                    io.restored(
-                        ticket,
-                        Err(format!("{path} changed while restoring; try again")),
-                    );
-                }
+                changed_while_restoring(io, download.restore, &path);
                 replan.push(path);
                 continue;
             }
@@ -408,12 +403,7 @@ impl<T> Folder<T> {
             local.manifest = Some(fetched.manifest.hash());
             if local.kind != EntryKind::File {
                 // Something else took the path at once: the rescan says what.
-                if let Some(ticket) = download.restore {
-                    io.restored(
-                        ticket,
-                        Err(format!("{path} changed while restoring; try again")),
-                    );
-                }
+                changed_while_restoring(io, download.restore, &path);
                 replan.push(path);
                 continue;
             }
@@ -504,5 +494,16 @@ impl<T> Folder<T> {
         entry.mtime_ns = io.now_ns();
         self.queue_download(io, target, entry, expected, Some(ticket));
         self.pump_downloads(io);
+    }
+}
+
+/// Tells a restore (if `ticket` names one) that `path` changed before the version
+/// could be put into place.
+fn changed_while_restoring<I: crate::io::Report>(io: &mut I, ticket: Option<u64>, path: &RelPath) {
+    if let Some(ticket) = ticket {
+        io.restored(
+            ticket,
+            Err(format!("{path} changed while restoring; try again")),
+        );
     }
 }

@@ -204,9 +204,7 @@ impl<T> Folder<T> {
         });
         match committed {
             Ok(increments) => {
-                self.unsaved.clear();
-                self.store_failing = false;
-                self.maybe_compact(io, increments);
+                self.stored(io, increments);
             }
             Err(error) => {
                 io.log(
@@ -260,6 +258,14 @@ impl<T> Folder<T> {
         }
     }
 
+    /// A commit succeeded with `increments` now stored: nothing is left unsaved, the
+    /// store works, and the document is compacted when it is due.
+    fn stored<I: FolderIo<Temp = T>>(&mut self, io: &mut I, increments: u64) {
+        self.unsaved.clear();
+        self.store_failing = false;
+        self.maybe_compact(io, increments);
+    }
+
     fn maybe_compact<I: FolderIo<Temp = T>>(&mut self, io: &mut I, increments: u64) {
         if increments >= self.compact_after {
             let snapshot = self.document.save();
@@ -293,9 +299,7 @@ impl<T> Folder<T> {
         });
         match committed {
             Ok(increments) => {
-                self.unsaved.clear();
-                self.store_failing = false;
-                self.maybe_compact(io, increments);
+                self.stored(io, increments);
                 true
             }
             Err(error) => {
@@ -333,9 +337,7 @@ impl<T> Folder<T> {
         });
         match committed {
             Ok(increments) => {
-                self.unsaved.clear();
-                self.store_failing = false;
-                self.maybe_compact(io, increments);
+                self.stored(io, increments);
             }
             Err(error) => {
                 io.log(

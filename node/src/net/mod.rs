@@ -280,7 +280,7 @@ impl NetHandle {
     }
 
     /// Changes whenever a connection to `device` opens or closes (see
-    /// [`crate::coalescer`]: kept streams of an older epoch are not reused).
+    /// [`coalescer`](self::coalescer): kept streams of an older epoch are not reused).
     pub(crate) fn connection_epoch(&self, device: &DeviceId) -> u64 {
         self.shared
             .connection_epochs

@@ -76,7 +76,7 @@ impl NetHandle {
 
     /// Asks `device` for blocks; returns each hash with its bytes (unverified) or `None`.
     /// Requests made while many are open to the device share streams
-    /// ([`crate::coalescer`]).
+    /// ([`coalescer`](super::coalescer)).
     pub async fn fetch_blocks(
         &self,
         device: &DeviceId,
