@@ -247,7 +247,7 @@ pub fn deleted_by_author(edit: &Entry, values: &[Entry]) -> bool {
 /// symlink becomes the conflict copy. A directory's copy would be the directory entry
 /// alone, with its contents left in the document under a path that is now a file: the
 /// devices that had the directory could not remove it, published it again, and so
-/// replaced the winning file's edit (found with two real nodes, session 15). A
+/// replaced the winning file's edit (found with two real nodes). A
 /// directory's own mtime is not synced (it is 0), so by time alone it always lost.
 pub fn pick_winner(values: &[Entry]) -> Option<&Entry> {
     let live = |e: &Entry| !e.deleted && !deleted_by_author(e, values);
@@ -445,7 +445,7 @@ pub fn free_copy_path(
 /// again, so the replacement loses like any version that loses to a directory
 /// ([`pick_winner`]) and is kept as a conflict copy, named as any loser's. Without the
 /// copy, the directory published over it superseded it and it was left only in version
-/// stores (simulation seed 40 under the stricter "nothing lost" check, session 16).
+/// stores (simulation seed 40 under the stricter "nothing lost" check).
 pub fn replacement_copy_path(
     path: &RelPath,
     replacement: &Entry,

@@ -7,11 +7,11 @@
 //!    succeeded) and that no user deleted or overwrote is at the end a file on some
 //!    device (at any path: a conflict copy counts), whether or not any scan saw it.
 //!    Version stores do not count: a version kept only there is gone from the folder,
-//!    which is what users see (until session 16 they counted, and two bugs that
-//!    superseded a version without a copy went unseen: seeds 40 and 200 in
-//!    docs/simulation.md). Until session 17 only versions a store had recorded
-//!    counted; a write the scanner never saw (racily clean, [`crate::disk`]'s coarse
-//!    timestamps) and a remote change then replaced went unseen.
+//!    which is what users see (when they counted, two bugs that superseded a version
+//!    without a copy went unseen: seeds 40 and 200 in docs/simulation.md). When only
+//!    versions a store had recorded counted, a write the scanner never saw (racily
+//!    clean, [`crate::disk`]'s coarse timestamps) and a remote change then replaced
+//!    went unseen.
 //! 3. **No corruption** ([`every_step`]): every visible file, at every step, holds a
 //!    complete version some user wrote; temp files never enter a store's local tree.
 //! 4. **Termination**: checked by the world's settle phase.

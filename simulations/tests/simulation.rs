@@ -201,7 +201,7 @@ fn the_invariants_catch_a_broken_shell() {
         ),
     ] {
         // A search stops at its first catch; which seed that is moves with any change
-        // to the model (NoVersionStore needed 48 seeds at one point of session 12).
+        // to the model (NoVersionStore once needed 48 seeds).
         let caught = (0..SABOTAGE_SEEDS).find_map(|seed| {
             let outcome = simulate(
                 seed,

@@ -56,7 +56,7 @@ pub trait BlockStreams: Clone + Send + Sync + 'static {
 
 /// Requests open at once per device and folder. Their blocks are what a receiver
 /// holds in memory while the disk catches up: at 16 they were 33 MiB of its 71 MiB
-/// peak heap in an initial sync of the bench dataset (heaptrack, session 16), and 8 (up to
+/// peak heap in an initial sync of the bench dataset (heaptrack, at bb96046), and 8 (up to
 /// [`MERGE_BLOCKS`] blocks each, 16 MiB at 256 KiB blocks) sync it as fast on
 /// loopback while still covering ~100 ms of round trip at 160 MB/s.
 pub const REQUESTS_IN_FLIGHT: usize = 8;
