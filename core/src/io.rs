@@ -206,6 +206,15 @@ pub trait Peers {
     fn start_download(&mut self, group: Vec<DownloadRequest>, peers: Vec<DeviceId>);
 }
 
+/// Who shares the folder, and what this device does with its local changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    /// Whether this device publishes its local changes.
+    pub mode: crate::engine::FolderMode,
+    /// The other devices the folder is shared with.
+    pub devices: Vec<DeviceId>,
+}
+
 /// An event from a peer that the folder handles between the batches of a scan.
 #[derive(Debug)]
 pub enum PeerInput {
@@ -220,7 +229,7 @@ pub enum PeerInput {
     /// A sync message (or its last piece).
     Sync(DeviceId, Vec<u8>),
     /// The folder's members or mode changed.
-    Settings(crate::folder::Membership),
+    Settings(Membership),
 }
 
 /// The scanner.

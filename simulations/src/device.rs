@@ -24,6 +24,11 @@ use crate::executor::{COMPACT_AFTER, SimIo, SimTemp};
 use crate::message::{Msg, kind_of};
 use crate::rng::Rng;
 
+/// The one folder every simulated device shares.
+pub fn folder_id() -> weft_protocol::FolderId {
+    weft_protocol::FolderId::random([0x5e; 8])
+}
+
 /// Download tasks reported to the core in one event at most (see [`Device::on_core`]).
 const MAX_ROUNDS_PER_EVENT: usize = 1_000;
 
@@ -100,7 +105,7 @@ impl Device {
         self.io.up = true;
         self.io.crashed = false;
         let settings = FolderSettings {
-            id: crate::world::folder_id(),
+            id: folder_id(),
             key: self.io.key.clone(),
             actor_suffix: self.io.actor_suffix,
             membership: Membership {

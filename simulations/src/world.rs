@@ -1282,8 +1282,3 @@ fn describe(msg: &Msg) -> String {
         ),
     }
 }
-
-/// The one folder every simulated device shares.
-pub fn folder_id() -> weft_protocol::FolderId {
-    weft_protocol::FolderId::random([0x5e; 8])
-}

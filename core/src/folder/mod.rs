@@ -44,7 +44,8 @@ use weft_protocol::document::{self, Entry, FolderDocument, SyncState};
 use weft_protocol::sync_parts::SyncAssembly;
 use weft_protocol::{DeviceId, DeviceKey, FolderId, Manifest, RelPath, Signature};
 
-use crate::engine::{self, FolderMode};
+use crate::engine;
+pub use crate::io::Membership;
 use crate::io::{Counts, FolderIo, IoError, PeerInput};
 use crate::racy::nanos;
 use crate::scan::Scope;
@@ -59,15 +60,6 @@ pub use record::{BATCH_CHANGES, BATCH_INTERVAL, FIRST_BATCH_INTERVAL};
 
 /// Paths listed as kept local only (a view-only device's local changes).
 pub const MAX_LOCAL_ONLY_SHOWN: usize = 100;
-
-/// Who shares the folder, and what this device does with its local changes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Membership {
-    /// Whether this device publishes its local changes.
-    pub mode: FolderMode,
-    /// The other devices the folder is shared with.
-    pub devices: Vec<DeviceId>,
-}
 
 /// What a folder is set up with.
 #[derive(Clone, Debug)]
