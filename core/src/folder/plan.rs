@@ -240,6 +240,23 @@ impl<T> Folder<T> {
         self.pump_downloads(io);
     }
 
+    /// Carries out one engine action as a plan round does (refused under a file or
+    /// symlink, the check before a replace or delete, the version kept, the commit),
+    /// and starts the downloads it queued; returns the paths it changed on disk. For
+    /// property checks that apply the engine's actions in an order of their own.
+    pub fn carry_out<I: FolderIo<Temp = T>>(
+        &mut self,
+        io: &mut I,
+        action: Action,
+        local: Option<&LocalEntry>,
+    ) -> Vec<RelPath> {
+        self.begin_event();
+        let mut rescan = BTreeSet::new();
+        self.execute(io, action, local, &mut rescan);
+        self.pump_downloads(io);
+        rescan.into_iter().collect()
+    }
+
     /// Takes the blocked paths whose blocking parent is now a directory or gone, to be
     /// planned again. One still blocked by something further up is refused again
     /// under that.
