@@ -614,7 +614,10 @@ impl Report for SimIo {
         self.log.push(message.to_string());
     }
 
-    fn local_change(&mut self, _path: &RelPath, _deleted: bool) {}
+    fn local_change(&mut self, path: &RelPath, deleted: bool) {
+        let what = if deleted { "deletion" } else { "version" };
+        self.note(format!("{path}: published the local {what}"));
+    }
 
     fn counts(&mut self, _counts: &Counts) {}
 

@@ -5,7 +5,7 @@ use weft_simulations::{Config, Sabotage, simulate};
 
 /// Seeds that found engine bugs, with the shape they failed in (see
 /// docs/simulation.md for each bug and its fix).
-const REGRESSIONS: [(u64, usize, u64); 14] = [
+const REGRESSIONS: [(u64, usize, u64); 15] = [
     // A deleted directory kept alive by an abandoned temp file: planning looped.
     (0, 2, 1500),
     // A document reloaded after a failed commit, with peers' sync states kept: the
@@ -45,6 +45,10 @@ const REGRESSIONS: [(u64, usize, u64); 14] = [
     // peer sent the dependency, and refused: its signature had come from the first
     // peer, and only the sender's were looked at. The sync looped.
     (26, 3, 1000),
+    // A file this device removed for the document's tombstone read as its user's
+    // delete when a resolution in the same round wrote the old content back at that
+    // path as a conflict copy: the delete was published over the copy.
+    (4039, 6, 1500),
 ];
 
 /// Seeds that found bugs on coarse timestamps (`--coarse-timestamps`), with their

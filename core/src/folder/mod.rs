@@ -147,6 +147,11 @@ pub struct Folder<T> {
     /// the next event, since every round's rescan would fail to commit and reload the
     /// document again. The paths left wait in `needs_plan`.
     store_failing: bool,
+    /// Deletions the remote asked for and this device carried out in the plan round
+    /// under way, as synced rows: committed before the round's rescan records the
+    /// paths, so that a path emptied by this device is not read as its user's delete
+    /// (see `plan::Folder::record_removals`).
+    removed: Vec<(RelPath, Option<engine::SyncedEntry>)>,
     /// Paths where the engine wants more than publishing (apply, conflict, ...), or
     /// left over from a planning that did not settle.
     needs_plan: BTreeSet<RelPath>,
@@ -217,6 +222,7 @@ impl<T> Folder<T> {
             published: false,
             commit_failed: false,
             store_failing: false,
+            removed: Vec::new(),
             needs_plan: BTreeSet::new(),
             peers: BTreeMap::new(),
             assemblies: BTreeMap::new(),
