@@ -5,7 +5,7 @@ use weft_simulations::{Config, Sabotage, simulate};
 
 /// Seeds that found engine bugs, with the shape they failed in (see
 /// docs/simulation.md for each bug and its fix).
-const REGRESSIONS: [(u64, usize, u64); 15] = [
+const REGRESSIONS: [(u64, usize, u64); 16] = [
     // A deleted directory kept alive by an abandoned temp file: planning looped.
     (0, 2, 1500),
     // A document reloaded after a failed commit, with peers' sync states kept: the
@@ -49,6 +49,9 @@ const REGRESSIONS: [(u64, usize, u64); 15] = [
     // delete when a resolution in the same round wrote the old content back at that
     // path as a conflict copy: the delete was published over the copy.
     (4039, 6, 1500),
+    // A file replaced by a symlink was not kept in the version store first; a conflict
+    // copy of it, named by another device, then had nowhere to come from.
+    (9937, 4, 1500),
 ];
 
 /// Seeds that found bugs on coarse timestamps (`--coarse-timestamps`), with their

@@ -481,6 +481,14 @@ impl<T> Folder<T> {
                 rescan.insert(path);
             }
             EntryKind::Symlink => {
+                // A file replaced by a symlink: keep its content first (a conflict copy
+                // of it may still be fetched from there).
+                if let Some(expected) = &expected
+                    && !self.keep_version(io, &path, expected, None)
+                {
+                    self.downloads.failed.insert(path);
+                    return;
+                }
                 if let Content::Symlink(target) = &entry.content
                     && let Err(error) = io.make_symlink(&path, target)
                 {
