@@ -21,6 +21,10 @@ use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, AutoCommit, ReadDoc, ScalarValue, Value};
 use serde::{Deserialize, Serialize};
 
+use crate::access::{
+    ACCESS_MESSAGE, AccessError, AccessList, AccessLog, AccessValue, AccessWrite, Role, access_key,
+    key_device,
+};
 use crate::hash::ManifestHash;
 use crate::identity::DeviceId;
 use crate::manifest::Manifest;
@@ -181,8 +185,15 @@ pub struct DocumentEntry {
 }
 
 /// A folder's document. Wraps automerge so that only the schema above is written.
+///
+/// It also keeps the document's access history ([`AccessLog`]): every change's
+/// author and dependencies, the access writes, and the void changes, whose writes
+/// every read below leaves out (`crate::access`).
 pub struct FolderDocument {
     doc: AutoCommit,
+    access: AccessLog,
+    /// Keys written by void changes: read without those writes.
+    void_keys: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for FolderDocument {
@@ -212,6 +223,26 @@ pub fn actor_device(actor: &ActorId) -> Option<DeviceId> {
     DeviceId::from_bytes(key).ok()
 }
 
+/// A value at a key as [`FolderDocument`] reads it: its bytes (if bytes) and its
+/// operation ID.
+type RawValue = (Option<Vec<u8>>, automerge::ObjId);
+
+/// The device whose actor wrote an operation.
+fn writer_of(id: &automerge::ObjId) -> Option<DeviceId> {
+    match id {
+        automerge::ObjId::Id(_, actor, _) => actor_device(actor),
+        automerge::ObjId::Root => None,
+    }
+}
+
+/// automerge's order of operations (counter, then actor): the greatest is its pick.
+fn op_order(id: &automerge::ObjId) -> (u64, Vec<u8>) {
+    match id {
+        automerge::ObjId::Id(counter, actor, _) => (*counter, actor.to_bytes().to_vec()),
+        automerge::ObjId::Root => (0, Vec::new()),
+    }
+}
+
 fn entry_key(path: &RelPath) -> String {
     format!("{ENTRY_PREFIX}{path}")
 }
@@ -231,6 +262,8 @@ impl FolderDocument {
     pub fn new(actor: ActorId) -> Self {
         Self {
             doc: AutoCommit::new().with_actor(actor),
+            access: AccessLog::default(),
+            void_keys: Default::default(),
         }
     }
 
@@ -249,9 +282,260 @@ impl FolderDocument {
             doc.load_incremental(chunk)
                 .map_err(|error| DocumentError::Load(error.to_string()))?;
         }
-        Ok(Self {
+        let mut document = Self {
             doc: doc.with_actor(actor),
-        })
+            access: AccessLog::default(),
+            void_keys: Default::default(),
+        };
+        document.rebuild_access()?;
+        Ok(document)
+    }
+
+    /// Builds the access log from the changes in the document (which were checked
+    /// when they arrived: only changes labelled as access changes are decoded).
+    fn rebuild_access(&mut self) -> Result<(), DocumentError> {
+        let metas: Vec<(ChangeHash, ActorId, u64, Vec<ChangeHash>, bool)> = self
+            .doc
+            .get_changes_meta(&[])
+            .into_iter()
+            .map(|meta| {
+                let access = meta.message.as_deref() == Some(ACCESS_MESSAGE);
+                (
+                    meta.hash,
+                    meta.actor.into_owned(),
+                    meta.seq,
+                    meta.deps,
+                    access,
+                )
+            })
+            .collect();
+        let mut waiting = metas;
+        // Recorded in causal order; a change listed before a dependency waits a round.
+        while !waiting.is_empty() {
+            let before = waiting.len();
+            let mut later = Vec::new();
+            for (hash, actor, seq, deps, access) in waiting {
+                let writes = if access {
+                    self.access_writes(&hash)
+                } else {
+                    Vec::new()
+                };
+                if !self.access.record(hash, &actor, seq, &deps, writes) {
+                    later.push((hash, actor, seq, deps, access));
+                }
+            }
+            if later.len() == before {
+                return Err(DocumentError::Load(format!(
+                    "{} changes whose dependencies or authors are missing",
+                    later.len()
+                )));
+            }
+            waiting = later;
+        }
+        self.access.settle();
+        self.refresh_void_keys();
+        Ok(())
+    }
+
+    /// The access writes of a change in the document (trusted: checked on arrival).
+    fn access_writes(&mut self, hash: &ChangeHash) -> Vec<AccessWrite> {
+        let Some(change) = self.doc.get_change_by_hash(hash) else {
+            return Vec::new();
+        };
+        change
+            .decode()
+            .operations
+            .iter()
+            .filter_map(|op| {
+                let automerge::legacy::Key::Map(key) = &op.key else {
+                    return None;
+                };
+                let target = key_device(key)?;
+                let automerge::legacy::OpType::Put(ScalarValue::Bytes(bytes)) = &op.action else {
+                    return None;
+                };
+                Some(AccessWrite {
+                    target,
+                    role: AccessValue::decode(bytes)?.role,
+                })
+            })
+            .collect()
+    }
+
+    /// The keys a change writes.
+    fn keys_of(&mut self, hash: &ChangeHash) -> Vec<String> {
+        let Some(change) = self.doc.get_change_by_hash(hash) else {
+            return Vec::new();
+        };
+        change
+            .decode()
+            .operations
+            .iter()
+            .filter_map(|op| match &op.key {
+                automerge::legacy::Key::Map(key) => Some(key.to_string()),
+                automerge::legacy::Key::Seq(_) => None,
+            })
+            .collect()
+    }
+
+    fn refresh_void_keys(&mut self) {
+        let void: Vec<ChangeHash> = self.access.void().iter().copied().collect();
+        let mut keys = std::collections::BTreeSet::new();
+        for change in void {
+            keys.extend(self.keys_of(&change));
+        }
+        self.void_keys = keys;
+    }
+
+    /// Checks the changes a sync message added (`added`, from [`Self::changes_since`],
+    /// in causal order) against the access list: each must write only what the schema
+    /// allows, and its author's role at its dependencies must allow every write
+    /// (`crate::access`). On success, the void set is computed again and the paths
+    /// whose values it changed are returned, to be planned. On an error the caller
+    /// must drop the document (reload it from its store): part of the message is in it.
+    /// `enforce` false skips the checks (the simulation's sabotage shows that its
+    /// checker notices).
+    pub fn admit(
+        &mut self,
+        added: &[(ChangeHash, ActorId)],
+        founder: &DeviceId,
+        enforce: bool,
+    ) -> Result<Vec<RelPath>, AccessError> {
+        for (hash, actor) in added {
+            let author = actor_device(actor).ok_or(AccessError::NoAuthor { change: *hash })?;
+            let change = self
+                .doc
+                .get_change_by_hash(hash)
+                .ok_or(AccessError::NoAuthor { change: *hash })?;
+            let (seq, deps) = (change.seq(), change.deps().to_vec());
+            let expanded = change.decode();
+            let is_access = expanded.message.as_deref() == Some(ACCESS_MESSAGE);
+            let mut writes = Vec::new();
+            let mut writes_files = false;
+            for op in &expanded.operations {
+                let schema = |what: String| AccessError::Schema {
+                    change: *hash,
+                    author,
+                    what,
+                };
+                let automerge::legacy::Key::Map(key) = &op.key else {
+                    return Err(schema("a list element".into()));
+                };
+                let bytes = match (&op.obj, &op.action, op.insert) {
+                    (
+                        automerge::legacy::ObjectId::Root,
+                        automerge::legacy::OpType::Put(ScalarValue::Bytes(bytes)),
+                        false,
+                    ) => bytes,
+                    _ => {
+                        return Err(schema(format!(
+                            "an operation other than a value at {key:?}"
+                        )));
+                    }
+                };
+                if is_access {
+                    let target = key_device(key)
+                        .ok_or_else(|| schema(format!("{key:?} in an access change")))?;
+                    let value = AccessValue::decode(bytes)
+                        .ok_or_else(|| schema(format!("an invalid access value at {key:?}")))?;
+                    writes.push(AccessWrite {
+                        target,
+                        role: value.role,
+                    });
+                } else if key.starts_with(ENTRY_PREFIX) {
+                    writes_files = true;
+                } else {
+                    return Err(schema(format!("{key:?}")));
+                }
+            }
+            if !enforce {
+                writes.retain(|_| is_access);
+            }
+            if !self.access.record(*hash, actor, seq, &deps, writes) {
+                return Err(AccessError::NoAuthor { change: *hash });
+            }
+            if enforce {
+                self.access.check(hash, founder, writes_files)?;
+            }
+        }
+        let changed = self.access.settle();
+        if changed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut paths = std::collections::BTreeSet::new();
+        for change in changed {
+            for key in self.keys_of(&change) {
+                if let Some(path) = key.strip_prefix(ENTRY_PREFIX)
+                    && let Ok(path) = RelPath::new(path)
+                {
+                    paths.insert(path);
+                }
+            }
+        }
+        self.refresh_void_keys();
+        Ok(paths.into_iter().collect())
+    }
+
+    /// The access list now (void changes left out).
+    pub fn access_list(&self) -> AccessList {
+        self.access.current()
+    }
+
+    /// True if `change` is void: its writes are ignored (`crate::access`).
+    pub fn is_void(&self, change: &ChangeHash) -> bool {
+        self.access.is_void(change)
+    }
+
+    /// Sets `device`'s role (`None`: removes it) in one change of its own, committed
+    /// at `time_ms`. The caller checks first that this device may ([`crate::access::may_set`]);
+    /// receivers refuse a change it may not make. Pending file writes are committed
+    /// first, as a change of their own.
+    pub fn set_access(
+        &mut self,
+        device: &DeviceId,
+        role: Option<Role>,
+        time_ms: i64,
+    ) -> Result<(), DocumentError> {
+        if self.doc.pending_ops() > 0 {
+            self.commit(time_ms, "local changes");
+        }
+        self.doc
+            .put(
+                automerge::ROOT,
+                access_key(device),
+                AccessValue { role }.encode(),
+            )
+            .map_err(automerge_error)?;
+        let hash = self.doc.commit_with(
+            CommitOptions::default()
+                .with_time(time_ms / 1000)
+                .with_message(ACCESS_MESSAGE),
+        );
+        if let Some(hash) = hash {
+            self.record_local(
+                hash,
+                vec![AccessWrite {
+                    target: *device,
+                    role,
+                }],
+            );
+            self.access.settle();
+            self.refresh_void_keys();
+        }
+        Ok(())
+    }
+
+    /// Records a change this device just committed in the access log.
+    fn record_local(&mut self, hash: ChangeHash, writes: Vec<AccessWrite>) {
+        let Some(change) = self.doc.get_change_by_hash(&hash) else {
+            return;
+        };
+        let (seq, deps, actor) = (
+            change.seq(),
+            change.deps().to_vec(),
+            change.actor_id().clone(),
+        );
+        self.access.record(hash, &actor, seq, &deps, writes);
     }
 
     /// Writes `entry` at `path` (one operation).
@@ -263,9 +547,19 @@ impl FolderDocument {
 
     /// The entry automerge picks for `path` (deterministic on every device).
     pub fn get(&self, path: &RelPath) -> Result<Option<Entry>, DocumentError> {
+        let key = entry_key(path);
+        if self.void_keys.contains(&key) {
+            return match self.values(&key)?.pop() {
+                None => Ok(None),
+                Some((bytes, _)) => bytes
+                    .ok_or_else(|| DocumentError::Entry("not a bytes value".into()))
+                    .and_then(|bytes| Entry::decode(&bytes))
+                    .map(Some),
+            };
+        }
         let value = self
             .doc
-            .get(automerge::ROOT, entry_key(path))
+            .get(automerge::ROOT, key)
             .map_err(automerge_error)?;
         match value {
             None => Ok(None),
@@ -296,23 +590,88 @@ impl FolderDocument {
     /// version again. Received changes are checked to be signed by the device their
     /// actor names, so the writer is authenticated.
     pub fn get_all_written(&self, path: &RelPath) -> Result<Vec<WrittenValue>, DocumentError> {
-        let values = self
-            .doc
-            .get_all(automerge::ROOT, entry_key(path))
-            .map_err(automerge_error)?;
-        Ok(values
+        Ok(self
+            .values(&entry_key(path))?
             .iter()
-            .map(|(value, id)| {
-                let entry = value_bytes(value)
+            .map(|(bytes, id)| {
+                let entry = bytes
+                    .as_deref()
                     .ok_or_else(|| DocumentError::Entry("not a bytes value".into()))
                     .and_then(Entry::decode);
-                let writer = match id {
-                    automerge::ObjId::Id(_, actor, _) => actor_device(actor),
-                    automerge::ObjId::Root => None,
-                };
-                (entry, writer)
+                (entry, writer_of(id))
             })
             .collect())
+    }
+
+    /// The current values at `key` (their bytes, if bytes) with their operation IDs,
+    /// void changes' writes left out: a void write shows what it wrote over instead,
+    /// unless a kept value had seen that; a path only void changes ever wrote reads as
+    /// a tombstone of the first of them.
+    fn values(&self, key: &str) -> Result<Vec<RawValue>, DocumentError> {
+        let owned = |(value, id): (Value<'_>, automerge::ObjId)| {
+            (value_bytes(&value).map(<[u8]>::to_vec), id)
+        };
+        let current: Vec<_> = self
+            .doc
+            .get_all(automerge::ROOT, key)
+            .map_err(automerge_error)?
+            .into_iter()
+            .map(owned)
+            .collect();
+        if !self.void_keys.contains(key) {
+            return Ok(current);
+        }
+        let mut stack = current;
+        let mut visited = std::collections::BTreeSet::new();
+        let mut kept: Vec<(Option<Vec<u8>>, automerge::ObjId, ChangeHash)> = Vec::new();
+        let mut first_void = None;
+        while let Some((bytes, id)) = stack.pop() {
+            if visited.len() >= MAX_HISTORY_STEPS || !visited.insert(id.to_string()) {
+                continue;
+            }
+            let Some(change) = self.doc.hash_for_opid(&id) else {
+                continue;
+            };
+            if !self.access.is_void(&change) {
+                kept.push((bytes, id, change));
+                continue;
+            }
+            if first_void.is_none() {
+                first_void = Some((bytes.clone(), id.clone()));
+            }
+            let deps = self.access.deps(&change).unwrap_or_default();
+            let before = self
+                .doc
+                .get_all_at(automerge::ROOT, key, deps)
+                .map_err(automerge_error)?;
+            stack.extend(before.into_iter().map(owned));
+        }
+        let causality = self.access.causality();
+        let seen: Vec<bool> = kept
+            .iter()
+            .map(|(_, _, change)| {
+                kept.iter()
+                    .any(|(_, _, other)| other != change && causality.saw(other, change))
+            })
+            .collect();
+        let mut values: Vec<_> = kept
+            .into_iter()
+            .zip(seen)
+            .filter(|(_, seen)| !seen)
+            .map(|((bytes, id, _), _)| (bytes, id))
+            .collect();
+        if values.is_empty()
+            && let Some((Some(bytes), id)) = first_void
+            && let Ok(mut entry) = Entry::decode(&bytes)
+        {
+            entry.deleted = true;
+            entry.size = 0;
+            entry.content = Content::None;
+            values.push((Some(entry.encode()), id));
+        }
+        // automerge's order: by operation ID, its pick last.
+        values.sort_by_key(|(_, id)| op_order(id));
+        Ok(values)
     }
 
     /// For each value of [`Self::get_all_written`] (same order): true if it is a rewrite
@@ -328,10 +687,7 @@ impl FolderDocument {
     /// concurrent values and a rewrite among them pay for the walk.
     pub fn overtaken_rewrites(&self, path: &RelPath) -> Result<Vec<bool>, DocumentError> {
         let key = entry_key(path);
-        let values = self
-            .doc
-            .get_all(automerge::ROOT, key.as_str())
-            .map_err(automerge_error)?;
+        let values = self.values(&key)?;
         let mut overtaken = vec![false; values.len()];
         // More concurrent values than honest devices make: no walk (a hostile device
         // could mint values to make every plan of the path walk for each pair), and
@@ -340,13 +696,10 @@ impl FolderDocument {
             return Ok(overtaken);
         }
         for (i, (value, id)) in values.iter().enumerate() {
-            let Some(bytes) = value_bytes(value) else {
+            let Some(bytes) = value.as_deref() else {
                 continue;
             };
-            let writer = match id {
-                automerge::ObjId::Id(_, actor, _) => actor_device(actor),
-                automerge::ObjId::Root => None,
-            };
+            let writer = writer_of(id);
             let is_rewrite = match Entry::decode(bytes) {
                 Ok(entry) => writer != Some(entry.author),
                 Err(_) => false,
@@ -358,7 +711,8 @@ impl FolderDocument {
             // Only a value that takes part in resolution (it decodes) can hide one.
             overtaken[i] = values.iter().enumerate().any(|(j, (other, other_id))| {
                 j != i
-                    && value_bytes(other)
+                    && other
+                        .as_deref()
                         .is_some_and(|other| other != bytes && Entry::decode(other).is_ok())
                     && self.seen_behind(&key, other_id, bytes)
             });
@@ -404,6 +758,19 @@ impl FolderDocument {
         let end = "f0".to_owned();
         self.doc.map_range(automerge::ROOT, start..end).map(|item| {
             let path = RelPath::new(&item.key[ENTRY_PREFIX.len()..])?;
+            if self.void_keys.contains(item.key.as_ref()) {
+                let values = self.values(&item.key)?;
+                let conflict = values.len() > 1;
+                let entry = match values.last() {
+                    Some((Some(bytes), _)) => Entry::decode(bytes),
+                    _ => Err(DocumentError::Entry("not a bytes value".into())),
+                };
+                return Ok(DocumentEntry {
+                    path,
+                    entry,
+                    conflict,
+                });
+            }
             let entry = match &item.value {
                 automerge::ValueRef::Scalar(automerge::ScalarValueRef::Bytes(bytes)) => {
                     Entry::decode(bytes)
@@ -430,13 +797,22 @@ impl FolderDocument {
         self.len() == 0
     }
 
-    /// Commits pending operations as one change, stamped with `time_ms` (ms since epoch).
+    /// Commits pending file writes as one change, stamped with `time_ms` (ms since
+    /// epoch). (Access changes are made by [`Self::set_access`].)
     pub fn commit(&mut self, time_ms: i64, message: &str) {
-        self.doc.commit_with(
+        let message = if message == ACCESS_MESSAGE {
+            "local changes"
+        } else {
+            message
+        };
+        let hash = self.doc.commit_with(
             CommitOptions::default()
                 .with_time(time_ms / 1000)
                 .with_message(message),
         );
+        if let Some(hash) = hash {
+            self.record_local(hash, Vec::new());
+        }
     }
 
     /// The whole document, compacted.
@@ -454,6 +830,9 @@ impl FolderDocument {
     pub fn history(&mut self) -> std::collections::BTreeMap<String, Vec<Entry>> {
         let mut versions: std::collections::BTreeMap<String, Vec<Entry>> = Default::default();
         for change in self.doc.get_changes(&[]) {
+            if self.access.is_void(&change.hash()) {
+                continue;
+            }
             for op in change.decode().operations {
                 let automerge::legacy::Key::Map(key) = &op.key else {
                     continue;
@@ -690,6 +1069,87 @@ mod tests {
                 .iter()
                 .all(|(entry, overtaken)| entry == &v && !overtaken)
         );
+    }
+
+    /// Merges everything `from` holds into `to` and admits it, as a receiver does.
+    fn receive(
+        to: &mut FolderDocument,
+        from: &mut FolderDocument,
+        founder: &DeviceId,
+    ) -> Result<Vec<RelPath>, AccessError> {
+        let before = to.heads();
+        to.automerge().merge(from.automerge()).unwrap();
+        let added = to.changes_since(&before);
+        to.admit(&added, founder, true)
+    }
+
+    #[test]
+    fn changes_are_admitted_by_their_authors_role_and_void_writes_are_not_read() {
+        let (f, x, v) = (device(1), device(2), device(3));
+        let mut on_f = FolderDocument::new(actor_id(&f, [1; 8]));
+        on_f.set_access(&f, Some(Role::Owner), 1_000).unwrap();
+        on_f.set_access(&x, Some(Role::Edit), 1_000).unwrap();
+        on_f.set_access(&v, Some(Role::View), 1_000).unwrap();
+        on_f.put(&path("a"), &file(f, b"one")).unwrap();
+        on_f.commit(1_000, "scan");
+        let mut on_x = FolderDocument::new(actor_id(&x, [2; 8]));
+        assert_eq!(receive(&mut on_x, &mut on_f, &f), Ok(vec![]));
+        assert_eq!(on_x.access_list().role(&x), Some(Role::Edit));
+        // A history founded by another device is refused.
+        let mut elsewhere = FolderDocument::new(actor_id(&x, [3; 8]));
+        assert!(receive(&mut elsewhere, &mut on_f, &x).is_err());
+        // A view device's edit is refused wherever it arrives.
+        let mut on_v = FolderDocument::new(actor_id(&v, [4; 8]));
+        receive(&mut on_v, &mut on_f, &f).unwrap();
+        on_v.put(&path("a"), &file(v, b"vandal")).unwrap();
+        on_v.commit(2_000, "edit");
+        let mut copy = merged(9, &[&on_f.save()]);
+        assert!(matches!(
+            receive(&mut copy, &mut on_v, &f),
+            Err(AccessError::CannotEdit {
+                role: Some(Role::View),
+                ..
+            })
+        ));
+        // X edits `a` and makes `b` while F, not having seen it, removes X: accepted
+        // (X could edit where it wrote), then void: F reads its own `a`, and `b` as a
+        // tombstone.
+        on_x.put(&path("a"), &file(x, b"two")).unwrap();
+        on_x.put(&path("b"), &file(x, b"new")).unwrap();
+        on_x.commit(3_000, "edit");
+        on_f.set_access(&x, None, 3_000).unwrap();
+        let replan = receive(&mut on_f, &mut on_x, &f).unwrap();
+        assert_eq!(replan, vec![path("a"), path("b")]);
+        assert_eq!(on_f.get(&path("a")).unwrap(), Some(file(f, b"one")));
+        let written = on_f.get_all_written(&path("a")).unwrap();
+        assert_eq!(written.len(), 1);
+        let b = on_f.get(&path("b")).unwrap().unwrap();
+        assert!(b.deleted && b.author == x);
+        assert_eq!(on_f.history()["a"], vec![file(f, b"one")]);
+        let listed: Vec<_> = on_f
+            .entries()
+            .map(|e| e.unwrap())
+            .map(|e| (e.path.to_string(), e.entry.unwrap().deleted))
+            .collect();
+        assert_eq!(listed, vec![("a".into(), false), ("b".into(), true)]);
+        // The same on a device that saw it in the other order, and after a reload.
+        let mut on_v2 = FolderDocument::new(actor_id(&v, [5; 8]));
+        receive(&mut on_v2, &mut on_x, &f).unwrap();
+        assert_eq!(on_v2.get(&path("a")).unwrap(), Some(file(x, b"two")));
+        receive(&mut on_v2, &mut on_f, &f).unwrap();
+        assert_eq!(on_v2.get(&path("a")).unwrap(), Some(file(f, b"one")));
+        let reloaded = merged(8, &[&on_v2.save()]);
+        assert_eq!(reloaded.get(&path("a")).unwrap(), Some(file(f, b"one")));
+        assert_eq!(reloaded.access_list().role(&x), None);
+        // X's edit after it saw its removal is refused.
+        receive(&mut on_x, &mut on_f, &f).unwrap();
+        on_x.put(&path("c"), &file(x, b"late")).unwrap();
+        on_x.commit(4_000, "edit");
+        let mut copy = merged(7, &[&on_f.save()]);
+        assert!(matches!(
+            receive(&mut copy, &mut on_x, &f),
+            Err(AccessError::CannotEdit { role: None, .. })
+        ));
     }
 
     #[test]

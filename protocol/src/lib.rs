@@ -18,6 +18,8 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod access;
+pub mod causality;
 pub mod change_signature;
 pub mod chunk;
 pub mod document;
