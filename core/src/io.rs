@@ -204,6 +204,12 @@ pub trait Peers {
     /// Starts downloading `group` (one large file, or small ones that share requests)
     /// from `peers`; the result comes back as one `Folder::fetched` call.
     fn start_download(&mut self, group: Vec<DownloadRequest>, peers: Vec<DeviceId>);
+    /// Whether received changes are checked against the access list. Always, but for
+    /// the simulation's sabotage, which shows that its checker notices when they are
+    /// not.
+    fn check_access(&self) -> bool {
+        true
+    }
 }
 
 /// Who shares the folder, and what this device does with its local changes.
@@ -293,6 +299,11 @@ pub trait Report {
     fn scan_failed(&mut self, error: &IoError);
     /// A restore (named by its ticket) finished: the path written, or why not.
     fn restored(&mut self, ticket: u64, result: Result<String, String>);
+    /// The folder's access list changed (members, roles).
+    fn access_changed(&mut self, list: &weft_protocol::access::AccessList);
+    /// A sync message from `device` was refused because a change in it broke the
+    /// access list (the device is disconnected; the user should see it flagged).
+    fn refused(&mut self, device: DeviceId, error: &weft_protocol::access::AccessError);
 }
 
 /// Everything a folder needs, in one bound.

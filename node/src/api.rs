@@ -12,12 +12,13 @@
 //! | DELETE | `/v1/folders/{id}` | forget a folder (files stay) |
 //! | GET | `/v1/folders/{id}/files` | the folder's local tree as last scanned |
 //! | GET | `/v1/manifests/{hash}` | a stored manifest |
-//! | POST | `/v1/folders/{id}/share` | share with a device: `{"device", "permission"}` |
+//! | POST | `/v1/folders/{id}/share` | share with a device: `{"device", "permission"}` (`View`, `Edit`, `Admin`, `Owner`) |
+//! | DELETE | `/v1/folders/{id}/share/{device}` | unshare: remove the device from the folder's access list |
 //! | GET | `/v1/folders/{id}/versions?path=P` | versions of a file, oldest first |
 //! | POST | `/v1/folders/{id}/restore` | restore one: `{"path", "version"?, "to"?}` |
 //! | GET, POST | `/v1/devices` | accepted devices; accept one: `{"id", "name"?, "addresses"?}` |
 //! | GET | `/v1/devices/pending` | devices that connected without being accepted |
-//! | DELETE | `/v1/devices/{id}` | forget a device |
+//! | DELETE | `/v1/devices/{id}` | forget a device and unshare every folder with it |
 //! | GET | `/v1/invites` | invites received |
 //! | POST | `/v1/invites/{folder}/accept`, `.../decline` | answer an invite: `{"path"?}` |
 //! | POST | `/v1/scan` | scan and wait: `{"folder"?, "paths"?}` |
@@ -223,6 +224,16 @@ async fn share_folder(
     Ok(Json(record).into_response())
 }
 
+async fn unshare_folder(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path((id, device)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    authorise(&node, &headers)?;
+    blocking(move || node.unshare_folder(&id, &device)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 async fn invites(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorise(&node, &headers)?;
     let invites = blocking(move || node.invites()).await?;
@@ -334,6 +345,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/folders/{id}/files", get(files))
         .route("/v1/manifests/{hash}", get(manifest))
         .route("/v1/folders/{id}/share", post(share_folder))
+        .route("/v1/folders/{id}/share/{device}", delete(unshare_folder))
         .route("/v1/folders/{id}/versions", get(versions))
         .route("/v1/folders/{id}/restore", post(restore))
         .route("/v1/devices", get(devices).post(add_device))

@@ -17,7 +17,7 @@ use weft_node::folder::ScanResult;
 use weft_node::home::Home;
 use weft_node::node::{AcceptInvite, AddDevice, AddFolder, DeviceView, NodeStatus, ShareFolder};
 use weft_node::store::{FolderRecord, PendingInvite};
-use weft_protocol::wire::Permission;
+use weft_protocol::wire::Role;
 
 /// Weft: peer-to-peer folder sync.
 #[derive(Parser, Debug)]
@@ -161,8 +161,14 @@ enum InviteCommand {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum PermissionArg {
-    Edit,
+    /// Receives the folder, changes nothing.
     View,
+    /// Also changes files.
+    Edit,
+    /// Also adds and removes view and edit members.
+    Admin,
+    /// Also makes and removes admins and owners.
+    Owner,
 }
 
 #[derive(Subcommand, Debug)]
@@ -176,6 +182,15 @@ enum FolderCommand {
         /// What it may do.
         #[arg(long, value_enum, default_value = "edit")]
         perm: PermissionArg,
+    },
+    /// Remove a device from a folder's access list: no member sends it anything more,
+    /// its later changes are refused everywhere, and it is disconnected. It keeps what
+    /// it already had.
+    Unshare {
+        /// Folder ID.
+        folder: String,
+        /// The device's ID.
+        device: String,
     },
     /// Add a folder (created if missing).
     Add {
@@ -323,14 +338,23 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => {
             let client = Client::connect(home.root())?;
             let permission = match perm {
-                PermissionArg::Edit => Permission::Edit,
-                PermissionArg::View => Permission::View,
+                PermissionArg::View => Role::View,
+                PermissionArg::Edit => Role::Edit,
+                PermissionArg::Admin => Role::Admin,
+                PermissionArg::Owner => Role::Owner,
             };
             let _: FolderRecord = client.post(
                 &format!("/v1/folders/{folder}/share"),
                 &ShareFolder { device, permission },
             )?;
             println!("shared {folder}; the device sees the invite when it connects");
+        }
+        Command::Folder(FolderCommand::Unshare { folder, device }) => {
+            let client = Client::connect(home.root())?;
+            client.delete(&format!("/v1/folders/{folder}/share/{device}"))?;
+            println!(
+                "unshared {folder} with {device}: it gets nothing more from any member and its later changes are refused; it keeps what it already had"
+            );
         }
         Command::Device(DeviceCommand::Add {
             id,
@@ -400,7 +424,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                                 invite.invite.folder,
                                 invite.invite.label,
                                 invite.from,
-                                invite.invite.permission
+                                invite.invite.role
                             );
                         }
                     }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use weft_protocol::wire::{Invite, Message, Permission};
+use weft_protocol::wire::{Invite, Message, Role};
 use weft_protocol::{ChunkParams, DeviceId, DeviceKey, FolderId, RelPath};
 
 use crate::config::Config;
@@ -111,8 +111,8 @@ pub struct AddDevice {
 pub struct ShareFolder {
     /// The device to invite.
     pub device: String,
-    /// `Edit` or `View`.
-    pub permission: Permission,
+    /// The role to give it: `View`, `Edit`, `Admin` or `Owner`.
+    pub permission: Role,
 }
 
 /// A request to accept an invite.
@@ -391,10 +391,8 @@ impl Node {
                     return;
                 }
                 for handle in self.folders().values() {
-                    if let Some((_, permission)) =
-                        handle.record.devices.iter().find(|(d, _)| *d == device)
-                    {
-                        self.send_invite(&device, &handle.record, *permission);
+                    if let Some(role) = handle.shared.role_of(&device) {
+                        self.send_invite(&device, &handle.record, role);
                         handle.send(FolderCommand::PeerConnected(device));
                     }
                 }
@@ -455,7 +453,7 @@ impl Node {
         let folders = self.folders();
         let shared = folders
             .get(folder)
-            .filter(|h| accepted && h.record.devices.iter().any(|(d, _)| *d == device));
+            .filter(|h| accepted && h.shared.role_of(&device).is_some());
         match shared {
             Some(handle) => {
                 handle.send(command);
@@ -466,13 +464,14 @@ impl Node {
         }
     }
 
-    fn send_invite(&self, device: &DeviceId, record: &FolderRecord, permission: Permission) {
+    fn send_invite(&self, device: &DeviceId, record: &FolderRecord, role: Role) {
         if let Some(network) = &self.network {
             let invite = Message::Invite(Invite {
                 folder: record.id.clone(),
                 label: record.label.clone(),
                 params: record.params,
-                permission,
+                role,
+                founder: record.founder.unwrap_or_else(|| self.device_id()),
             });
             let _ = network.net.send(device, invite);
         }
@@ -527,10 +526,37 @@ impl Node {
         Ok(record)
     }
 
-    /// Forgets a device.
+    /// Forgets a device, and unshares every folder shared with it that this device
+    /// may unshare (the others say why not, and the device is still forgotten).
     pub fn remove_device(&self, id: &str) -> Result<(), NodeError> {
         let id = Self::parse_device(id)?;
-        if !self.store.remove_device(&id)? {
+        let shared: Vec<FolderId> = self
+            .folders()
+            .values()
+            .filter(|handle| handle.shared.role_of(&id).is_some())
+            .map(|handle| handle.record.id.clone())
+            .collect();
+        let mut refused = Vec::new();
+        for folder in shared {
+            if let Err(error) = self.set_access(&folder, id, None) {
+                refused.push(format!("{folder}: {error}"));
+            }
+        }
+        let known = self.store.remove_device(&id)?;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if let Some(network) = &self.network {
+            network.net.disconnect(&id);
+        }
+        if !refused.is_empty() {
+            return Err(NodeError::Invalid(format!(
+                "device {id} forgotten, but still a member of folders this device may not unshare ({})",
+                refused.join("; ")
+            )));
+        }
+        if !known {
             return Err(NodeError::Invalid(format!("device {id} is not known")));
         }
         Ok(())
@@ -589,19 +615,12 @@ impl Node {
                 addresses: Vec::new(),
             })?;
         }
-        let record = {
-            let mut folders = self.folders();
-            let handle = folders
-                .get_mut(&id)
-                .ok_or_else(|| NodeError::UnknownFolder(folder.to_owned()))?;
-            let mut record = handle.record.clone();
-            record.devices.retain(|(d, _)| *d != device);
-            record.devices.push((device, request.permission));
-            self.store.put_folder(&record)?;
-            handle.record = record.clone();
-            handle.send(FolderCommand::UpdateRecord(record.clone()));
-            record
-        };
+        self.set_access(&id, device, Some(request.permission))?;
+        let record = self
+            .folders()
+            .get(&id)
+            .map(|handle| handle.record.clone())
+            .ok_or_else(|| NodeError::UnknownFolder(folder.to_owned()))?;
         if self
             .network
             .as_ref()
@@ -613,6 +632,30 @@ impl Node {
             }
         }
         Ok(record)
+    }
+
+    /// Removes a device from a folder's access list: from then on no member sends it
+    /// changes, manifests or blocks, its later changes are refused everywhere, and it
+    /// is disconnected. It keeps what it already had.
+    pub fn unshare_folder(&self, folder: &str, device: &str) -> Result<(), NodeError> {
+        let device = Self::parse_device(device)?;
+        let id = FolderId::new(folder).map_err(|_| NodeError::UnknownFolder(folder.to_owned()))?;
+        self.set_access(&id, device, None)
+    }
+
+    /// Has the folder's core set `device`'s role, and waits for the outcome.
+    fn set_access(
+        &self,
+        id: &FolderId,
+        device: DeviceId,
+        role: Option<Role>,
+    ) -> Result<(), NodeError> {
+        self.folder_command(id.as_str(), |reply| FolderCommand::SetAccess {
+            device,
+            role,
+            reply,
+        })?
+        .map_err(NodeError::Invalid)
     }
 
     /// Invites received and not yet answered.
@@ -683,17 +726,15 @@ impl Node {
                 addresses: Vec::new(),
             })?;
         }
-        let mode = match invite.invite.permission {
-            Permission::Edit => FolderMode::SendReceive,
-            Permission::View => FolderMode::ReceiveOnly,
-        };
+        // Receives only until the access list arrives and says otherwise.
         let record = self.create_folder(
             &path,
             id,
             invite.invite.label.clone(),
             invite.invite.params,
-            mode,
-            vec![(invite.from, Permission::Edit)],
+            FolderMode::ReceiveOnly,
+            vec![(invite.from, Role::Edit)],
+            Some(invite.invite.founder),
         )?;
         self.store.remove_invite(&record.id)?;
         if self
@@ -787,6 +828,7 @@ impl Node {
             ChunkParams::DEFAULT,
             FolderMode::SendReceive,
             Vec::new(),
+            Some(self.device_id()),
         )
     }
 
@@ -797,7 +839,8 @@ impl Node {
         label: String,
         params: ChunkParams,
         mode: FolderMode,
-        devices: Vec<(DeviceId, Permission)>,
+        devices: Vec<(DeviceId, Role)>,
+        founder: Option<DeviceId>,
     ) -> Result<FolderRecord, NodeError> {
         let path = PathBuf::from(path);
         if !path.is_absolute() {
@@ -841,6 +884,7 @@ impl Node {
             params,
             mode,
             devices,
+            founder,
         };
         self.store.put_folder(&record)?;
         self.start_folder(record.clone())?;
@@ -1078,7 +1122,8 @@ mod tests {
                 path: root.to_string_lossy().into_owned(),
                 params: ChunkParams::DEFAULT,
                 mode: FolderMode::SendReceive,
-                devices: vec![(device, Permission::Edit)],
+                devices: vec![(device, Role::Edit)],
+                founder: None,
             })
             .expect("folder record");
         let manifest = build_manifest(bytes, &ChunkParams::DEFAULT, |_| {}).expect("manifest");

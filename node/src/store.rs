@@ -33,13 +33,13 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use weft_protocol::change_signature::SignedChange;
-use weft_protocol::wire::{Invite, Permission};
+use weft_protocol::wire::{Invite, Role};
 use weft_protocol::{
     BlockHash, ChunkParams, DeviceId, FolderId, Manifest, ManifestHash, RelPath, Signature,
 };
 
 /// Current schema version of the store.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 /// redb's page cache. Its default (1 GiB) would let a cold scan of a large folder grow
 /// the node's memory far past its budget; reads beyond this come from the OS page cache.
 pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
@@ -116,8 +116,24 @@ pub struct FolderRecord {
     pub params: ChunkParams,
     /// Whether this device publishes its local changes.
     pub mode: crate::engine::FolderMode,
-    /// The devices this folder is shared with, and what they may do.
-    pub devices: Vec<(DeviceId, Permission)>,
+    /// The folder's members and their roles, as this device last read them from the
+    /// folder document's access list (the document decides; this copy lets the
+    /// network layer check a request without asking the folder).
+    pub devices: Vec<(DeviceId, Role)>,
+    /// The device that created the folder (its access list must begin with it);
+    /// `None` for a folder created here before folders had access lists: this device.
+    pub founder: Option<DeviceId>,
+}
+
+/// [`FolderRecord`] as schema 3 stored it (before `founder`).
+#[derive(Deserialize)]
+struct FolderRecordV3 {
+    id: FolderId,
+    label: String,
+    path: String,
+    params: ChunkParams,
+    mode: crate::engine::FolderMode,
+    devices: Vec<(DeviceId, Role)>,
 }
 
 /// A device this node accepts.
@@ -278,6 +294,30 @@ impl Store {
         }
         if from < 3 {
             txn.open_table(RACY)?;
+        }
+        if (1..4).contains(&from) {
+            // Folder records gained `founder`; invites gained the founder and are
+            // dropped (the inviter sends them again when it next connects).
+            let mut folders = txn.open_table(FOLDERS)?;
+            let mut records = Vec::new();
+            for row in folders.iter()? {
+                let (key, value) = row?;
+                let old: FolderRecordV3 =
+                    decode(&format!("folder {}", key.value()), value.value())?;
+                records.push(FolderRecord {
+                    id: old.id,
+                    label: old.label,
+                    path: old.path,
+                    params: old.params,
+                    mode: old.mode,
+                    devices: old.devices,
+                    founder: None,
+                });
+            }
+            for record in records {
+                folders.insert(record.id.as_str(), encode(&record).as_slice())?;
+            }
+            txn.open_table(INVITES)?.retain(|_, _| false)?;
         }
         Ok(())
     }
@@ -833,18 +873,47 @@ mod tests {
                     folder: folder(),
                     label: "photos".into(),
                     params: ChunkParams::default(),
-                    permission: Permission::Edit,
+                    role: Role::Edit,
+                    founder: weft_protocol::DeviceKey::from_secret_bytes([1; 32]).device_id(),
                 },
             })
             .unwrap();
         drop(store);
-        // Make it a schema 1 store: no signature table, version 1.
+        // Make it a schema 1 store: no signature table, version 1, and a folder record
+        // as it was before `founder`.
+        #[derive(Serialize)]
+        struct OldRecord {
+            id: FolderId,
+            label: String,
+            path: String,
+            params: ChunkParams,
+            mode: crate::engine::FolderMode,
+            devices: Vec<(DeviceId, Role)>,
+        }
+        let peer = weft_protocol::DeviceKey::from_secret_bytes([2; 32]).device_id();
         rewrite_store(&path, 1, |txn| {
             txn.delete_table(CHANGE_SIGNATURES).unwrap();
+            let old = OldRecord {
+                id: folder(),
+                label: "photos".into(),
+                path: "/photos".into(),
+                params: ChunkParams::default(),
+                mode: crate::engine::FolderMode::SendReceive,
+                devices: vec![(peer, Role::Edit)],
+            };
+            txn.open_table(FOLDERS)
+                .unwrap()
+                .insert(folder().as_str(), encode(&old).as_slice())
+                .unwrap();
         });
         let store = Store::open(&path, [5; 8]).unwrap();
         assert_eq!(store.actor_suffix(), [4; 8]);
-        assert_eq!(store.invites().unwrap().len(), 1);
+        // Invites from before founders were carried are dropped; folder records kept.
+        assert!(store.invites().unwrap().is_empty());
+        let folders = store.folders().unwrap();
+        assert_eq!(folders.len(), 1);
+        assert_eq!(folders[0].devices, vec![(peer, Role::Edit)]);
+        assert_eq!(folders[0].founder, None);
         assert!(store.change_signatures(&folder()).unwrap().is_empty());
         let signed = SignedChange {
             hash: [7; 32],

@@ -426,12 +426,29 @@ impl FolderDocument {
                         automerge::legacy::ObjectId::Root,
                         automerge::legacy::OpType::Put(ScalarValue::Bytes(bytes)),
                         false,
-                    ) => bytes,
-                    _ => {
+                    ) => Some(bytes),
+                    // Writing again the value automerge picked among concurrent ones
+                    // deletes the others (how a conflict is resolved).
+                    (
+                        automerge::legacy::ObjectId::Root,
+                        automerge::legacy::OpType::Delete,
+                        false,
+                    ) => None,
+                    (obj, action, insert) => {
                         return Err(schema(format!(
-                            "an operation other than a value at {key:?}"
+                            "an operation other than a value at {key:?} ({obj:?}, {action:?}, insert {insert})"
                         )));
                     }
+                };
+                let Some(bytes) = bytes else {
+                    // A delete of another access value writes no role: the access list
+                    // is read from the writes alone.
+                    if key.starts_with(ENTRY_PREFIX) && !is_access {
+                        writes_files = true;
+                    } else if !(is_access && key_device(key).is_some()) {
+                        return Err(schema(format!("a delete at {key:?}")));
+                    }
+                    continue;
                 };
                 if is_access {
                     let target = key_device(key)

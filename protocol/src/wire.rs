@@ -15,13 +15,15 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::access::Role;
 use crate::change_signature::SignedChange;
 use crate::folder::FolderId;
 use crate::hash::{BlockHash, ManifestHash};
+use crate::identity::DeviceId;
 use crate::manifest::{MAX_BLOCK_LEN, Manifest};
 
 /// Wire protocol version spoken by this build; see the version log in `docs/protocol.md`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Bytes of the frame header (payload length, u32 little-endian).
 pub const FRAME_HEADER_LEN: usize = 4;
@@ -103,15 +105,6 @@ pub struct ChangeSignatures {
     pub changes: Vec<SignedChange>,
 }
 
-/// What an invited device may do in a folder.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Permission {
-    /// Receive only.
-    View,
-    /// Send and receive.
-    Edit,
-}
-
 /// An invitation to a folder: everything the invited device needs to join it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Invite {
@@ -121,8 +114,10 @@ pub struct Invite {
     pub label: String,
     /// The folder's chunk parameters (every device must cut alike).
     pub params: crate::chunk::ChunkParams,
-    /// What the invited device may do.
-    pub permission: Permission,
+    /// The role the inviter gave the invited device in the folder's access list.
+    pub role: Role,
+    /// The device that created the folder: its access list must begin with it.
+    pub founder: DeviceId,
 }
 
 /// Handshake: who is talking and which protocol it speaks.
@@ -610,11 +605,8 @@ mod tests {
                     folder,
                     label,
                     params: crate::chunk::ChunkParams::DEFAULT,
-                    permission: if edit {
-                        Permission::Edit
-                    } else {
-                        Permission::View
-                    },
+                    role: if edit { Role::Edit } else { Role::View },
+                    founder: crate::identity::DeviceKey::from_secret_bytes([3; 32]).device_id(),
                 })
             }),
         ]

@@ -17,6 +17,11 @@
 //! 4. **Termination**: checked by the world's settle phase.
 //! 5. **Safety** ([`every_step`]): no operation ever ran through a symlink (outside the
 //!    folder), and nothing from the unaccepted intruder reaches any device.
+//! 6. **Permissions**: no edit by a device without `edit` at its point in history is
+//!    ever on an honest device's disk (the view-only device's forged edits, checked
+//!    at every step: [`every_step`]), and at the end none the removed device made
+//!    after its removal ([`revocation_held`]; one made before it knew, concurrently,
+//!    may show until the removal arrives, then it is void).
 
 use std::collections::BTreeMap;
 
@@ -74,6 +79,7 @@ fn tree(world: &World, index: usize) -> BTreeMap<String, String> {
 /// Invariants 3 and 5, after every event.
 pub fn every_step(world: &World) -> Result<(), Violation> {
     let intruder = world.intruder_content();
+    let vandal = world.vandal_content();
     for device in &world.devices {
         if let Some(path) = device.disk.escapes.first() {
             return Err(Violation::new(
@@ -90,6 +96,15 @@ pub fn every_step(world: &World) -> Result<(), Violation> {
             }
             if let Node::File { data, .. } = node {
                 let hash = manifest_of(data).hash();
+                if hash == vandal {
+                    return Err(Violation::new(
+                        "permissions",
+                        format!(
+                            "dev{} holds the view-only device's forged edit at {path}",
+                            device.index
+                        ),
+                    ));
+                }
                 if hash == intruder {
                     return Err(Violation::new(
                         "safety",
@@ -124,10 +139,39 @@ pub fn every_step(world: &World) -> Result<(), Violation> {
     Ok(())
 }
 
-/// Invariant 1, once quiet.
+/// Invariant 6, once quiet: no honest device holds an edit the removed device made
+/// after its removal (void or refused everywhere).
+pub fn revocation_held(world: &World) -> Result<(), Violation> {
+    let revoked = world.revoked_content();
+    for device in &world.devices {
+        if Some(device.index) == world.removed() {
+            continue;
+        }
+        for (path, node) in device.disk.nodes() {
+            if let Node::File { data, .. } = node
+                && !is_temp(path)
+                && manifest_of(data).hash() == revoked
+            {
+                return Err(Violation::new(
+                    "permissions",
+                    format!(
+                        "dev{} holds an edit the removed device made after its removal, at {path}",
+                        device.index
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Invariant 1, once quiet (the removed device left the folder: it is not compared).
 pub fn converged(world: &mut World) -> Result<(), Violation> {
     let first = tree(world, 0);
     for index in 1..world.devices.len() {
+        if Some(index) == world.removed() {
+            continue;
+        }
         let mut other = tree(world, index);
         // A receive-only device keeps its local changes (listed in its status): they
         // are not expected anywhere else. Its user makes none, but the node itself can
@@ -161,7 +205,11 @@ pub fn converged(world: &mut World) -> Result<(), Violation> {
         }
     }
     let mut heads = Vec::new();
+    let removed = world.removed();
     for device in &mut world.devices {
+        if Some(device.index) == removed {
+            continue;
+        }
         let mut h = device.document().map(|d| d.heads()).unwrap_or_default();
         h.sort();
         heads.push(h);

@@ -108,6 +108,7 @@ impl Device {
             id: folder_id(),
             key: self.io.key.clone(),
             actor_suffix: self.io.actor_suffix,
+            founder: self.io.founder,
             membership: Membership {
                 mode: self.io.mode,
                 devices: self.io.members.iter().copied().collect(),
@@ -123,6 +124,22 @@ impl Device {
             }
         }
         self.on_core(now, |core, io| core.start(io));
+    }
+
+    /// Sets `device`'s role in the access list (as this device's user would).
+    pub fn set_access(
+        &mut self,
+        now: i64,
+        device: DeviceId,
+        role: Option<weft_protocol::access::Role>,
+    ) -> Result<(), String> {
+        let mut result = Err("the device is down".to_owned());
+        self.on_core(now, |core, io| {
+            result = core
+                .set_access(io, device, role)
+                .map_err(|error| error.to_string());
+        });
+        result
     }
 
     /// `kill -9`: everything not in the store or on disk is gone.

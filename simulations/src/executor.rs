@@ -61,6 +61,9 @@ pub enum Sabotage {
     /// Never sync a directory before a store commit: a power loss can undo a rename
     /// the store has recorded.
     NoDirSync,
+    /// Take every received change without checking its author's role against the
+    /// access list.
+    NoAccessCheck,
 }
 
 /// What the node's redb store holds for the folder (survives crashes).
@@ -100,6 +103,12 @@ pub struct SimIo {
     pub members: BTreeSet<DeviceId>,
     /// Whether this device publishes its local changes.
     pub mode: engine::FolderMode,
+    /// The device that created the folder (device 0).
+    pub founder: DeviceId,
+    /// The folder's access list as this device last read it.
+    pub access: weft_protocol::access::AccessList,
+    /// Sync messages this device refused for a change its author's role did not allow.
+    pub refused: u64,
     /// The folder on disk.
     pub disk: Disk,
     /// The durable store.
@@ -134,6 +143,11 @@ pub struct SimIo {
     pub(crate) actor_suffix: [u8; 8],
 }
 
+/// Until the world names the founder: nobody's (a key no device has).
+fn key_id_placeholder() -> DeviceId {
+    DeviceKey::from_secret_bytes([0; 32]).device_id()
+}
+
 fn disk_error(error: DiskError) -> IoError {
     IoError::new(format!("{error:?}"))
 }
@@ -152,6 +166,9 @@ impl SimIo {
             actor_suffix,
             members: BTreeSet::new(),
             mode: engine::FolderMode::SendReceive,
+            founder: key_id_placeholder(),
+            access: Default::default(),
+            refused: 0,
             disk: Disk::new((index as u64 + 1) << 40),
             store: Store::default(),
             up: false,
@@ -502,6 +519,10 @@ impl io::Store for SimIo {
 }
 
 impl Peers for SimIo {
+    fn check_access(&self) -> bool {
+        self.sabotage != Sabotage::NoAccessCheck
+    }
+
     fn send_sync(
         &mut self,
         device: DeviceId,
@@ -627,6 +648,23 @@ impl Report for SimIo {
 
     fn restored(&mut self, ticket: u64, result: Result<String, String>) {
         self.note(format!("restore {ticket}: {result:?}"));
+    }
+
+    fn access_changed(&mut self, list: &weft_protocol::access::AccessList) {
+        let roles: Vec<String> = list
+            .members()
+            .map(|(device, role)| format!("{}={role}", &device.to_string()[..4]))
+            .collect();
+        self.note(format!("access list: {}", roles.join(" ")));
+        self.access = list.clone();
+    }
+
+    fn refused(&mut self, device: DeviceId, error: &weft_protocol::access::AccessError) {
+        self.refused += 1;
+        self.note(format!(
+            "refused a change from {}: {error}",
+            &device.to_string()[..4]
+        ));
     }
 }
 

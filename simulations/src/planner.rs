@@ -698,6 +698,12 @@ impl Report for TreeIo {
     fn scan_failed(&mut self, _error: &IoError) {}
 
     fn restored(&mut self, _ticket: u64, _result: Result<String, String>) {}
+
+    fn access_changed(&mut self, _list: &weft_protocol::access::AccessList) {}
+
+    fn refused(&mut self, device: DeviceId, error: &weft_protocol::access::AccessError) {
+        self.log.push(format!("refused {device}: {error}"));
+    }
 }
 
 fn all_paths(io: &TreeIo, document: &FolderDocument) -> Vec<RelPath> {
@@ -771,6 +777,8 @@ pub fn check_case(seed: u64) -> Result<usize, String> {
         id: weft_protocol::FolderId::random([7; 8]),
         key: Arc::new(key(1)),
         actor_suffix: [1; 8],
+        // This device founded the folder: it may edit before any access list is written.
+        founder: me,
         membership: Membership {
             mode: FolderMode::SendReceive,
             devices: vec![device(2), device(3)],

@@ -15,6 +15,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use weft_protocol::access::Role;
+use weft_protocol::change_signature::SignedChange;
 use weft_protocol::document::{Content, Entry, EntryKind, FolderDocument, SyncState};
 use weft_protocol::{DeviceId, DeviceKey, ManifestHash, RelPath};
 
@@ -139,6 +141,12 @@ enum Event {
     DiskFull(usize),
     DiskFreed(usize),
     Intruder,
+    /// The view-only device, modified, publishes an edit.
+    Vandal,
+    /// Device 0 (the founder) removes a device from the access list.
+    Revoke,
+    /// The removed device, modified, publishes an edit after its removal.
+    RevokedEdit,
     Reconnect,
 }
 
@@ -173,12 +181,27 @@ pub struct World {
     pub versions: BTreeMap<ManifestHash, Version>,
     intruder: DeviceId,
     intruder_content: ManifestHash,
+    /// The view-only device, if the world has one.
+    viewer: Option<usize>,
+    /// The device removed from the access list, once it is.
+    removed: Option<usize>,
+    /// What the view-only device's forged edits write (never to reach a disk).
+    vandal_content: ManifestHash,
+    /// What the removed device's forged edits write (on no honest disk at the end).
+    revoked_content: ManifestHash,
+    /// Forged edits made so far (for unique paths).
+    forged: u64,
     active: bool,
     events: u64,
     trace_hasher: blake3::Hasher,
     trace: VecDeque<String>,
     stats: Stats,
 }
+
+/// What the view-only device's forged edits write.
+const VANDAL_CONTENT: &[u8] = b"a view-only device's edit, never to be applied";
+/// What the removed device's forged edits write.
+const REVOKED_CONTENT: &[u8] = b"a removed device's edit, void everywhere";
 
 fn pair(a: usize, b: usize) -> (usize, usize) {
     (a.min(b), a.max(b))
@@ -198,6 +221,7 @@ impl World {
             .collect();
         let ids: Vec<DeviceId> = devices.iter().map(|d| d.id).collect();
         for device in &mut devices {
+            device.founder = ids[0];
             device.sabotage = config.sabotage;
             device.disk.coarse_timestamps = config.coarse_timestamps;
             device.members = ids.iter().copied().filter(|id| *id != device.id).collect();
@@ -222,8 +246,10 @@ impl World {
         // (the last): it applies what the others publish and publishes nothing. Its
         // user does not edit, so that every tree still converges exactly (a local
         // change there stays local by design: the black-box tests cover that).
+        let mut viewer = None;
         if n >= 3 && rng.chance(33) {
             devices[n - 1].mode = weft_core::engine::FolderMode::ReceiveOnly;
+            viewer = Some(n - 1);
         }
         let mut secret = [0u8; 32];
         secret.copy_from_slice(&rng.bytes(32));
@@ -246,12 +272,26 @@ impl World {
             versions: BTreeMap::new(),
             intruder,
             intruder_content,
+            viewer,
+            removed: None,
+            vandal_content: manifest_of(VANDAL_CONTENT).hash(),
+            revoked_content: manifest_of(REVOKED_CONTENT).hash(),
+            forged: 0,
             active: true,
             events: 0,
             trace_hasher: blake3::Hasher::new(),
             trace: VecDeque::new(),
             stats: Stats::default(),
         };
+        // A removed device's forged edit may reach a disk before its removal does
+        // (it is void, not refused, there): a version, but nobody's to keep.
+        world.versions.insert(
+            world.revoked_content,
+            Version {
+                discarded: true,
+                origin: (usize::MAX, "forged".into()),
+            },
+        );
         world.trace(format!(
             "world: {n} devices, links {:?}{}",
             world.allowed,
@@ -353,7 +393,16 @@ impl World {
                 self.schedule(first, Event::User(index));
             }
         }
+        self.found()?;
         self.refresh_links();
+        if self.viewer.is_some() {
+            let delay = self.rng.range(500, 5_000) as i64 * MS;
+            self.schedule(delay, Event::Vandal);
+        }
+        if n >= 3 && self.rng.chance(33) {
+            let delay = self.rng.range(1_000, 12_000) as i64 * MS;
+            self.schedule(delay, Event::Revoke);
+        }
         if self.config.faults {
             let delay = self.rng.range(1_000, 8_000) as i64 * MS;
             self.schedule(delay, Event::Partition);
@@ -409,6 +458,7 @@ impl World {
         }
         self.trace("quiet".into());
         check::converged(self)?;
+        check::revocation_held(self)?;
         check::nothing_lost(self)?;
         Ok(())
     }
@@ -444,13 +494,21 @@ impl World {
                     | Event::Retry(_)
                     | Event::User(_)
                     | Event::Intruder
+                    | Event::Vandal
+                    | Event::RevokedEdit
                     | Event::Timeout { .. }
             )
         });
         if !events_quiet {
             return false;
         }
-        if self.devices.iter().all(Device::is_idle) {
+        // The removed device has left the folder: what it still wants, nobody gives it.
+        let removed = self.removed;
+        if self
+            .devices
+            .iter()
+            .all(|d| Some(d.index) == removed || d.is_idle())
+        {
             return true;
         }
         let obtainable = |world: &World, entry: &Entry| -> bool {
@@ -473,6 +531,9 @@ impl World {
         };
         let mut wants = Vec::new();
         for device in &mut self.devices {
+            if Some(device.index) == removed {
+                continue;
+            }
             if !device.is_idle_but_failed() {
                 return false;
             }
@@ -659,6 +720,25 @@ impl World {
                 }
             }
             Event::Intruder => self.intrude(),
+            Event::Vandal => {
+                if let Some(viewer) = self.viewer {
+                    self.forge(viewer, VANDAL_CONTENT)?;
+                }
+                if self.active {
+                    let next = self.rng.range(1_000, 6_000) as i64 * MS;
+                    self.schedule(next, Event::Vandal);
+                }
+            }
+            Event::Revoke => self.revoke()?,
+            Event::RevokedEdit => {
+                if let Some(removed) = self.removed {
+                    self.forge(removed, REVOKED_CONTENT)?;
+                }
+                if self.active {
+                    let next = self.rng.range(500, 4_000) as i64 * MS;
+                    self.schedule(next, Event::RevokedEdit);
+                }
+            }
             Event::Reconnect => self.refresh_links(),
         }
         Ok(())
@@ -890,6 +970,188 @@ impl World {
             let next = self.rng.range(2_000, 10_000) as i64 * MS;
             self.schedule(next, Event::Intruder);
         }
+    }
+
+    /// Device 0 founds the folder (at its start) and gives every other device its
+    /// role: `edit`, or `view` for the view-only device.
+    fn found(&mut self) -> Result<(), Violation> {
+        for index in 1..self.devices.len() {
+            let role = if Some(index) == self.viewer {
+                Role::View
+            } else {
+                Role::Edit
+            };
+            let id = self.devices[index].id;
+            if let Err(error) = self.devices[0].set_access(self.now, id, Some(role)) {
+                return Err(Violation::new(
+                    "sharing",
+                    format!("the founder could not share the folder with dev{index}: {error}"),
+                ));
+            }
+        }
+        self.trace("dev0 founded the folder and shared it".into());
+        self.drain(0)
+    }
+
+    /// Device 0 removes a device that is neither itself nor the view-only one and
+    /// whose absence leaves the others connected. The removed device goes on running
+    /// (its user edits, its node syncs with whoever still talks to it), and forges
+    /// edits from then on.
+    fn revoke(&mut self) -> Result<(), Violation> {
+        if self.removed.is_some() || !self.active {
+            return Ok(());
+        }
+        if !self.devices[0].up {
+            self.schedule(500 * MS, Event::Revoke);
+            return Ok(());
+        }
+        let n = self.devices.len();
+        let candidates: Vec<usize> = (1..n)
+            .filter(|r| Some(*r) != self.viewer && self.connected_without(*r))
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let removed = candidates[self.rng.index(candidates.len())];
+        let id = self.devices[removed].id;
+        if let Err(error) = self.devices[0].set_access(self.now, id, None) {
+            return Err(Violation::new(
+                "sharing",
+                format!("the founder could not remove dev{removed}: {error}"),
+            ));
+        }
+        self.removed = Some(removed);
+        self.trace(format!("dev0 removed dev{removed} from the folder"));
+        self.drain(0)?;
+        let delay = self.rng.range(10, 2_000) as i64 * MS;
+        self.schedule(delay, Event::RevokedEdit);
+        Ok(())
+    }
+
+    /// True if every device but `without` can reach every other over allowed links.
+    fn connected_without(&self, without: usize) -> bool {
+        let n = self.devices.len();
+        let start = if without == 0 { 1 } else { 0 };
+        let mut reached = BTreeSet::from([start]);
+        let mut stack = vec![start];
+        while let Some(at) = stack.pop() {
+            for &(a, b) in &self.allowed {
+                let next = if a == at {
+                    b
+                } else if b == at {
+                    a
+                } else {
+                    continue;
+                };
+                if next != without && reached.insert(next) {
+                    stack.push(next);
+                }
+            }
+        }
+        reached.len() == n - 1
+    }
+
+    /// Device `from`, modified, publishes an edit its role does not allow (or, once
+    /// removed, one made after its removal): a change of its own on top of what a live
+    /// neighbour holds, signed with its key, sent to that neighbour.
+    fn forge(&mut self, from: usize, content: &[u8]) -> Result<(), Violation> {
+        let neighbours: Vec<usize> = self
+            .live
+            .iter()
+            .filter_map(|&(a, b)| match (a == from, b == from) {
+                (true, _) => Some(b),
+                (_, true) => Some(a),
+                _ => None,
+            })
+            .collect();
+        if neighbours.is_empty() || !self.devices[from].up {
+            return Ok(());
+        }
+        let to = neighbours[self.rng.index(neighbours.len())];
+        let Some(base) = self.devices[to].document().map(|d| d.save()) else {
+            return Ok(());
+        };
+        let mut suffix = [0u8; 8];
+        suffix.copy_from_slice(&self.rng.bytes(8));
+        let author = self.devices[from].id;
+        let actor = weft_protocol::document::actor_id(&author, suffix);
+        let Ok(mut forged) = FolderDocument::load(&base, [], actor) else {
+            return Ok(());
+        };
+        let mut mirror = match FolderDocument::load(
+            &base,
+            [],
+            weft_protocol::document::actor_id(&author, [0xff; 8]),
+        ) {
+            Ok(mirror) => mirror,
+            Err(_) => return Ok(()),
+        };
+        self.forged += 1;
+        let manifest = manifest_of(content);
+        let entry = Entry {
+            kind: EntryKind::File,
+            deleted: false,
+            size: manifest.size(),
+            mtime_ns: self.now,
+            mode: 0o644,
+            content: Content::Inline(manifest),
+            author,
+        };
+        let name = NAMES[self.rng.index(NAMES.len())];
+        let Ok(path) = RelPath::new(&format!("{name}-forged{}", self.forged)) else {
+            return Ok(());
+        };
+        let _ = forged.put(&path, &entry);
+        forged.commit(self.now / MS, "forged");
+        // The neighbour's sync state is its own: run the protocol against a copy of its
+        // document until a message carries the change.
+        let (mut mine, mut theirs) = (SyncState::new(), SyncState::new());
+        for _ in 0..6 {
+            let Some((bytes, changes)) = forged.generate_sync_message_with_changes(&mut mine)
+            else {
+                break;
+            };
+            if !changes.is_empty() {
+                let key = self.devices[from].key.clone();
+                let signatures = changes
+                    .iter()
+                    .map(|change| SignedChange::sign(&key, &crate::device::folder_id(), change))
+                    .collect();
+                self.trace(format!(
+                    "dev{from} forges {path} ({} change) -> dev{to}",
+                    changes.len()
+                ));
+                self.send(
+                    from,
+                    to,
+                    Msg::DocSync {
+                        signatures,
+                        message: bytes,
+                    },
+                );
+                return self.drain(from);
+            }
+            let _ = mirror.receive_sync_message(&mut theirs, &bytes);
+            if let Some(reply) = mirror.generate_sync_message(&mut theirs) {
+                let _ = forged.receive_sync_message(&mut mine, &reply);
+            }
+        }
+        Ok(())
+    }
+
+    /// What the view-only device's forged edits hold.
+    pub fn vandal_content(&self) -> ManifestHash {
+        self.vandal_content
+    }
+
+    /// What the removed device's forged edits hold.
+    pub fn revoked_content(&self) -> ManifestHash {
+        self.revoked_content
+    }
+
+    /// The device removed from the access list, if one was.
+    pub fn removed(&self) -> Option<usize> {
+        self.removed
     }
 
     /// The intruder's content hash (must never appear on an honest device).

@@ -31,6 +31,7 @@
 //!   ([`crate::io::Disk::sync_dirs`]).
 
 mod downloads;
+mod members;
 mod peers;
 mod plan;
 mod record;
@@ -40,6 +41,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use weft_protocol::access::AccessList;
 use weft_protocol::document::{self, Entry, FolderDocument, SyncState};
 use weft_protocol::sync_parts::SyncAssembly;
 use weft_protocol::{DeviceId, DeviceKey, FolderId, Manifest, RelPath, Signature};
@@ -54,6 +56,7 @@ pub use downloads::{
     FINALIZE_BATCH, FINALIZE_DELAY, GROUP_BYTES, GROUP_FILE_MAX, GROUP_FILES, MAX_DOWNLOADS,
     RETRY_INTERVAL,
 };
+pub use members::ShareError;
 pub use peers::{MAX_PENDING_SIGNATURES, MAX_REFUSALS};
 pub use plan::{MAX_PLAN_ROUNDS, describe};
 pub use record::{BATCH_CHANGES, BATCH_INTERVAL, FIRST_BATCH_INTERVAL};
@@ -70,7 +73,11 @@ pub struct FolderSettings {
     pub key: Arc<DeviceKey>,
     /// The random part of this device's automerge actor, fixed when the store was made.
     pub actor_suffix: [u8; 8],
-    /// Members and mode.
+    /// The device that created the folder: its access list must begin with it (from
+    /// the invite this device accepted, or this device itself).
+    pub founder: DeviceId,
+    /// The devices to sync with until the folder's access list has arrived (the
+    /// inviter), and the mode until then; afterwards the access list decides.
     pub membership: Membership,
     /// Whether files can be downloaded (false: a node without network).
     pub downloads: bool,
@@ -126,6 +133,12 @@ pub struct Folder<T> {
     device: DeviceId,
     key: Arc<DeviceKey>,
     actor_suffix: [u8; 8],
+    founder: DeviceId,
+    /// The settings' devices and mode, used until the access list has arrived.
+    bootstrap: Membership,
+    /// The access list as of the last event.
+    access: AccessList,
+    /// Members and this device's mode, from `access` (or `bootstrap`).
     membership: Membership,
     compact_after: u64,
     document: FolderDocument,
@@ -208,11 +221,14 @@ impl<T> Folder<T> {
                 folder: folder.clone(),
                 source,
             })?;
-        Ok(Self {
+        let mut folder = Self {
             id: settings.id,
             device,
             key: settings.key,
             actor_suffix: settings.actor_suffix,
+            founder: settings.founder,
+            bootstrap: settings.membership.clone(),
+            access: AccessList::default(),
             membership: settings.membership,
             compact_after: settings.compact_after,
             document,
@@ -232,7 +248,10 @@ impl<T> Folder<T> {
             blocked: BTreeMap::new(),
             racy: BTreeMap::new(),
             counts: Counts::default(),
-        })
+        };
+        folder.access = folder.document.access_list();
+        folder.membership = folder.membership_of(&folder.access);
+        Ok(folder)
     }
 
     /// The folder.
@@ -286,6 +305,7 @@ impl<T> Folder<T> {
                 );
             }
         }
+        self.found(io);
         self.scan_scope(io, Scope::Full);
         self.plan_all(io);
         self.after_changes(io);
@@ -321,11 +341,15 @@ impl<T> Folder<T> {
         }
     }
 
-    /// The folder's members or mode changed: peers no longer members are dropped.
+    /// The devices to sync with until the access list has arrived changed (the node
+    /// accepted an invite again, say). Once the list is there, it decides.
     pub fn set_membership(&mut self, membership: Membership) {
-        self.peers
-            .retain(|device, _| membership.devices.contains(device));
-        self.membership = membership;
+        self.bootstrap = membership;
+        if !self.access.is_founded() {
+            self.membership = self.membership_of(&self.access);
+            let members = &self.membership.devices;
+            self.peers.retain(|device, _| members.contains(device));
+        }
     }
 
     /// When [`Folder::tick`] has work next (ns of [`crate::io::Clock::monotonic_ns`]), if ever: a racy file due, failed

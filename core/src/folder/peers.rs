@@ -6,6 +6,7 @@
 //! changes without valid signatures ([`MAX_REFUSALS`] times without an accepted change
 //! in between) is disconnected, since its sync is looping without progress.
 
+use weft_protocol::access::AccessError;
 use weft_protocol::change_signature::{self, ChangeSignatureError, SignedChange};
 use weft_protocol::document::SyncState;
 use weft_protocol::{DeviceId, RelPath};
@@ -137,6 +138,49 @@ impl<T> Folder<T> {
         }
     }
 
+    /// Paths where a change of this device's own became void (made concurrently with
+    /// its removal or downgrade): the synced row that recorded it published is dropped,
+    /// so that its version reads as a local change the folder does not hold (kept as
+    /// a conflict copy, or published again once this device may edit), not as a
+    /// version the folder replaced.
+    fn forget_own_void<I: FolderIo<Temp = T>>(&mut self, io: &mut I, voided: &[RelPath]) {
+        let mut forget = Vec::new();
+        for path in voided {
+            if let Ok(Some(synced)) = io.synced(path)
+                && synced.entry.author == self.device
+                && self.document.get(path).ok().flatten().as_ref() != Some(&synced.entry)
+            {
+                forget.push((path.clone(), None));
+            }
+        }
+        if !forget.is_empty() {
+            self.commit_decisions(io, &forget);
+        }
+    }
+
+    /// Refuses a sync message with a change its author's role did not allow: nothing
+    /// of it is saved, applied or passed on (the document goes back to what the store
+    /// holds), the device is disconnected at once (an honest device never sends one:
+    /// it checks what it receives before passing it on) and reported.
+    fn refuse_forbidden<I: FolderIo<Temp = T>>(
+        &mut self,
+        io: &mut I,
+        device: DeviceId,
+        error: &AccessError,
+    ) {
+        io.log(
+            Level::Warn,
+            format_args!(
+                "sync message from {device} refused: {error}; nothing of it was applied; disconnecting"
+            ),
+        );
+        self.reload_document(io);
+        self.pending_signatures.remove(&device);
+        io.refused(device, error);
+        self.peer_disconnected(device);
+        io.disconnect(device);
+    }
+
     pub(super) fn sync_message_part<I: FolderIo<Temp = T>>(
         &mut self,
         io: &mut I,
@@ -230,8 +274,26 @@ impl<T> Folder<T> {
                 }
             }
         }
+        // Every change must also be allowed by its author's role at its dependencies;
+        // a change made concurrently with its author's removal is kept but void, and
+        // the paths it wrote are planned again.
+        let voided = match self
+            .document
+            .admit(&added, &self.founder, io.check_access())
+        {
+            Ok(paths) => paths,
+            Err(error) => {
+                self.refuse_forbidden(io, device, &error);
+                return;
+            }
+        };
         self.save_received(io);
-        let changed = self.document.changed_paths(&before);
+        self.forget_own_void(io, &voided);
+        self.refresh_access(io);
+        let mut changed = self.document.changed_paths(&before);
+        changed.paths.extend(voided);
+        changed.paths.sort();
+        changed.paths.dedup();
         if !changed.rejected.is_empty() {
             io.log(
                 Level::Warn,

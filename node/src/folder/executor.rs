@@ -47,6 +47,8 @@ pub struct DownloadedTemp {
 
 /// The node's executor of one folder's core.
 pub(super) struct NodeIo {
+    /// This device.
+    pub(super) device: DeviceId,
     pub(super) record: FolderRecord,
     pub(super) root: PathBuf,
     pub(super) store: Arc<Store>,
@@ -185,7 +187,9 @@ impl Disk for NodeIo {
         std::fs::create_dir_all(&absolute).map_err(IoError::new)?;
         if mode & 0o777 != 0 {
             use std::os::unix::fs::PermissionsExt;
-            let permissions = std::fs::Permissions::from_mode(mode & 0o7777);
+            // Permission bits only: a peer's setuid, setgid and sticky bits never
+            // reach the disk.
+            let permissions = std::fs::Permissions::from_mode(mode & 0o777);
             if let Err(error) = std::fs::set_permissions(&absolute, permissions) {
                 tracing::warn!(folder = %self.record.id, %path, %error, "cannot set the directory's mode");
             }
@@ -561,6 +565,48 @@ impl Scan for NodeIo {
 }
 
 impl Report for NodeIo {
+    fn access_changed(&mut self, list: &weft_protocol::access::AccessList) {
+        let me = self.device;
+        let role = list.role(&me);
+        self.record.devices = list.members().filter(|(d, _)| *d != me).collect();
+        self.record.mode = if role.is_some_and(weft_protocol::access::Role::can_edit) {
+            crate::engine::FolderMode::SendReceive
+        } else {
+            crate::engine::FolderMode::ReceiveOnly
+        };
+        if let Err(error) = self.store.put_folder(&self.record) {
+            tracing::error!(folder = %self.record.id, %error, "cannot record the folder's members");
+        }
+        self.shared.set_members(self.record.devices.clone());
+        self.shared.update(|status| {
+            status.role = role.map(|role| role.to_string());
+        });
+        tracing::info!(folder = %self.record.id, role = ?role, members = self.record.devices.len(), "access list changed");
+    }
+
+    fn refused(&mut self, device: DeviceId, error: &weft_protocol::access::AccessError) {
+        tracing::warn!(folder = %self.record.id, %device, %error, "refused a change the device's role does not allow; it is flagged in `weft status`");
+        let reason = error.to_string();
+        self.shared.update(|status| {
+            let id = device.to_string();
+            let room = status.refused.len() < super::MAX_REFUSED_SHOWN;
+            match status.refused.iter_mut().find(|r| r.device == id) {
+                Some(known) => {
+                    known.reason = reason;
+                    known.count += 1;
+                }
+                None if room => {
+                    status.refused.push(super::RefusedDevice {
+                        device: id,
+                        reason,
+                        count: 1,
+                    });
+                }
+                None => {}
+            }
+        });
+    }
+
     fn log(&mut self, level: Level, message: std::fmt::Arguments<'_>) {
         let folder = &self.record.id;
         match level {

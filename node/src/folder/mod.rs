@@ -37,6 +37,8 @@ pub use executor::DownloadedTemp;
 
 /// Problems kept in the status (the most recent scan's first ones).
 pub const MAX_PROBLEMS_SHOWN: usize = 100;
+/// Devices listed as refused in a folder's status (a bound on what peers can fill).
+pub const MAX_REFUSED_SHOWN: usize = 32;
 
 /// Settings a folder actor needs from the node config.
 #[derive(Clone, Debug)]
@@ -104,6 +106,25 @@ pub struct FolderStatus {
     /// (at most [`MAX_PROBLEMS_SHOWN`] listed).
     #[serde(default)]
     pub local_only: Vec<String>,
+    /// This device's role in the folder (`view`, `edit`, `admin`, `owner`), or `None`
+    /// before the folder's access list has arrived or after this device was removed.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Devices whose changes this device refused because their role did not allow
+    /// them (a misbehaving or removed device), with the last reason.
+    #[serde(default)]
+    pub refused: Vec<RefusedDevice>,
+}
+
+/// A device whose changes were refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedDevice {
+    /// The device.
+    pub device: String,
+    /// Why its last refused message was refused.
+    pub reason: String,
+    /// How many of its messages were refused.
+    pub count: u64,
 }
 
 /// A snapshot of scan progress.
@@ -198,6 +219,15 @@ pub enum FolderCommand {
     ),
     /// The folder's record changed (shared with another device, say).
     UpdateRecord(FolderRecord),
+    /// Set a device's role in the folder's access list (`None`: unshare).
+    SetAccess {
+        /// The device.
+        device: DeviceId,
+        /// Its new role.
+        role: Option<weft_protocol::access::Role>,
+        /// The outcome (the error says what to do).
+        reply: mpsc::Sender<Result<(), String>>,
+    },
     /// List the versions of a path.
     Versions {
         /// The path.
@@ -228,9 +258,33 @@ pub struct FolderShared {
     pub status: Mutex<FolderStatus>,
     /// Live scan counters.
     pub progress: ScanProgress,
+    /// The folder's other members and their roles, as the folder last read its access
+    /// list: what the network layer checks a device against.
+    members: Mutex<Vec<(DeviceId, weft_protocol::access::Role)>>,
 }
 
 impl FolderShared {
+    /// The role of `device` in the folder, if it is a member.
+    pub fn role_of(&self, device: &DeviceId) -> Option<weft_protocol::access::Role> {
+        let members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        members
+            .iter()
+            .find(|(d, _)| d == device)
+            .map(|(_, role)| *role)
+    }
+
+    /// The folder's other members.
+    pub fn members(&self) -> Vec<(DeviceId, weft_protocol::access::Role)> {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_members(&self, members: Vec<(DeviceId, weft_protocol::access::Role)>) {
+        *self.members.lock().unwrap_or_else(|p| p.into_inner()) = members;
+    }
+
     /// A consistent copy of the status, with live progress while scanning.
     pub fn snapshot(&self) -> FolderStatus {
         let mut status = match self.status.lock() {
@@ -331,11 +385,16 @@ pub fn start(
             problems: ignore_problems,
             progress: None,
             local_only: Vec::new(),
+            role: None,
+            refused: Vec::new(),
         }),
         progress: ScanProgress::default(),
+        members: Mutex::new(record.devices.clone()),
     });
     let (sender, receiver) = mpsc::channel();
+    let founder = record.founder.unwrap_or_else(|| key.device_id());
     let io = executor::NodeIo {
+        device: key.device_id(),
         record: record.clone(),
         root: PathBuf::from(&record.path),
         store: store.clone(),
@@ -358,6 +417,7 @@ pub fn start(
             id: record.id.clone(),
             key,
             actor_suffix: store.actor_suffix(),
+            founder,
             membership: membership(&record),
             downloads: network.is_some(),
             compact_after: crate::store::DOC_INCREMENTS_BEFORE_COMPACTION,
@@ -493,6 +553,17 @@ impl FolderActor {
                     let membership = membership(&record);
                     self.io.record = record;
                     self.core.set_membership(membership);
+                }
+                Ok(FolderCommand::SetAccess {
+                    device,
+                    role,
+                    reply,
+                }) => {
+                    let result = self
+                        .core
+                        .set_access(&mut self.io, device, role)
+                        .map_err(|error| error.to_string());
+                    let _ = reply.send(result);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
