@@ -236,6 +236,16 @@ pub enum PeerInput {
     Sync(DeviceId, Vec<u8>),
     /// The folder's members or mode changed.
     Settings(Membership),
+    /// This device's user sets a device's role (`None`: unshares); the outcome goes to
+    /// [`Report::access_set`] with the ticket.
+    Access {
+        /// The device.
+        device: DeviceId,
+        /// Its new role.
+        role: Option<weft_protocol::access::Role>,
+        /// Names the reply.
+        ticket: u64,
+    },
 }
 
 /// The scanner.
@@ -299,6 +309,9 @@ pub trait Report {
     fn scan_failed(&mut self, error: &IoError);
     /// A restore (named by its ticket) finished: the path written, or why not.
     fn restored(&mut self, ticket: u64, result: Result<String, String>);
+    /// A role change asked for with [`PeerInput::Access`] (named by its ticket) was made,
+    /// or why not.
+    fn access_set(&mut self, ticket: u64, result: Result<String, String>);
     /// The folder's access list changed (members, roles).
     fn access_changed(&mut self, list: &weft_protocol::access::AccessList);
     /// A sync message from `device` was refused because a change in it broke the

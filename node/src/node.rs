@@ -655,6 +655,7 @@ impl Node {
             role,
             reply,
         })?
+        .map(|_| ())
         .map_err(NodeError::Invalid)
     }
 

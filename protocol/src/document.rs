@@ -403,67 +403,19 @@ impl FolderDocument {
     ) -> Result<Vec<RelPath>, AccessError> {
         for (hash, actor) in added {
             let author = actor_device(actor).ok_or(AccessError::NoAuthor { change: *hash })?;
-            let change = self
+            let meta = self
                 .doc
-                .get_change_by_hash(hash)
+                .get_change_meta_by_hash(hash)
                 .ok_or(AccessError::NoAuthor { change: *hash })?;
-            let (seq, deps) = (change.seq(), change.deps().to_vec());
-            let expanded = change.decode();
-            let is_access = expanded.message.as_deref() == Some(ACCESS_MESSAGE);
+            let (seq, deps) = (meta.seq, meta.deps.clone());
+            let is_access = meta.message.as_deref() == Some(ACCESS_MESSAGE);
+            // A change of files is not decoded: it needs `edit` whatever it writes
+            // (keys outside the schema are never read; an access entry is read only
+            // from a change labelled as one, which is decoded and checked op by op).
+            let writes_files = !is_access;
             let mut writes = Vec::new();
-            let mut writes_files = false;
-            for op in &expanded.operations {
-                let schema = |what: String| AccessError::Schema {
-                    change: *hash,
-                    author,
-                    what,
-                };
-                let automerge::legacy::Key::Map(key) = &op.key else {
-                    return Err(schema("a list element".into()));
-                };
-                let bytes = match (&op.obj, &op.action, op.insert) {
-                    (
-                        automerge::legacy::ObjectId::Root,
-                        automerge::legacy::OpType::Put(ScalarValue::Bytes(bytes)),
-                        false,
-                    ) => Some(bytes),
-                    // Writing again the value automerge picked among concurrent ones
-                    // deletes the others (how a conflict is resolved).
-                    (
-                        automerge::legacy::ObjectId::Root,
-                        automerge::legacy::OpType::Delete,
-                        false,
-                    ) => None,
-                    (obj, action, insert) => {
-                        return Err(schema(format!(
-                            "an operation other than a value at {key:?} ({obj:?}, {action:?}, insert {insert})"
-                        )));
-                    }
-                };
-                let Some(bytes) = bytes else {
-                    // A delete of another access value writes no role: the access list
-                    // is read from the writes alone.
-                    if key.starts_with(ENTRY_PREFIX) && !is_access {
-                        writes_files = true;
-                    } else if !(is_access && key_device(key).is_some()) {
-                        return Err(schema(format!("a delete at {key:?}")));
-                    }
-                    continue;
-                };
-                if is_access {
-                    let target = key_device(key)
-                        .ok_or_else(|| schema(format!("{key:?} in an access change")))?;
-                    let value = AccessValue::decode(bytes)
-                        .ok_or_else(|| schema(format!("an invalid access value at {key:?}")))?;
-                    writes.push(AccessWrite {
-                        target,
-                        role: value.role,
-                    });
-                } else if key.starts_with(ENTRY_PREFIX) {
-                    writes_files = true;
-                } else {
-                    return Err(schema(format!("{key:?}")));
-                }
+            if is_access {
+                writes = self.checked_access_writes(hash, author)?;
             }
             if !enforce {
                 writes.retain(|_| is_access);
@@ -491,6 +443,54 @@ impl FolderDocument {
         }
         self.refresh_void_keys();
         Ok(paths.into_iter().collect())
+    }
+
+    /// The writes of an access change, each checked to be an access value at an
+    /// access key of the root map (a delete of another value there, how automerge
+    /// resolves concurrent values, writes no role).
+    fn checked_access_writes(
+        &mut self,
+        hash: &ChangeHash,
+        author: DeviceId,
+    ) -> Result<Vec<AccessWrite>, AccessError> {
+        let schema = |what: String| AccessError::Schema {
+            change: *hash,
+            author,
+            what,
+        };
+        let change = self
+            .doc
+            .get_change_by_hash(hash)
+            .ok_or(AccessError::NoAuthor { change: *hash })?;
+        let mut writes = Vec::new();
+        for op in change.decode().operations {
+            let automerge::legacy::Key::Map(key) = &op.key else {
+                return Err(schema("a list element in an access change".into()));
+            };
+            let target =
+                key_device(key).ok_or_else(|| schema(format!("{key:?} in an access change")))?;
+            match (&op.obj, &op.action, op.insert) {
+                (
+                    automerge::legacy::ObjectId::Root,
+                    automerge::legacy::OpType::Put(ScalarValue::Bytes(bytes)),
+                    false,
+                ) => {
+                    let value = AccessValue::decode(bytes)
+                        .ok_or_else(|| schema(format!("an invalid access value at {key:?}")))?;
+                    writes.push(AccessWrite {
+                        target,
+                        role: value.role,
+                    });
+                }
+                (automerge::legacy::ObjectId::Root, automerge::legacy::OpType::Delete, false) => {}
+                (obj, action, _) => {
+                    return Err(schema(format!(
+                        "an operation other than a value at {key:?} ({obj:?}, {action:?})"
+                    )));
+                }
+            }
+        }
+        Ok(writes)
     }
 
     /// The access list now (void changes left out).
@@ -544,14 +544,10 @@ impl FolderDocument {
 
     /// Records a change this device just committed in the access log.
     fn record_local(&mut self, hash: ChangeHash, writes: Vec<AccessWrite>) {
-        let Some(change) = self.doc.get_change_by_hash(&hash) else {
+        let Some(meta) = self.doc.get_change_meta_by_hash(&hash) else {
             return;
         };
-        let (seq, deps, actor) = (
-            change.seq(),
-            change.deps().to_vec(),
-            change.actor_id().clone(),
-        );
+        let (seq, deps, actor) = (meta.seq, meta.deps.clone(), meta.actor.into_owned());
         self.access.record(hash, &actor, seq, &deps, writes);
     }
 
@@ -947,7 +943,9 @@ impl FolderDocument {
             .map(|change| change.actor_id().clone())
     }
 
-    /// Applies a sync message from a peer.
+    /// Applies a sync message from a peer. The changes it adds are in the access log
+    /// (and so in [`Self::access_list`]) once [`Self::admit`] has checked them, or once
+    /// the document is loaded again.
     pub fn receive_sync_message(
         &mut self,
         state: &mut automerge::sync::State,

@@ -178,6 +178,11 @@ impl Device {
             .collect()
     }
 
+    /// Paths whose download failed, waiting for a retry.
+    pub fn failed(&self) -> Vec<RelPath> {
+        self.core.as_ref().map(Folder::failed).unwrap_or_default()
+    }
+
     /// Local changes this device keeps unpublished (a receive-only device's).
     pub fn local_only(&self) -> Vec<RelPath> {
         self.core

@@ -650,6 +650,8 @@ impl Report for SimIo {
         self.note(format!("restore {ticket}: {result:?}"));
     }
 
+    fn access_set(&mut self, _ticket: u64, _result: Result<String, String>) {}
+
     fn access_changed(&mut self, list: &weft_protocol::access::AccessList) {
         let roles: Vec<String> = list
             .members()

@@ -699,6 +699,8 @@ impl Report for TreeIo {
 
     fn restored(&mut self, _ticket: u64, _result: Result<String, String>) {}
 
+    fn access_set(&mut self, _ticket: u64, _result: Result<String, String>) {}
+
     fn access_changed(&mut self, _list: &weft_protocol::access::AccessList) {}
 
     fn refused(&mut self, device: DeviceId, error: &weft_protocol::access::AccessError) {

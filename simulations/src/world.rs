@@ -517,6 +517,7 @@ impl World {
                 Content::Manifest(hash) => world
                     .devices
                     .iter()
+                    .filter(|d| Some(d.index) != world.removed)
                     .find_map(|d| d.store.manifests.get(hash).cloned()),
                 _ => return true,
             };
@@ -525,6 +526,7 @@ impl World {
                     world
                         .devices
                         .iter()
+                        .filter(|d| Some(d.index) != world.removed)
                         .any(|d| d.find_block(&b.hash).is_some())
                 })
             })

@@ -206,6 +206,8 @@ fn the_invariants_catch_a_broken_shell() {
             false,
             ["nothing lost", "convergence"].as_slice(),
         ),
+        // Without the access check, the view-only device's forged edit is applied.
+        (Sabotage::NoAccessCheck, false, ["permissions"].as_slice()),
     ] {
         // A search stops at its first catch; which seed that is moves with any change
         // to the model (NoVersionStore once needed 48 seeds).

@@ -297,10 +297,19 @@ impl TestNode {
         self.status().peers.iter().any(|p| p.device_id == other_id)
     }
 
-    /// Shares `folder` with `other`, which accepts it into `path`; both must already
-    /// accept each other.
+    /// Shares `folder` with `other` as an editor, which accepts it into `path`; both
+    /// must already accept each other.
     pub fn share_with(&self, folder: &str, other: &TestNode, path: &Path) {
-        let output = weft(&self.home, &["folder", "share", folder, &other.id()]);
+        self.share_as(folder, other, path, "edit");
+    }
+
+    /// Shares `folder` with `other` in `role` (`view`, `edit`, `admin`, `owner`),
+    /// which accepts it into `path`.
+    pub fn share_as(&self, folder: &str, other: &TestNode, path: &Path, role: &str) {
+        let output = weft(
+            &self.home,
+            &["folder", "share", folder, &other.id(), "--perm", role],
+        );
         assert!(output.status.success(), "share failed: {output:?}");
         let invited = wait_for(Duration::from_secs(30), || {
             let invites: serde_json::Value = other.client().get("/v1/invites").expect("invites");
@@ -330,14 +339,36 @@ impl TestNode {
 
 /// Connects each node to the next (only neighbours know each other), adds `roots[0]`
 /// on the first node as folder `label`, and shares it along the chain: node `i`
-/// invites node `i + 1`, which accepts into `roots[i + 1]`.
+/// invites node `i + 1`, which accepts into `roots[i + 1]`. Every node that invites
+/// the next one is an admin (only owners and admins share); the last is an editor.
 pub fn share_along(nodes: &[&TestNode], roots: &[&Path], label: &str) {
     for pair in nodes.windows(2) {
         connect(pair[0], pair[1]);
     }
     nodes[0].add_folder(roots[0], label);
     for (index, pair) in nodes.windows(2).enumerate() {
-        pair[0].share_with(label, pair[1], roots[index + 1]);
+        let role = if index + 2 < nodes.len() {
+            "admin"
+        } else {
+            "edit"
+        };
+        pair[0].share_as(label, pair[1], roots[index + 1], role);
+        if index + 2 < nodes.len() {
+            // The next node shares only once its access list says it is an admin.
+            let admin = wait_for(Duration::from_secs(30), || {
+                pair[1]
+                    .status()
+                    .folders
+                    .iter()
+                    .any(|f| f.id == label && f.role.as_deref() == Some("admin"))
+            });
+            assert!(
+                admin.is_some(),
+                "the access list never reached {}:\n{}",
+                pair[1].id(),
+                pair[1].log()
+            );
+        }
     }
 }
 

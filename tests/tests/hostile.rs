@@ -115,6 +115,12 @@ async fn sync_for(
             _ => {}
         }
     }
+    // Received outside the folder core, the changes are not in the document's access
+    // log until it is loaded again.
+    let actor = doc.automerge().get_actor().clone();
+    if let Ok(loaded) = FolderDocument::load(&doc.save(), [], actor) {
+        *doc = loaded;
+    }
 }
 
 #[test]
@@ -193,6 +199,21 @@ fn a_hostile_peer_is_refused_and_honest_peers_keep_syncing() {
     let folder = FolderId::new("shared").unwrap();
     let secret = FolderId::new("secret").unwrap();
     let mut doc = FolderDocument::new(document::actor_id(&hostile_id, [9; 8]));
+    // It joins the folder's history first (the access list that makes it an editor):
+    // a change on any other history is refused outright.
+    runtime.block_on(sync_for(
+        &hostile,
+        &mut events,
+        victim_id,
+        &folder,
+        &hostile_key,
+        &mut doc,
+        2,
+    ));
+    assert!(
+        doc.access_list().role(&hostile_id).is_some(),
+        "the hostile peer never received the folder's access list"
+    );
     let planted = b"planted by the hostile peer";
     // 1. Paths that escape the folder, and one into the node's own metadata.
     for key in [
@@ -535,6 +556,17 @@ fn a_sync_message_sent_in_parts_is_reassembled_and_applied() {
 
     let folder = FolderId::new("parts").unwrap();
     let mut doc = FolderDocument::new(document::actor_id(&peer_id, [5; 8]));
+    // The folder's history first: changes on any other are refused.
+    runtime.block_on(sync_for(
+        &peer,
+        &mut events,
+        node_id,
+        &folder,
+        &peer_key,
+        &mut doc,
+        2,
+    ));
+    assert!(doc.access_list().role(&peer_id).is_some());
     for (i, data) in contents.iter().enumerate() {
         let path = weft_protocol::RelPath::new(&format!("dir{}/file{i}.txt", i % 7)).unwrap();
         doc.put(&path, &file_entry(peer_id, data)).unwrap();

@@ -478,7 +478,7 @@ fn share_view_only(
         let invites: serde_json::Value = b.client().get("/v1/invites").unwrap();
         invites
             .as_array()
-            .is_some_and(|l| l.iter().any(|i| i["invite"]["permission"] == "View"))
+            .is_some_and(|l| l.iter().any(|i| i["invite"]["role"] == "View"))
     });
     assert!(invited.is_some());
     let output = weft_tests::weft(

@@ -61,14 +61,14 @@ impl<T> Folder<T> {
 
     /// Sets `device`'s role (`None`: removes it, and from then on it gets nothing from
     /// this device and its later changes are refused everywhere), if this device's role
-    /// allows it; offered to peers at once.
+    /// allows it; offered to peers at once. Writes nothing to the folder's files, so it
+    /// may run between a scan's batches.
     pub fn set_access<I: FolderIo<Temp = T>>(
         &mut self,
         io: &mut I,
         device: DeviceId,
         role: Option<Role>,
     ) -> Result<(), ShareError> {
-        self.begin_event();
         let list = self.document.access_list();
         if !list.is_founded() && self.device != self.founder {
             return Err(ShareError::NotFounded);
@@ -100,7 +100,7 @@ impl<T> Folder<T> {
             format_args!("{device} is now {} in this folder", role_text(role)),
         );
         self.refresh_access(io);
-        self.after_changes(io);
+        self.broadcast(io);
         Ok(())
     }
 

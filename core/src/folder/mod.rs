@@ -338,6 +338,20 @@ impl<T> Folder<T> {
             PeerInput::SyncPart(device, bytes) => self.sync_message_part(io, device, &bytes),
             PeerInput::Sync(device, bytes) => self.sync_message(io, device, bytes, plan),
             PeerInput::Settings(membership) => self.set_membership(membership),
+            PeerInput::Access {
+                device,
+                role,
+                ticket,
+            } => {
+                let result = self
+                    .set_access(io, device, role)
+                    .map(|()| match role {
+                        Some(role) => format!("{device} is {role} in folder {}", self.id),
+                        None => format!("{device} was removed from folder {}", self.id),
+                    })
+                    .map_err(|error| error.to_string());
+                io.access_set(ticket, result);
+            }
         }
     }
 

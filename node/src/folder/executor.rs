@@ -553,6 +553,16 @@ impl Scan for NodeIo {
                 self.record = record;
                 PeerInput::Settings(membership)
             }
+            // Sharing writes no file: it need not wait for the scan.
+            FolderCommand::SetAccess {
+                device,
+                role,
+                reply,
+            } => PeerInput::Access {
+                device,
+                role,
+                ticket: self.ticket(reply),
+            },
             // Waits for the end of the scan, and so does everything after it, so that
             // no command overtakes another.
             other => {
@@ -665,6 +675,10 @@ impl Report for NodeIo {
         if let Some(reply) = self.restores.remove(&ticket) {
             let _ = reply.send(result);
         }
+    }
+
+    fn access_set(&mut self, ticket: u64, result: Result<String, String>) {
+        self.restored(ticket, result);
     }
 }
 

@@ -226,7 +226,7 @@ pub enum FolderCommand {
         /// Its new role.
         role: Option<weft_protocol::access::Role>,
         /// The outcome (the error says what to do).
-        reply: mpsc::Sender<Result<(), String>>,
+        reply: mpsc::Sender<Result<String, String>>,
     },
     /// List the versions of a path.
     Versions {
@@ -559,11 +559,15 @@ impl FolderActor {
                     role,
                     reply,
                 }) => {
-                    let result = self
-                        .core
-                        .set_access(&mut self.io, device, role)
-                        .map_err(|error| error.to_string());
-                    let _ = reply.send(result);
+                    let ticket = self.io.ticket(reply);
+                    self.core.peer_input(
+                        &mut self.io,
+                        PeerInput::Access {
+                            device,
+                            role,
+                            ticket,
+                        },
+                    );
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
