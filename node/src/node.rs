@@ -728,15 +728,15 @@ impl Node {
             })?;
         }
         // Receives only until the access list arrives and says otherwise.
-        let record = self.create_folder(
-            &path,
+        let record = self.create_folder(FolderRecord {
             id,
-            invite.invite.label.clone(),
-            invite.invite.params,
-            FolderMode::ReceiveOnly,
-            vec![(invite.from, Role::Edit)],
-            Some(invite.invite.founder),
-        )?;
+            label: invite.invite.label.clone(),
+            path,
+            params: invite.invite.params,
+            mode: FolderMode::ReceiveOnly,
+            devices: vec![(invite.from, Role::Edit)],
+            founder: Some(invite.invite.founder),
+        })?;
         self.store.remove_invite(&record.id)?;
         if self
             .network
@@ -822,28 +822,22 @@ impl Node {
                 .unwrap_or("folder")
                 .to_owned()
         });
-        self.create_folder(
-            &request.path,
+        self.create_folder(FolderRecord {
             id,
             label,
-            ChunkParams::DEFAULT,
-            FolderMode::SendReceive,
-            Vec::new(),
-            Some(self.device_id()),
-        )
+            path: request.path,
+            params: ChunkParams::DEFAULT,
+            mode: FolderMode::SendReceive,
+            devices: Vec::new(),
+            founder: Some(self.device_id()),
+        })
     }
 
-    fn create_folder(
-        &self,
-        path: &str,
-        id: FolderId,
-        label: String,
-        params: ChunkParams,
-        mode: FolderMode,
-        devices: Vec<(DeviceId, Role)>,
-        founder: Option<DeviceId>,
-    ) -> Result<FolderRecord, NodeError> {
-        let path = PathBuf::from(path);
+    /// Records and starts the folder `record` describes, at `record.path` (made if
+    /// missing, then canonicalised).
+    fn create_folder(&self, record: FolderRecord) -> Result<FolderRecord, NodeError> {
+        let id = record.id.clone();
+        let path = PathBuf::from(&record.path);
         if !path.is_absolute() {
             return Err(NodeError::Invalid(format!(
                 "folder path {} must be absolute",
@@ -879,13 +873,8 @@ impl Node {
             }
         }
         let record = FolderRecord {
-            id: id.clone(),
-            label,
             path: path_text,
-            params,
-            mode,
-            devices,
-            founder,
+            ..record
         };
         self.store.put_folder(&record)?;
         self.start_folder(record.clone())?;
