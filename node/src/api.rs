@@ -251,13 +251,22 @@ async fn accept_invite(
     Ok(Json(record).into_response())
 }
 
+/// Which inviting device an answer is for (when several invite to one folder).
+#[derive(Deserialize, Default)]
+struct InviteFrom {
+    #[serde(default)]
+    from: Option<String>,
+}
+
 async fn decline_invite(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
     Path(folder): Path<String>,
+    request: Option<Json<InviteFrom>>,
 ) -> Result<Response, ApiError> {
     authorise(&node, &headers)?;
-    blocking(move || node.decline_invite(&folder)).await?;
+    let from = request.map(|Json(r)| r).unwrap_or_default().from;
+    blocking(move || node.decline_invite(&folder, from.as_deref())).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

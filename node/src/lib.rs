@@ -23,6 +23,7 @@ pub mod events;
 pub mod fetch;
 pub mod folder;
 pub mod home;
+pub mod invites;
 pub mod net;
 pub mod node;
 pub mod release;

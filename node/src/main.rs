@@ -16,7 +16,7 @@ use weft_node::daemon::{self, RunOptions};
 use weft_node::folder::ScanResult;
 use weft_node::home::Home;
 use weft_node::node::{AcceptInvite, AddDevice, AddFolder, DeviceView, NodeStatus, ShareFolder};
-use weft_node::store::{FolderRecord, PendingInvite};
+use weft_node::store::FolderRecord;
 use weft_protocol::wire::Role;
 
 /// Weft: peer-to-peer folder sync.
@@ -148,14 +148,21 @@ enum InviteCommand {
     Accept {
         /// Folder ID.
         folder: String,
-        /// Where to put the folder (default ~/Weft/LABEL).
+        /// Where to put the folder (default ~/Weft/LABEL, which must be empty or
+        /// absent). A directory named here that already holds files is shared as is.
         #[arg(long)]
         path: Option<PathBuf>,
+        /// The inviting device, when several invite to the same folder.
+        #[arg(long)]
+        from: Option<String>,
     },
     /// Decline an invite.
     Decline {
         /// Folder ID.
         folder: String,
+        /// The inviting device, when several invite to the same folder.
+        #[arg(long)]
+        from: Option<String>,
     },
 }
 
@@ -412,24 +419,30 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = Client::connect(home.root())?;
             match command {
                 None => {
-                    let invites: Vec<PendingInvite> = client.get("/v1/invites")?;
+                    let invites: Vec<weft_node::node::InviteView> = client.get("/v1/invites")?;
                     if json {
                         println!("{}", serde_json::to_string_pretty(&invites)?);
                     } else if invites.is_empty() {
                         println!("no pending invites");
                     } else {
+                        println!("FOLDER\tLABEL\tROLE OFFERED\tFROM");
                         for invite in invites {
                             println!(
-                                "{}\t{}\tfrom {}\t{:?}",
+                                "{}\t{}\t{}\t{} ({})",
                                 invite.invite.folder,
                                 invite.invite.label,
+                                invite.invite.role,
+                                invite.from_name,
                                 invite.from,
-                                invite.invite.role
                             );
                         }
                     }
                 }
-                Some(InviteCommand::Accept { folder, path }) => {
+                Some(InviteCommand::Accept { folder, path, from }) => {
+                    // A directory that holds files is taken only when named: say so.
+                    let shared_files = path.as_ref().is_some_and(|path| {
+                        std::fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_some())
+                    });
                     let path = match path {
                         Some(path) => Some(
                             std::path::absolute(&path)
@@ -441,14 +454,20 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     };
                     let record: FolderRecord = client.post(
                         &format!("/v1/invites/{folder}/accept"),
-                        &AcceptInvite { path },
+                        &AcceptInvite { path, from },
                     )?;
                     println!("accepted {} at {}", record.id, record.path);
+                    if shared_files {
+                        println!(
+                            "note: {} already held files; they are now shared with the folder's members",
+                            record.path
+                        );
+                    }
                 }
-                Some(InviteCommand::Decline { folder }) => {
+                Some(InviteCommand::Decline { folder, from }) => {
                     let _: serde_json::Value = client.post(
                         &format!("/v1/invites/{folder}/decline"),
-                        &serde_json::json!({}),
+                        &serde_json::json!({ "from": from }),
                     )?;
                 }
             }

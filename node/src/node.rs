@@ -118,8 +118,23 @@ pub struct ShareFolder {
 /// A request to accept an invite.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AcceptInvite {
-    /// Where to put the folder (default: `~/Weft/<label>`).
+    /// Where to put the folder (default: `~/Weft/<label>`). A directory that exists
+    /// and holds files is taken only when named here: its files are then shared.
     pub path: Option<String>,
+    /// The inviting device, when several invite to the same folder.
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+/// A pending invite as `weft invites` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InviteView {
+    /// The inviting device.
+    pub from: DeviceId,
+    /// Its name on this device (its short ID if it has none).
+    pub from_name: String,
+    /// The invite: folder, label, role offered, founder.
+    pub invite: Invite,
 }
 
 /// Network options of the node.
@@ -141,8 +156,8 @@ pub struct Node {
     events: EventBus,
     folders: Mutex<BTreeMap<FolderId, FolderHandle>>,
     network: Option<folder::Network>,
-    /// Devices that connected without being accepted: ID and address.
-    pending: Mutex<BTreeMap<DeviceId, String>>,
+    /// Devices that connected without being accepted (bounded, oldest dropped).
+    pending: Mutex<crate::invites::PendingDevices>,
     default_parent: Option<PathBuf>,
     versions: Option<crate::versions::VersionStore>,
 }
@@ -248,12 +263,25 @@ impl crate::net::BlockSource for StoreSource {
             .collect()
     }
 
+    /// A manifest of a file of `folder`: one whose blocks this node holds in that
+    /// folder's files (a hash is not a capability: a member of one folder learns
+    /// nothing of another's content by asking).
     fn manifest(
         &self,
-        _folder: &FolderId,
+        folder: &FolderId,
         hash: &weft_protocol::ManifestHash,
     ) -> Option<weft_protocol::Manifest> {
-        self.store.manifest(hash).ok().flatten()
+        let manifest = self.store.manifest(hash).ok().flatten()?;
+        let in_folder = match manifest.blocks().first() {
+            None => true,
+            Some(block) => self
+                .store
+                .block_locations(&block.hash)
+                .ok()?
+                .iter()
+                .any(|location| &location.folder == folder),
+        };
+        in_folder.then_some(manifest)
     }
 }
 
@@ -311,7 +339,7 @@ impl Node {
             events: EventBus::default(),
             folders: Mutex::new(BTreeMap::new()),
             network,
-            pending: Mutex::new(BTreeMap::new()),
+            pending: Mutex::new(crate::invites::PendingDevices::default()),
             default_parent,
             versions: Some(crate::versions::VersionStore::new(home)),
         };
@@ -409,7 +437,8 @@ impl Node {
                     network.net.dial(&device, addresses);
                 }
             }
-            NetEvent::Message(device, message) => self.on_message(device, message),
+            // The budget is held until the message is handled.
+            NetEvent::Message(device, message, _budget) => self.on_message(device, message),
         }
     }
 
@@ -430,19 +459,47 @@ impl Node {
                 &signatures.folder,
                 FolderCommand::ChangeSignatures(device, signatures.changes),
             ),
-            Message::Invite(invite) => {
-                if self.folders().contains_key(&invite.folder) {
-                    return;
-                }
-                tracing::info!(device = %device, folder = %invite.folder, label = invite.label, "invite received (`weft invites`)");
-                let _ = self.store.put_invite(&PendingInvite {
-                    from: device,
-                    invite,
-                });
-            }
+            Message::Invite(invite) => self.on_invite(device, invite),
             other => {
                 tracing::debug!(device = %device, ?other, "unexpected control message; ignored")
             }
+        }
+    }
+
+    /// Keeps an invite from an accepted device (bounded: [`crate::invites`]); one from
+    /// anyone else is dropped (the device is listed as pending).
+    fn on_invite(&self, device: DeviceId, invite: Invite) {
+        if !self.accepted(&device) {
+            tracing::debug!(device = %device, folder = %invite.folder, "invite from a device not accepted; dropped (the device is listed as pending)");
+            return;
+        }
+        if self.folders().contains_key(&invite.folder) {
+            return;
+        }
+        let Ok(invites) = self.store.invites() else {
+            return;
+        };
+        let pending = PendingInvite {
+            from: device,
+            invite,
+        };
+        if invites.contains(&pending) {
+            return;
+        }
+        let replaces = invites
+            .iter()
+            .any(|i| i.from == device && i.invite.folder == pending.invite.folder);
+        let from_device = invites.iter().filter(|i| i.from == device).count();
+        if !replaces
+            && (from_device >= crate::invites::MAX_INVITES_PER_DEVICE
+                || invites.len() >= crate::invites::MAX_PENDING_INVITES)
+        {
+            tracing::warn!(device = %device, folder = %pending.invite.folder, "too many pending invites; this one is dropped (answer some with `weft invites`)");
+            return;
+        }
+        tracing::info!(device = %device, folder = %pending.invite.folder, label = pending.invite.label, "invite received (`weft invites`)");
+        if let Err(error) = self.store.put_invite(&pending) {
+            tracing::error!(%error, "cannot keep an invite");
         }
     }
 
@@ -511,8 +568,7 @@ impl Node {
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&id)
-            .is_some();
+            .remove(&id);
         self.dial_devices();
         // Already connected (it was pending): start what it shares now.
         if was_pending
@@ -587,13 +643,14 @@ impl Node {
             .collect())
     }
 
-    /// Devices that connected without being accepted: (ID, address).
+    /// Devices that connected without being accepted: (ID, address), oldest first.
     pub fn pending_devices(&self) -> Vec<(String, String)> {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(device, address)| (device.to_string(), address.clone()))
+            .list()
+            .into_iter()
+            .map(|(device, address)| (device.to_string(), address))
             .collect()
     }
 
@@ -659,29 +716,61 @@ impl Node {
         .map_err(NodeError::Invalid)
     }
 
-    /// Invites received and not yet answered.
-    pub fn invites(&self) -> Result<Vec<PendingInvite>, NodeError> {
-        Ok(self.store.invites()?)
+    /// Invites received and not yet answered, with the inviting device's name.
+    pub fn invites(&self) -> Result<Vec<InviteView>, NodeError> {
+        let devices = self.store.devices()?;
+        Ok(self
+            .store
+            .invites()?
+            .into_iter()
+            .map(|pending| InviteView {
+                from_name: devices
+                    .iter()
+                    .find(|d| d.id == pending.from)
+                    .map(|d| d.name.clone())
+                    .unwrap_or_else(|| pending.from.short()),
+                from: pending.from,
+                invite: pending.invite,
+            })
+            .collect())
     }
 
-    /// Accepts an invite: the folder is created at `path` (default `~/Weft/<label>`)
-    /// and shared back with the inviting device, which is accepted too.
+    /// The pending invite to `folder`, from `from` if given (needed when several
+    /// devices invite to the same folder).
+    fn pending_invite(
+        &self,
+        folder: &FolderId,
+        from: Option<&str>,
+    ) -> Result<PendingInvite, NodeError> {
+        let from = from.map(Self::parse_device).transpose()?;
+        let mut matching: Vec<PendingInvite> = self
+            .store
+            .invites()?
+            .into_iter()
+            .filter(|i| &i.invite.folder == folder && from.is_none_or(|from| i.from == from))
+            .collect();
+        match matching.len() {
+            0 => Err(NodeError::Invalid(format!(
+                "no pending invite for folder {folder}; `weft invites` lists them"
+            ))),
+            1 => Ok(matching.remove(0)),
+            _ => Err(NodeError::Invalid(format!(
+                "several devices invite to folder {folder}; name one with --from (`weft invites` lists them)"
+            ))),
+        }
+    }
+
+    /// Accepts an invite: the folder is created at `path` (default `~/Weft/<label>`
+    /// when the label is a plain name, else `~/Weft/<folder ID>`; never an existing
+    /// directory that holds anything unless the user named it) and synced with the
+    /// inviting device, which is accepted too.
     pub fn accept_invite(
         &self,
         folder: &str,
         request: AcceptInvite,
     ) -> Result<FolderRecord, NodeError> {
         let id = FolderId::new(folder).map_err(|_| NodeError::UnknownFolder(folder.to_owned()))?;
-        let invite = self
-            .store
-            .invites()?
-            .into_iter()
-            .find(|i| i.invite.folder == id)
-            .ok_or_else(|| {
-                NodeError::Invalid(format!(
-                    "no pending invite for folder {folder}; `weft invites` lists them"
-                ))
-            })?;
+        let invite = self.pending_invite(&id, request.from.as_deref())?;
         let path = match request.path {
             Some(path) => path,
             None => {
@@ -689,24 +778,9 @@ impl Node {
                     .default_parent
                     .clone()
                     .ok_or_else(|| NodeError::Invalid("give a path with --path".into()))?;
-                // The label comes from a peer: never let it name another place.
-                let label: String = invite
-                    .invite
-                    .label
-                    .chars()
-                    .map(|c| {
-                        if matches!(c, '/' | '\\' | '\0') {
-                            '_'
-                        } else {
-                            c
-                        }
-                    })
-                    .collect();
-                let name = if label.is_empty() || label.starts_with('.') {
-                    id.to_string()
-                } else {
-                    label
-                };
+                // The label comes from a peer: a directory name only if a plain one.
+                let name = crate::invites::plain_name(&invite.invite.label)
+                    .map_or_else(|| id.to_string(), str::to_owned);
                 // `~/Weft/<label>`, unless `~/Weft` is itself a folder (the default
                 // folder): folders cannot nest, so then `~/<label>` beside it.
                 let nested = self
@@ -717,7 +791,9 @@ impl Node {
                     Some(home) if nested => home.to_path_buf(),
                     _ => parent,
                 };
-                parent.join(name).display().to_string()
+                let path = parent.join(name);
+                crate::invites::check_default_place(&path).map_err(NodeError::Invalid)?;
+                path.display().to_string()
             }
         };
         if !self.accepted(&invite.from) {
@@ -737,7 +813,12 @@ impl Node {
             devices: vec![(invite.from, Role::Edit)],
             founder: Some(invite.invite.founder),
         })?;
-        self.store.remove_invite(&record.id)?;
+        // Every invite to this folder is answered.
+        for other in self.store.invites()? {
+            if other.invite.folder == record.id {
+                self.store.remove_invite(&record.id, &other.from)?;
+            }
+        }
         if self
             .network
             .as_ref()
@@ -749,14 +830,11 @@ impl Node {
         Ok(record)
     }
 
-    /// Declines an invite.
-    pub fn decline_invite(&self, folder: &str) -> Result<(), NodeError> {
+    /// Declines an invite (from `from`, if several devices invite to the folder).
+    pub fn decline_invite(&self, folder: &str, from: Option<&str>) -> Result<(), NodeError> {
         let id = FolderId::new(folder).map_err(|_| NodeError::UnknownFolder(folder.to_owned()))?;
-        if !self.store.remove_invite(&id)? {
-            return Err(NodeError::Invalid(format!(
-                "no pending invite for folder {folder}"
-            )));
-        }
+        let invite = self.pending_invite(&id, from)?;
+        self.store.remove_invite(&id, &invite.from)?;
         Ok(())
     }
 

@@ -13,7 +13,7 @@
 //! | `doc_snapshots` | folder ID | the folder document, saved whole |
 //! | `doc_increments` | folder ID, NUL, sequence (u64 BE) | changes saved since the snapshot |
 //! | `devices` | device ID | [`DeviceRecord`]: accepted devices |
-//! | `invites` | folder ID | [`PendingInvite`]: invites received, not yet accepted |
+//! | `invites` | folder ID, NUL, inviting device ID | [`PendingInvite`]: invites received from accepted devices, not yet answered |
 //! | `racy` | folder ID, NUL, path | empty: the `local` row is racily clean (recorded within its timestamp granularity of the file's last write; `scan` module doc) and must be hashed again |
 //!
 //! Invariants:
@@ -167,6 +167,11 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, S
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).unwrap_or_default()
+}
+
+/// `folder NUL device`: the key of an invite.
+fn invite_key(folder: &FolderId, from: &DeviceId) -> String {
+    format!("{folder}\0{from}")
 }
 
 /// `folder NUL path`: the key of a per-folder, per-path row.
@@ -426,15 +431,19 @@ impl Store {
         self.all(INVITES)
     }
 
-    /// Records (or replaces) a pending invite.
+    /// Records (or replaces) the invite of its inviting device to its folder.
     pub fn put_invite(&self, invite: &PendingInvite) -> Result<(), StoreError> {
-        self.put(INVITES, invite.invite.folder.as_str(), Some(invite))
-            .map(|_| ())
+        self.put(
+            INVITES,
+            &invite_key(&invite.invite.folder, &invite.from),
+            Some(invite),
+        )
+        .map(|_| ())
     }
 
-    /// Drops a pending invite; true if there was one.
-    pub fn remove_invite(&self, folder: &FolderId) -> Result<bool, StoreError> {
-        self.put::<PendingInvite>(INVITES, folder.as_str(), None)
+    /// Drops `from`'s invite to `folder`; true if there was one.
+    pub fn remove_invite(&self, folder: &FolderId, from: &DeviceId) -> Result<bool, StoreError> {
+        self.put::<PendingInvite>(INVITES, &invite_key(folder, from), None)
     }
 
     /// One per-path row of `table`.

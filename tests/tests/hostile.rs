@@ -105,7 +105,7 @@ async fn sync_for(
     send(doc, &mut state);
     while Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
-            Ok(Some(NetEvent::Message(from, Message::DocSync(sync))))
+            Ok(Some(NetEvent::Message(from, Message::DocSync(sync), _)))
                 if from == victim && &sync.folder == folder =>
             {
                 let _ = doc.receive_sync_message(&mut state, &sync.sync_message);
@@ -597,7 +597,7 @@ fn a_sync_message_sent_in_parts_is_reassembled_and_applied() {
         };
         send(&mut doc, &mut state);
         while Instant::now() < deadline && !root.join("dir0/file0.txt").exists() {
-            if let Ok(Some(NetEvent::Message(from, Message::DocSync(sync)))) =
+            if let Ok(Some(NetEvent::Message(from, Message::DocSync(sync), _))) =
                 tokio::time::timeout(Duration::from_millis(200), events.recv()).await
                 && from == node_id
                 && sync.folder == folder

@@ -1,7 +1,10 @@
 //! The control stream (`/weft/control/1`): frames read and written, the writer of
 //! each device's stream and the readers of the streams peers open.
 
-use super::{CONTROL_PROTOCOL, Command, Counters, FrameError, NetEvent, NetHandle, Shared};
+use super::{
+    BUDGET_WAIT, CONTROL_PROTOCOL, Command, Counters, FRAME_TIMEOUT, FrameBudget, FrameError,
+    HELLO_TIMEOUT, MAX_HELLO_FRAME_LEN, NetEvent, NetHandle, Shared,
+};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -25,28 +28,89 @@ pub(super) async fn write_frame(
     Ok(())
 }
 
-/// Reads one frame; `Ok(None)` at a clean end of stream.
+/// Reads one frame; `Ok(None)` at a clean end of stream. (Answers to requests: any
+/// frame up to the wire's limit.)
 pub(super) async fn read_frame(
     stream: &mut libp2p::Stream,
     counters: &Counters,
 ) -> Result<Option<Message>, FrameError> {
+    Ok(read_frame_with(stream, counters, wire::MAX_FRAME_LEN, None)
+        .await?
+        .map(|(message, _)| message))
+}
+
+/// The byte budgets a control reader's frames are held against.
+pub(super) struct Budgets<'a> {
+    pub(super) all: &'a Arc<tokio::sync::Semaphore>,
+    pub(super) peer: &'a Arc<tokio::sync::Semaphore>,
+}
+
+/// Smallest share of the budgets a frame holds: bounds how many small messages can
+/// wait to be handled, not only their bytes.
+const MIN_FRAME_BUDGET: usize = 1024;
+
+/// Reads one frame of at most `limit` payload bytes; `Ok(None)` at a clean end of
+/// stream. The frame may take as long as it likes to begin; once begun it must arrive
+/// whole within [`FRAME_TIMEOUT`]. With `budgets`, its bytes are held against them
+/// until the returned [`FrameBudget`] is dropped; a frame that finds no room within
+/// [`BUDGET_WAIT`] is an error (the peer is flooding).
+pub(super) async fn read_frame_with(
+    stream: &mut libp2p::Stream,
+    counters: &Counters,
+    limit: usize,
+    budgets: Option<Budgets<'_>>,
+) -> Result<Option<(Message, FrameBudget)>, FrameError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
-    let mut filled = 0;
-    while filled < FRAME_HEADER_LEN {
-        let read = stream
-            .read(&mut header[filled..])
-            .await
-            .map_err(FrameError::io)?;
-        if read == 0 {
-            return if filled == 0 {
-                Ok(None)
-            } else {
-                Err(FrameError::EndedInHeader)
-            };
-        }
-        filled += read;
+    let first = stream.read(&mut header).await.map_err(FrameError::io)?;
+    if first == 0 {
+        return Ok(None);
     }
-    let len = wire::frame_len(header).map_err(FrameError::Decode)?;
+    let mut filled = first;
+    let len = tokio::time::timeout(FRAME_TIMEOUT, async {
+        while filled < FRAME_HEADER_LEN {
+            let read = stream
+                .read(&mut header[filled..])
+                .await
+                .map_err(FrameError::io)?;
+            if read == 0 {
+                return Err(FrameError::EndedInHeader);
+            }
+            filled += read;
+        }
+        wire::frame_len(header).map_err(FrameError::Decode)
+    })
+    .await
+    .map_err(|_| FrameError::ReadTimeout)??;
+    if len > limit {
+        return Err(FrameError::TooLarge { len, limit });
+    }
+    let budget = match budgets {
+        None => FrameBudget::none(),
+        Some(budgets) => {
+            let bytes = u32::try_from(len.max(MIN_FRAME_BUDGET)).unwrap_or(u32::MAX);
+            tokio::time::timeout(BUDGET_WAIT, async {
+                let peer = budgets.peer.clone().acquire_many_owned(bytes).await;
+                let all = budgets.all.clone().acquire_many_owned(bytes).await;
+                match (peer, all) {
+                    (Ok(peer), Ok(all)) => Ok(FrameBudget::held(all, peer)),
+                    _ => Err(FrameError::ShuttingDown),
+                }
+            })
+            .await
+            .map_err(|_| FrameError::OverBudget)??
+        }
+    };
+    let message = tokio::time::timeout(FRAME_TIMEOUT, read_payload(stream, len))
+        .await
+        .map_err(|_| FrameError::ReadTimeout)??;
+    counters
+        .bytes_in
+        .fetch_add((FRAME_HEADER_LEN + len) as u64, Ordering::Relaxed);
+    Ok(Some((message, budget)))
+}
+
+/// Reads and decodes a frame's payload of `len` bytes.
+async fn read_payload(stream: &mut libp2p::Stream, len: usize) -> Result<Message, FrameError> {
     let ended = FrameError::ended;
     // A block's bytes are read straight into the block's buffer (no frame-sized copy);
     // anything else, or a block frame that does not add up, is decoded whole.
@@ -82,10 +146,7 @@ pub(super) async fn read_frame(
             wire::decode_payload(&payload).map_err(FrameError::Decode)?
         }
     };
-    counters
-        .bytes_in
-        .fetch_add((FRAME_HEADER_LEN + len) as u64, Ordering::Relaxed);
-    Ok(Some(message))
+    Ok(message)
 }
 
 /// The writing end of one device's control stream.
@@ -190,28 +251,71 @@ pub(super) struct ControlReader {
 impl ControlReader {
     pub(super) async fn run(mut self, mut stream: libp2p::Stream) {
         let device = self.device;
+        let Some(peer_budget) = self.shared.reader_started(&device) else {
+            tracing::warn!(device = %device, "too many control streams from one device; this one is refused");
+            return;
+        };
+        self.read(&mut stream, &peer_budget).await;
+        self.shared.reader_ended(&device);
+    }
+
+    async fn read(
+        &mut self,
+        stream: &mut libp2p::Stream,
+        peer_budget: &Arc<tokio::sync::Semaphore>,
+    ) {
+        let device = self.device;
         let counters = self.shared.counters(&device);
-        loop {
-            match read_frame(&mut stream, &counters).await {
-                Ok(Some(Message::Hello(hello))) if !self.greeted => {
-                    if hello.protocol_version != PROTOCOL_VERSION {
-                        tracing::warn!(device = %device, version = hello.protocol_version, "unsupported protocol version; disconnecting");
-                        self.disconnect();
-                        return;
-                    }
-                    self.greet(hello.device_name);
+        let all = self.shared.control_bytes.clone();
+        // The Hello: small, and soon.
+        let hello = tokio::time::timeout(
+            HELLO_TIMEOUT,
+            read_frame_with(stream, &counters, MAX_HELLO_FRAME_LEN, None),
+        )
+        .await;
+        match hello {
+            Ok(Ok(Some((Message::Hello(hello), _)))) => {
+                if hello.protocol_version != PROTOCOL_VERSION {
+                    tracing::warn!(device = %device, version = hello.protocol_version, "unsupported protocol version; disconnecting");
+                    self.disconnect();
+                    return;
                 }
-                Ok(Some(message)) if self.greeted => {
+                self.greet(hello.device_name);
+            }
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(_))) => {
+                tracing::warn!(device = %device, "first control frame was not a Hello; disconnecting");
+                self.disconnect();
+                return;
+            }
+            Ok(Err(reason)) => {
+                tracing::warn!(device = %device, %reason, "bad first control frame; disconnecting");
+                self.disconnect();
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(device = %device, "no Hello within {HELLO_TIMEOUT:?}; disconnecting");
+                self.disconnect();
+                return;
+            }
+        }
+        loop {
+            let budgets = Budgets {
+                all: &all,
+                peer: peer_budget,
+            };
+            match read_frame_with(stream, &counters, wire::MAX_FRAME_LEN, Some(budgets)).await {
+                Ok(Some((Message::Hello(_), _))) => {
+                    tracing::warn!(device = %device, "a second Hello on one control stream; disconnecting");
+                    self.disconnect();
+                    return;
+                }
+                Ok(Some((message, budget))) => {
                     if self.superseded() {
                         tracing::debug!(device = %device, "a message on a control stream of an earlier session; dropped");
                         continue;
                     }
-                    let _ = self.events.send(NetEvent::Message(device, message));
-                }
-                Ok(Some(_)) => {
-                    tracing::warn!(device = %device, "first control frame was not a Hello; disconnecting");
-                    self.disconnect();
-                    return;
+                    let _ = self.events.send(NetEvent::Message(device, message, budget));
                 }
                 Ok(None) => return,
                 Err(reason) if self.superseded() => {

@@ -108,6 +108,24 @@ pub enum FrameError {
     /// The node is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// The requester did not take an answer within the serving write timeout.
+    #[error("the peer did not read its answer in time")]
+    WriteTimeout,
+    /// A frame did not arrive whole within its deadline.
+    #[error("a frame did not arrive whole in time")]
+    ReadTimeout,
+    /// A frame is larger than this place allows (a first frame larger than a `Hello`,
+    /// a request larger than a request).
+    #[error("a frame of {len} bytes where at most {limit} are allowed")]
+    TooLarge {
+        /// The frame's length.
+        len: usize,
+        /// The limit here.
+        limit: usize,
+    },
+    /// The peer's frames found no room in its byte budget in time.
+    #[error("the peer sends faster than its messages are handled")]
+    OverBudget,
 }
 
 impl FrameError {

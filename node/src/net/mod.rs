@@ -56,6 +56,38 @@ pub const SERVE_SLOTS: usize = 48;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// A responder closes a block stream that has carried no request for this long.
 pub const SERVE_IDLE: Duration = Duration::from_secs(30);
+/// A device must send its `Hello` this soon after opening a control stream.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A frame whose first bytes arrived must arrive whole this soon (a largest frame,
+/// 32 MiB, at 1 MiB/s).
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(32);
+/// Largest first frame on a control stream: a `Hello` (name and version, at most
+/// 320 bytes encoded) with room to spare. A stranger cannot make the node allocate a
+/// large frame before it has even said who it is.
+pub const MAX_HELLO_FRAME_LEN: usize = 1024;
+/// Bytes of control frames read and not yet handled by the node, from all peers: what
+/// bounds the memory a flood of large frames can take. A reader waits for room
+/// (backpressure on its stream).
+pub const CONTROL_BYTES_IN_FLIGHT: usize = 256 * 1024 * 1024;
+/// The share of [`CONTROL_BYTES_IN_FLIGHT`] one device may hold, so that one peer's
+/// flood does not stall the others.
+pub const PEER_CONTROL_BYTES: usize = 64 * 1024 * 1024;
+/// A peer whose frames wait this long for room in its byte budget is disconnected.
+pub const BUDGET_WAIT: Duration = Duration::from_secs(30);
+/// Control streams read at once from one device (its current session's and, briefly,
+/// a restarted one's); more are refused.
+pub const MAX_CONTROL_STREAMS_PER_DEVICE: usize = 4;
+/// Connections being set up, from everyone.
+pub const MAX_PENDING_CONNECTIONS: u32 = 64;
+/// Established connections per device (QUIC and TCP, a simultaneous dial, a restart).
+pub const MAX_CONNECTIONS_PER_DEVICE: u32 = 4;
+/// Established connections in all.
+pub const MAX_CONNECTIONS: u32 = 512;
+
+/// Longest a responder waits for one answer frame to be taken by the requester:
+/// a requester that stops reading holds its serving slots no longer (an honest one
+/// on a slow link still takes a 1 MiB block in this time at 100 KiB/s).
+pub const SERVE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where blocks and manifests come from when a peer asks. Implemented by the node;
 /// it decides what the asking device may see.
@@ -88,10 +120,39 @@ pub enum NetEvent {
     Connected(DeviceId),
     /// A device's last connection closed.
     Disconnected(DeviceId),
-    /// A control message arrived.
-    Message(DeviceId, Message),
+    /// A control message arrived; the budget holds its bytes until the event is
+    /// dropped (handled).
+    Message(DeviceId, Message, FrameBudget),
     /// mDNS found a peer on the LAN.
     Discovered(DeviceId, Vec<Multiaddr>),
+}
+
+/// The share of the control byte budgets ([`CONTROL_BYTES_IN_FLIGHT`],
+/// [`PEER_CONTROL_BYTES`]) one received frame holds while the node has not handled it.
+#[derive(Debug)]
+pub struct FrameBudget {
+    _all: Option<tokio::sync::OwnedSemaphorePermit>,
+    _peer: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl FrameBudget {
+    /// A budget that holds nothing (for events made outside a reader).
+    pub fn none() -> Self {
+        Self {
+            _all: None,
+            _peer: None,
+        }
+    }
+
+    pub(super) fn held(
+        all: tokio::sync::OwnedSemaphorePermit,
+        peer: tokio::sync::OwnedSemaphorePermit,
+    ) -> Self {
+        Self {
+            _all: Some(all),
+            _peer: Some(peer),
+        }
+    }
 }
 
 /// A peer's connection, as the status shows it.
@@ -138,7 +199,6 @@ pub struct Counters {
     pub request_streams_in: AtomicU64,
 }
 
-#[derive(Default)]
 pub(super) struct Shared {
     pub(super) peers: Mutex<HashMap<DeviceId, PeerState>>,
     pub(super) counters: Mutex<HashMap<DeviceId, Arc<Counters>>>,
@@ -153,9 +213,54 @@ pub(super) struct Shared {
     pub(super) greetings: Mutex<HashMap<DeviceId, u64>>,
     /// Source of control-reader tokens.
     pub(super) next_reader: AtomicU64,
+    /// Bytes of control frames in flight, from everyone ([`CONTROL_BYTES_IN_FLIGHT`]).
+    pub(super) control_bytes: Arc<tokio::sync::Semaphore>,
+    /// Per device: its share ([`PEER_CONTROL_BYTES`]) and its control readers.
+    pub(super) peer_budgets: Mutex<HashMap<DeviceId, (Arc<tokio::sync::Semaphore>, usize)>>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            peers: Default::default(),
+            counters: Default::default(),
+            listen: Default::default(),
+            coalescer: Default::default(),
+            connection_epochs: Default::default(),
+            greetings: Default::default(),
+            next_reader: Default::default(),
+            control_bytes: Arc::new(tokio::sync::Semaphore::new(CONTROL_BYTES_IN_FLIGHT)),
+            peer_budgets: Default::default(),
+        }
+    }
 }
 
 impl Shared {
+    /// A new control reader of `device`: its byte budget, or `None` if it already has
+    /// [`MAX_CONTROL_STREAMS_PER_DEVICE`] readers.
+    pub(super) fn reader_started(&self, device: &DeviceId) -> Option<Arc<tokio::sync::Semaphore>> {
+        let mut budgets = self.peer_budgets.lock().unwrap_or_else(|p| p.into_inner());
+        let (budget, readers) = budgets
+            .entry(*device)
+            .or_insert_with(|| (Arc::new(tokio::sync::Semaphore::new(PEER_CONTROL_BYTES)), 0));
+        if *readers >= MAX_CONTROL_STREAMS_PER_DEVICE {
+            return None;
+        }
+        *readers += 1;
+        Some(budget.clone())
+    }
+
+    /// A control reader of `device` ended.
+    pub(super) fn reader_ended(&self, device: &DeviceId) {
+        let mut budgets = self.peer_budgets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, readers)) = budgets.get_mut(device) {
+            *readers = readers.saturating_sub(1);
+            if *readers == 0 {
+                budgets.remove(device);
+            }
+        }
+    }
+
     pub(super) fn connections_changed(&self, device: &DeviceId) {
         let mut epochs = self
             .connection_epochs
@@ -194,6 +299,7 @@ impl std::fmt::Debug for NetHandle {
 /// The libp2p behaviours the swarm runs.
 #[derive(libp2p::swarm::NetworkBehaviour)]
 pub(super) struct Behaviour {
+    pub(super) limits: libp2p::connection_limits::Behaviour,
     pub(super) identify: libp2p::identify::Behaviour,
     pub(super) mdns: libp2p::swarm::behaviour::toggle::Toggle<libp2p::mdns::tokio::Behaviour>,
     pub(super) stream: libp2p_stream::Behaviour,

@@ -1,8 +1,11 @@
 //! Block serving (`/weft/blocks/1`, responder): requests of connected devices answered
 //! from the node's [`BlockSource`](super::BlockSource), a bounded number at once.
 
-use super::control::{read_frame, write_frame};
-use super::{BlockSource, Counters, FrameError, READ_GROUP, SERVE_IDLE, SERVE_SLOTS, Shared};
+use super::control::{read_frame_with, write_frame};
+use super::{
+    BlockSource, Counters, FrameError, READ_GROUP, SERVE_IDLE, SERVE_SLOTS, SERVE_WRITE_TIMEOUT,
+    Shared,
+};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -12,6 +15,20 @@ use weft_protocol::wire::{
     self, BlockMissing, BlockRequest, ManifestRequest, ManifestResponse, Message,
 };
 use weft_protocol::{BlockHash, DeviceId};
+
+/// Largest request frame: a batch of [`weft_protocol::wire::MAX_BATCH_HASHES`]
+/// hashes and its folder ID, with room to spare.
+const MAX_REQUEST_FRAME_LEN: usize = 64 * 1024;
+
+/// A write to a requester, given at most [`SERVE_WRITE_TIMEOUT`]: one that does not
+/// read its answers holds its serving slots no longer than that.
+async fn timed(
+    write: impl std::future::Future<Output = Result<(), FrameError>>,
+) -> Result<(), FrameError> {
+    tokio::time::timeout(SERVE_WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or(Err(FrameError::WriteTimeout))
+}
 
 /// Writes a [`Message::Block`] frame: its head, then the bytes from where they are
 /// (the frame [`write_frame`] would write, without copying the block into it).
@@ -80,12 +97,16 @@ pub(super) async fn serve_request(
 ) -> Result<(), FrameError> {
     counters.request_streams_in.fetch_add(1, Ordering::Relaxed);
     loop {
-        let request =
-            match tokio::time::timeout(SERVE_IDLE, read_frame(&mut stream, counters)).await {
-                Ok(Ok(Some(request))) => request,
-                Ok(Ok(None)) | Err(_) => break,
-                Ok(Err(reason)) => return Err(reason),
-            };
+        let request = match tokio::time::timeout(
+            SERVE_IDLE,
+            read_frame_with(&mut stream, counters, MAX_REQUEST_FRAME_LEN, None),
+        )
+        .await
+        {
+            Ok(Ok(Some((request, _)))) => request,
+            Ok(Ok(None)) | Err(_) => break,
+            Ok(Err(reason)) => return Err(reason),
+        };
         counters.requests_in.fetch_add(1, Ordering::Relaxed);
         serve_one(device, &mut stream, request, &source, counters, slots).await?;
     }
@@ -107,9 +128,28 @@ pub(super) async fn serve_one(
             request_id,
             hashes,
         }) => {
-            // A few blocks per trip to the blocking pool (with the permission check):
-            // fewer trips than one per block, and at most READ_GROUP blocks in memory
-            // per request. An unauthorised device gets "missing" for every block.
+            // The permission check comes before any serving slot is taken: a device
+            // that may not read the folder gets "missing" for every block and holds
+            // nothing.
+            let authorised = {
+                let source = source.clone();
+                let folder = folder.clone();
+                tokio::task::spawn_blocking(move || source.authorised(&device, &folder))
+                    .await
+                    .unwrap_or(false)
+            };
+            if !authorised {
+                for hash in &hashes {
+                    let missing = Message::BlockMissing(BlockMissing {
+                        request_id,
+                        hash: *hash,
+                    });
+                    timed(write_frame(stream, &missing, counters)).await?;
+                }
+                return Ok(());
+            }
+            // A few blocks per trip to the blocking pool: fewer trips than one per
+            // block, and at most READ_GROUP blocks in memory per request.
             for group in hashes.chunks(READ_GROUP) {
                 // Held until the group is written out ([`SERVE_SLOTS`]).
                 let _slots = slots
@@ -128,14 +168,17 @@ pub(super) async fn serve_one(
                 for hash in group {
                     match blocks.next().flatten() {
                         Some(data) => {
-                            write_block_frame(stream, request_id, *hash, &data, counters).await?;
+                            timed(write_block_frame(
+                                stream, request_id, *hash, &data, counters,
+                            ))
+                            .await?;
                         }
                         None => {
                             let missing = Message::BlockMissing(BlockMissing {
                                 request_id,
                                 hash: *hash,
                             });
-                            write_frame(stream, &missing, counters).await?;
+                            timed(write_frame(stream, &missing, counters)).await?;
                         }
                     }
                 }
@@ -166,7 +209,7 @@ pub(super) async fn serve_one(
                     hash,
                     manifest,
                 });
-                write_frame(stream, &message, counters).await?;
+                timed(write_frame(stream, &message, counters)).await?;
             }
         }
         other => return Err(FrameError::UnexpectedRequest(other.kind())),

@@ -65,7 +65,13 @@ pub fn start(
             } else {
                 None
             };
+            let limits = libp2p::connection_limits::ConnectionLimits::default()
+                .with_max_pending_incoming(Some(super::MAX_PENDING_CONNECTIONS))
+                .with_max_pending_outgoing(Some(super::MAX_PENDING_CONNECTIONS))
+                .with_max_established_per_peer(Some(super::MAX_CONNECTIONS_PER_DEVICE))
+                .with_max_established(Some(super::MAX_CONNECTIONS));
             Behaviour {
+                limits: libp2p::connection_limits::Behaviour::new(limits),
                 identify: identify::Behaviour::new(identify::Config::new(
                     "/weft/id/1".into(),
                     key.public(),
