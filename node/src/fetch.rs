@@ -1159,10 +1159,12 @@ fn finish_temp(file: &TempFile, temp: &Path, mode: u32, mtime_ns: i64) -> Result
     file.truncate_to_final()
         .map_err(|e| io_error("truncating", temp, e))?;
     let file = file.file();
+    // Permission bits only: a peer's setuid, setgid and sticky bits never reach the
+    // disk.
     let mode = if mode & 0o777 == 0 {
         0o644
     } else {
-        mode & 0o7777
+        mode & 0o777
     };
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(|e| io_error("chmod", temp, e))?;

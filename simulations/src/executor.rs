@@ -367,7 +367,7 @@ impl io::Disk for SimIo {
         let mode = if entry.mode & 0o777 == 0 {
             0o644
         } else {
-            entry.mode & 0o7777
+            entry.mode & 0o777
         };
         self.disk.set_times(&temp.0, mode, entry.mtime_ns);
         let roll = self.roll();

@@ -68,6 +68,8 @@ pub struct NodeConfig {
     pub full_rescan_interval_s: u64,
     /// Seconds after which a scan removes one of the node's unchanged temp files.
     pub temp_file_expiry_s: u64,
+    /// The user's home directory the node sees (`HOME`; where `~/Weft` is).
+    pub user_home: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -77,6 +79,7 @@ impl Default for NodeConfig {
             debounce_ms: 100,
             full_rescan_interval_s: 86_400,
             temp_file_expiry_s: 86_400,
+            user_home: None,
         }
     }
 }
@@ -122,6 +125,9 @@ impl TestNode {
             }
             None => Command::new(binary("weft")),
         };
+        if let Some(user_home) = &config.user_home {
+            command.env("HOME", user_home);
+        }
         let child = command
             .arg("--home")
             .arg(home)

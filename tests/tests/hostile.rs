@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use automerge::transaction::Transactable;
 use futures::AsyncWriteExt;
 use weft_node::net::{self, BlockSource, NetConfig, NetEvent};
-use weft_protocol::change_signature::SignedChange;
-use weft_protocol::document::{self, Content, Entry, EntryKind, FolderDocument, SyncState};
-use weft_protocol::wire::{ChangeSignatures, DocSync, Message};
-use weft_protocol::{BlockHash, BlockRef, DeviceId, DeviceKey, FolderId, Manifest, ManifestHash};
+use weft_protocol::document::{self, FolderDocument, SyncState};
+use weft_protocol::wire::{DocSync, Message};
+use weft_protocol::{BlockHash, DeviceId, DeviceKey, FolderId, Manifest, ManifestHash};
 use weft_tests::{NodeConfig, TestNode, connect, wait_for, weft};
+
+use crate::peer::{file_entry, send_signed, sync_for};
 
 /// Serves wrong bytes for every block it is asked for, except the one of `honest`.
 struct LyingSource {
@@ -33,93 +34,6 @@ impl BlockSource for LyingSource {
     }
     fn manifest(&self, _: &FolderId, _: &ManifestHash) -> Option<Manifest> {
         None
-    }
-}
-
-fn file_entry(author: DeviceId, data: &[u8]) -> Entry {
-    let manifest = Manifest::from_blocks(vec![BlockRef {
-        hash: BlockHash::of(data),
-        len: data.len() as u32,
-    }])
-    .unwrap();
-    Entry {
-        kind: EntryKind::File,
-        deleted: false,
-        size: data.len() as u64,
-        mtime_ns: 1_000_000_000,
-        mode: 0o644,
-        content: Content::for_manifest(&manifest),
-        author,
-    }
-}
-
-/// Sends the next sync message of `doc`, preceded by `key`'s signatures of the changes
-/// it carries (a node refuses changes not signed by the device their actor names).
-fn send_signed(
-    net: &net::NetHandle,
-    victim: DeviceId,
-    folder: &FolderId,
-    key: &DeviceKey,
-    doc: &mut FolderDocument,
-    state: &mut SyncState,
-) -> Option<Vec<u8>> {
-    let (bytes, changes) = doc.generate_sync_message_with_changes(state)?;
-    let changes = changes
-        .iter()
-        .map(|change| SignedChange::sign(key, folder, change))
-        .collect();
-    let _ = net.send(
-        &victim,
-        Message::ChangeSignatures(ChangeSignatures {
-            folder: folder.clone(),
-            changes,
-        }),
-    );
-    Some(bytes)
-}
-
-/// Runs the automerge sync protocol from the hostile side for `seconds`, signing what
-/// it sends with `key`.
-async fn sync_for(
-    net: &net::NetHandle,
-    events: &mut tokio::sync::mpsc::UnboundedReceiver<NetEvent>,
-    victim: DeviceId,
-    folder: &FolderId,
-    key: &DeviceKey,
-    doc: &mut FolderDocument,
-    seconds: u64,
-) {
-    let mut state = SyncState::new();
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let send = |doc: &mut FolderDocument, state: &mut SyncState| {
-        if let Some(bytes) = send_signed(net, victim, folder, key, doc, state) {
-            let _ = net.send(
-                &victim,
-                Message::DocSync(DocSync {
-                    folder: folder.clone(),
-                    sync_message: bytes,
-                }),
-            );
-        }
-    };
-    send(doc, &mut state);
-    while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
-            Ok(Some(NetEvent::Message(from, Message::DocSync(sync), _)))
-                if from == victim && &sync.folder == folder =>
-            {
-                let _ = doc.receive_sync_message(&mut state, &sync.sync_message);
-                send(doc, &mut state);
-            }
-            Ok(None) => break,
-            _ => {}
-        }
-    }
-    // Received outside the folder core, the changes are not in the document's access
-    // log until it is loaded again.
-    let actor = doc.automerge().get_actor().clone();
-    if let Ok(loaded) = FolderDocument::load(&doc.save(), [], actor) {
-        *doc = loaded;
     }
 }
 

@@ -806,6 +806,7 @@ const UNWATCHED: NodeConfig = NodeConfig {
     debounce_ms: 100,
     full_rescan_interval_s: 86_400,
     temp_file_expiry_s: 86_400,
+    user_home: None,
 };
 
 /// A (unwatched) and B sharing the empty folder `label`: their roots, A, B.

@@ -4,5 +4,7 @@ mod blocks;
 mod cli;
 mod hostile;
 mod node;
+mod peer;
+mod sharing;
 mod sync;
 mod tidy;
