@@ -406,7 +406,13 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                             ),
                             None => "not connected".into(),
                         };
-                        println!("{}\t{}\t{}", device.id, device.name, state);
+                        match &device.refused {
+                            Some(refused) => println!(
+                                "{}\t{}\t{}\tFLAGGED: {refused}",
+                                device.id, device.name, state
+                            ),
+                            None => println!("{}\t{}\t{}", device.id, device.name, state),
+                        }
                     }
                 }
             }
@@ -694,8 +700,20 @@ fn print_status(status: &NodeStatus) {
         for problem in &folder.problems {
             println!("  problem: {}: {}", problem.path, problem.error);
         }
+        match &folder.role {
+            Some(role) => println!("  this device's role: {role}"),
+            None => println!(
+                "  this device's role: none yet (waiting for the folder's access list, or removed)"
+            ),
+        }
         for path in &folder.local_only {
             println!("  local only (view-only folder, not sent): {path}");
+        }
+        for refused in &folder.refused {
+            println!(
+                "  FLAGGED device {}: {} change(s) refused, last: {}",
+                refused.device, refused.count, refused.reason
+            );
         }
     }
     println!("listening on: {}", status.listen.join(" "));

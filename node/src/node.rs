@@ -92,6 +92,10 @@ pub struct DeviceView {
     pub connected: bool,
     /// Connection details when connected.
     pub connection: Option<crate::net::PeerInfo>,
+    /// Why a folder last refused this device's changes (a role that did not allow
+    /// them: a misbehaving or removed device), if one did.
+    #[serde(default)]
+    pub refused: Option<String>,
 }
 
 /// A request to add a device.
@@ -437,27 +441,28 @@ impl Node {
                     network.net.dial(&device, addresses);
                 }
             }
-            // The budget is held until the message is handled.
-            NetEvent::Message(device, message, _budget) => self.on_message(device, message),
+            // The budget goes with a folder's message into its inbox, and is given
+            // back when the folder has handled it.
+            NetEvent::Message(device, message, budget) => self.on_message(device, message, budget),
         }
     }
 
-    fn on_message(&self, device: DeviceId, message: Message) {
+    fn on_message(&self, device: DeviceId, message: Message, budget: crate::net::FrameBudget) {
         match message {
             Message::DocSync(sync) => self.to_folder(
                 device,
                 &sync.folder,
-                FolderCommand::SyncMessage(device, sync.sync_message),
+                FolderCommand::SyncMessage(device, sync.sync_message, budget),
             ),
             Message::DocSyncPart(sync) => self.to_folder(
                 device,
                 &sync.folder,
-                FolderCommand::SyncMessagePart(device, sync.sync_message),
+                FolderCommand::SyncMessagePart(device, sync.sync_message, budget),
             ),
             Message::ChangeSignatures(signatures) => self.to_folder(
                 device,
                 &signatures.folder,
-                FolderCommand::ChangeSignatures(device, signatures.changes),
+                FolderCommand::ChangeSignatures(device, signatures.changes, budget),
             ),
             Message::Invite(invite) => self.on_invite(device, invite),
             other => {
@@ -625,6 +630,11 @@ impl Node {
             .as_ref()
             .map(|n| n.net.peers())
             .unwrap_or_default();
+        let refused: Vec<crate::folder::RefusedDevice> = self
+            .folders()
+            .values()
+            .flat_map(|handle| handle.shared.snapshot().refused)
+            .collect();
         Ok(self
             .store
             .devices()?
@@ -633,6 +643,10 @@ impl Node {
                 let id = device.id.to_string();
                 let connection = peers.iter().find(|p| p.device_id == id).cloned();
                 DeviceView {
+                    refused: refused
+                        .iter()
+                        .find(|r| r.device == id)
+                        .map(|r| format!("{} change(s) refused: {}", r.count, r.reason)),
                     connected: connection.is_some(),
                     connection,
                     name: device.name,

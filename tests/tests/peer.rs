@@ -110,6 +110,9 @@ pub struct Peer {
     pub key: DeviceKey,
     /// Its device ID.
     pub id: DeviceId,
+    /// Signatures of other devices' changes it received: sent on with those changes
+    /// when it relays them.
+    pub signatures: std::collections::BTreeMap<[u8; 32], weft_protocol::Signature>,
 }
 
 impl Peer {
@@ -150,6 +153,7 @@ impl Peer {
             events,
             key,
             id,
+            signatures: Default::default(),
         }
     }
 
@@ -163,7 +167,8 @@ impl Peer {
         wait_for(Duration::from_secs(30), || self.net.is_connected(device)).is_some()
     }
 
-    /// Syncs `doc` of `folder` with `device` for `seconds` (signing what it sends).
+    /// Syncs `doc` of `folder` with `device` for `seconds`: its own changes signed with
+    /// its key, other devices' changes with the signatures it received for them.
     pub fn sync(
         &mut self,
         device: DeviceId,
@@ -171,15 +176,74 @@ impl Peer {
         doc: &mut FolderDocument,
         seconds: u64,
     ) {
-        self.runtime.block_on(sync_for(
-            &self.net,
-            &mut self.events,
-            device,
-            folder,
-            &self.key,
-            doc,
-            seconds,
-        ));
+        let Self {
+            runtime,
+            net,
+            events,
+            key,
+            signatures,
+            ..
+        } = self;
+        runtime.block_on(async {
+            let mut state = SyncState::new();
+            let deadline = Instant::now() + Duration::from_secs(seconds);
+            let send = |doc: &mut FolderDocument,
+                        state: &mut SyncState,
+                        signatures: &std::collections::BTreeMap<
+                [u8; 32],
+                weft_protocol::Signature,
+            >| {
+                let Some((bytes, changes)) = doc.generate_sync_message_with_changes(state) else {
+                    return;
+                };
+                let changes = changes
+                    .iter()
+                    .map(|change| match signatures.get(&change.0) {
+                        Some(signature) => SignedChange {
+                            hash: change.0,
+                            signature: *signature,
+                        },
+                        None => SignedChange::sign(key, folder, change),
+                    })
+                    .collect();
+                let _ = net.send(
+                    &device,
+                    Message::ChangeSignatures(ChangeSignatures {
+                        folder: folder.clone(),
+                        changes,
+                    }),
+                );
+                let _ = net.send(
+                    &device,
+                    Message::DocSync(DocSync {
+                        folder: folder.clone(),
+                        sync_message: bytes,
+                    }),
+                );
+            };
+            send(doc, &mut state, signatures);
+            while Instant::now() < deadline {
+                match tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
+                    Ok(Some(NetEvent::Message(from, Message::DocSync(sync), _)))
+                        if from == device && &sync.folder == folder =>
+                    {
+                        let _ = doc.receive_sync_message(&mut state, &sync.sync_message);
+                        send(doc, &mut state, signatures);
+                    }
+                    Ok(Some(NetEvent::Message(_, Message::ChangeSignatures(signed), _)))
+                        if &signed.folder == folder =>
+                    {
+                        signatures.extend(signed.changes.iter().map(|s| (s.hash, s.signature)));
+                    }
+                    Ok(None) => break,
+                    _ => {}
+                }
+            }
+        });
+        let actor = doc.automerge().get_actor().clone();
+        if let Ok(loaded) = FolderDocument::load(&doc.save(), [], actor) {
+            *doc = loaded;
+        }
     }
 }
 

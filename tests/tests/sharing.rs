@@ -408,3 +408,96 @@ fn requesters_that_never_read_do_not_stop_an_honest_download() {
     wait_converged(&[&root_a, &root_b], &[&a, &b], Duration::from_secs(180));
     drop(stalled);
 }
+
+#[test]
+fn a_view_device_s_edits_are_refused_and_an_editor_s_change_it_relays_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root_a, root_c) = (dir.path().join("a"), dir.path().join("c"));
+    fs::create_dir_all(&root_a).unwrap();
+    fs::write(root_a.join("start.txt"), b"from A").unwrap();
+    let a = TestNode::start(&dir.path().join("home_a"), &NodeConfig::default());
+    let c_home = dir.path().join("home_c");
+    let c = TestNode::start(&c_home, &NodeConfig::default());
+    connect(&a, &c);
+    a.add_folder(&root_a, "chain");
+    a.share_as("chain", &c, &root_c, "admin");
+    wait_converged(&[&root_a, &root_c], &[&a, &c], Duration::from_secs(60));
+    let admin = wait_for(Duration::from_secs(30), || {
+        c.status()
+            .folders
+            .iter()
+            .any(|f| f.role.as_deref() == Some("admin"))
+    });
+    assert!(admin.is_some(), "C never became an admin:\n{}", c.log());
+    // B, view-only, joins through C (a chain A - C - B) and is modified to publish.
+    let from_c = b"written on C, an editor".to_vec();
+    let vandal = b"written on B, which may only view".to_vec();
+    let mut b = Peer::start(74, Arc::new(Blocks(vec![vandal.clone(), from_c.clone()])));
+    let mut doc = join(&c, &mut b, "chain", "view");
+    doc.put(
+        &RelPath::new("vandal.txt").unwrap(),
+        &file_entry(b.id, &vandal),
+    )
+    .unwrap();
+    doc.commit(0, "an edit a view device may not make");
+    let c_id: DeviceId = c.id().parse().unwrap();
+    let folder = FolderId::new("chain").unwrap();
+    b.sync(c_id, &folder, &mut doc, 3);
+    assert!(
+        stays_false(|| root_a.join("vandal.txt").exists() || root_c.join("vandal.txt").exists()),
+        "the view device's edit was applied"
+    );
+    let flagged = wait_for(Duration::from_secs(10), || {
+        c.status()
+            .folders
+            .iter()
+            .any(|f| f.refused.iter().any(|r| r.device == b.id.to_string()))
+    });
+    assert!(flagged.is_some(), "C did not flag B:\n{}", c.log());
+    let listed = String::from_utf8_lossy(&weft(&c.home, &["device", "list"]).stdout).into_owned();
+    assert!(listed.contains("FLAGGED"), "{listed}");
+    // Honest sync goes on.
+    fs::write(root_a.join("after.txt"), b"still syncing").unwrap();
+    wait_converged(&[&root_a, &root_c], &[&a, &c], Duration::from_secs(60));
+
+    // A change authored by the editor C reaches A only through B, with C's signature.
+    let a_home = a.home.clone();
+    assert!(
+        weft(
+            &a.home,
+            &["device", "add", &b.id.to_string(), "--addr", &b.address()]
+        )
+        .status
+        .success()
+    );
+    a.kill9();
+    let mut doc = FolderDocument::new(document::actor_id(&b.id, [8; 8]));
+    b.sync(c_id, &folder, &mut doc, 2);
+    fs::write(root_c.join("from_c.txt"), &from_c).unwrap();
+    let relayed = wait_for(Duration::from_secs(30), || {
+        b.sync(c_id, &folder, &mut doc, 1);
+        doc.get(&RelPath::new("from_c.txt").unwrap())
+            .ok()
+            .flatten()
+            .is_some()
+    });
+    assert!(
+        relayed.is_some(),
+        "B never received C's change:\n{}",
+        c.log()
+    );
+    c.kill9();
+    let a = TestNode::start(&a_home, &NodeConfig::default());
+    let a_id: DeviceId = a.id().parse().unwrap();
+    assert!(b.connected(&a_id), "A never dialed B:\n{}", a.log());
+    b.sync(a_id, &folder, &mut doc, 3);
+    let arrived = wait_for(Duration::from_secs(30), || {
+        fs::read(root_a.join("from_c.txt")).is_ok_and(|bytes| bytes == from_c)
+    });
+    assert!(
+        arrived.is_some(),
+        "C's change relayed by B was not taken:\n{}",
+        a.log()
+    );
+    let _ = c_home;
+}

@@ -543,11 +543,13 @@ impl Scan for NodeIo {
         let input = match command {
             FolderCommand::PeerConnected(device) => PeerInput::Connected(device),
             FolderCommand::PeerDisconnected(device) => PeerInput::Disconnected(device),
-            FolderCommand::ChangeSignatures(device, signed) => {
+            FolderCommand::ChangeSignatures(device, signed, _budget) => {
                 PeerInput::Signatures(device, signed)
             }
-            FolderCommand::SyncMessagePart(device, bytes) => PeerInput::SyncPart(device, bytes),
-            FolderCommand::SyncMessage(device, bytes) => PeerInput::Sync(device, bytes),
+            FolderCommand::SyncMessagePart(device, bytes, _budget) => {
+                PeerInput::SyncPart(device, bytes)
+            }
+            FolderCommand::SyncMessage(device, bytes, _budget) => PeerInput::Sync(device, bytes),
             FolderCommand::UpdateRecord(record) => {
                 let membership = super::membership(&record);
                 self.record = record;

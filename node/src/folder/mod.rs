@@ -29,6 +29,7 @@ use weft_protocol::{DeviceId, DeviceKey, RelPath};
 
 use crate::dirty::{Change, DirtyPaths, Due};
 use crate::events::EventBus;
+use crate::net::FrameBudget;
 use crate::net::NetHandle;
 use crate::scan::{Problem, ScanProgress, Scanner, Scope};
 use crate::store::{FolderRecord, Store, StoreError};
@@ -205,11 +206,11 @@ pub enum FolderCommand {
     PeerDisconnected(DeviceId),
     /// An automerge sync message from a device that shares this folder (or the final
     /// piece of one sent in parts).
-    SyncMessage(DeviceId, Vec<u8>),
+    SyncMessage(DeviceId, Vec<u8>, FrameBudget),
     /// A leading piece of a sync message too large for one frame.
-    SyncMessagePart(DeviceId, Vec<u8>),
+    SyncMessagePart(DeviceId, Vec<u8>, FrameBudget),
     /// Authors' signatures of the changes in the device's next sync message.
-    ChangeSignatures(DeviceId, Vec<SignedChange>),
+    ChangeSignatures(DeviceId, Vec<SignedChange>, FrameBudget),
     /// A download task (one large file or a group of small ones) finished.
     Fetched(
         Vec<(
@@ -524,15 +525,15 @@ impl FolderActor {
                     self.core
                         .peer_input(&mut self.io, PeerInput::Disconnected(device));
                 }
-                Ok(FolderCommand::ChangeSignatures(device, signed)) => {
+                Ok(FolderCommand::ChangeSignatures(device, signed, _budget)) => {
                     self.core
                         .peer_input(&mut self.io, PeerInput::Signatures(device, signed));
                 }
-                Ok(FolderCommand::SyncMessagePart(device, bytes)) => {
+                Ok(FolderCommand::SyncMessagePart(device, bytes, _budget)) => {
                     self.core
                         .peer_input(&mut self.io, PeerInput::SyncPart(device, bytes));
                 }
-                Ok(FolderCommand::SyncMessage(device, bytes)) => {
+                Ok(FolderCommand::SyncMessage(device, bytes, _budget)) => {
                     self.core
                         .peer_input(&mut self.io, PeerInput::Sync(device, bytes));
                 }
