@@ -194,6 +194,8 @@ pub struct FolderDocument {
     access: AccessLog,
     /// Keys written by void changes: read without those writes.
     void_keys: std::collections::BTreeSet<String>,
+    /// The paths void changes wrote, with their authors.
+    void_paths: Vec<(DeviceId, RelPath)>,
 }
 
 impl std::fmt::Debug for FolderDocument {
@@ -264,6 +266,7 @@ impl FolderDocument {
             doc: AutoCommit::new().with_actor(actor),
             access: AccessLog::default(),
             void_keys: Default::default(),
+            void_paths: Vec::new(),
         }
     }
 
@@ -286,6 +289,7 @@ impl FolderDocument {
             doc: doc.with_actor(actor),
             access: AccessLog::default(),
             void_keys: Default::default(),
+            void_paths: Vec::new(),
         };
         document.rebuild_access()?;
         Ok(document)
@@ -381,10 +385,33 @@ impl FolderDocument {
     fn refresh_void_keys(&mut self) {
         let void: Vec<ChangeHash> = self.access.void().iter().copied().collect();
         let mut keys = std::collections::BTreeSet::new();
+        let mut by = Vec::new();
         for change in void {
-            keys.extend(self.keys_of(&change));
+            let author = self
+                .access
+                .causality()
+                .actor(&change)
+                .and_then(actor_device);
+            for key in self.keys_of(&change) {
+                if let (Some(author), Some(path)) = (author, key.strip_prefix(ENTRY_PREFIX))
+                    && let Ok(path) = RelPath::new(path)
+                {
+                    by.push((author, path));
+                }
+                keys.insert(key);
+            }
         }
         self.void_keys = keys;
+        self.void_paths = by;
+    }
+
+    /// The paths void changes by `device` wrote.
+    pub fn void_paths_by(&self, device: &DeviceId) -> Vec<RelPath> {
+        self.void_paths
+            .iter()
+            .filter(|(author, _)| author == device)
+            .map(|(_, path)| path.clone())
+            .collect()
     }
 
     /// Checks the changes a sync message added (`added`, from [`Self::changes_since`],
@@ -553,8 +580,22 @@ impl FolderDocument {
 
     /// Writes `entry` at `path` (one operation).
     pub fn put(&mut self, path: &RelPath, entry: &Entry) -> Result<(), DocumentError> {
+        let key = entry_key(path);
+        let bytes = entry.encode();
+        if self.void_keys.contains(&key) {
+            // automerge writes nothing when the value it shows is already these bytes,
+            // but a void change's value is not read: writing it again must make a new
+            // operation. An empty value first (it decodes as no entry, and is
+            // overwritten in this same change) makes the real one a write of its own.
+            let shown = self.doc.get(automerge::ROOT, key.as_str()).map_err(automerge_error)?;
+            if shown.as_ref().and_then(|(value, _)| value_bytes(value)) == Some(bytes.as_slice()) {
+                self.doc
+                    .put(automerge::ROOT, key.as_str(), Vec::<u8>::new())
+                    .map_err(automerge_error)?;
+            }
+        }
         self.doc
-            .put(automerge::ROOT, entry_key(path), entry.encode())
+            .put(automerge::ROOT, key, bytes)
             .map_err(automerge_error)
     }
 
@@ -1156,6 +1197,11 @@ mod tests {
         let reloaded = merged(8, &[&on_v2.save()]);
         assert_eq!(reloaded.get(&path("a")).unwrap(), Some(file(f, b"one")));
         assert_eq!(reloaded.access_list().role(&x), None);
+        // Written again by a device that may write, the void version is read again.
+        let mut again = merged(6, &[&on_f.save()]);
+        again.put(&path("b"), &file(x, b"new")).unwrap();
+        again.commit(5_000, "republish");
+        assert_eq!(again.get(&path("b")).unwrap(), Some(file(x, b"new")));
         // X's edit after it saw its removal is refused.
         receive(&mut on_x, &mut on_f, &f).unwrap();
         on_x.put(&path("c"), &file(x, b"late")).unwrap();

@@ -147,6 +147,8 @@ enum Event {
     Revoke,
     /// The removed device, modified, publishes an edit after its removal.
     RevokedEdit,
+    /// Device 0 makes an editor view-only, or a device it made view-only an editor again.
+    Regrant,
     Reconnect,
 }
 
@@ -191,6 +193,8 @@ pub struct World {
     revoked_content: ManifestHash,
     /// Forged edits made so far (for unique paths).
     forged: u64,
+    /// Devices device 0 made view-only for a while (editors again when the world heals).
+    demoted: BTreeSet<usize>,
     active: bool,
     events: u64,
     trace_hasher: blake3::Hasher,
@@ -277,6 +281,7 @@ impl World {
             vandal_content: manifest_of(VANDAL_CONTENT).hash(),
             revoked_content: manifest_of(REVOKED_CONTENT).hash(),
             forged: 0,
+            demoted: BTreeSet::new(),
             active: true,
             events: 0,
             trace_hasher: blake3::Hasher::new(),
@@ -403,6 +408,10 @@ impl World {
             let delay = self.rng.range(1_000, 12_000) as i64 * MS;
             self.schedule(delay, Event::Revoke);
         }
+        if self.rng.chance(33) {
+            let delay = self.rng.range(500, 6_000) as i64 * MS;
+            self.schedule(delay, Event::Regrant);
+        }
         if self.config.faults {
             let delay = self.rng.range(1_000, 8_000) as i64 * MS;
             self.schedule(delay, Event::Partition);
@@ -439,6 +448,7 @@ impl World {
                 self.drain(index)?;
             }
         }
+        self.restore_roles()?;
         self.refresh_links();
         self.drain_all()?;
         // 3. Settle: run until quiet; then a full scan everywhere must change nothing.
@@ -732,6 +742,13 @@ impl World {
                 }
             }
             Event::Revoke => self.revoke()?,
+            Event::Regrant => {
+                if self.active {
+                    self.regrant()?;
+                    let next = self.rng.range(500, 6_000) as i64 * MS;
+                    self.schedule(next, Event::Regrant);
+                }
+            }
             Event::RevokedEdit => {
                 if let Some(removed) = self.removed {
                     self.forge(removed, REVOKED_CONTENT)?;
@@ -1028,6 +1045,53 @@ impl World {
         let delay = self.rng.range(10, 2_000) as i64 * MS;
         self.schedule(delay, Event::RevokedEdit);
         Ok(())
+    }
+
+    /// Device 0 makes a random editor view-only, or gives a demoted device `edit` back.
+    /// A demoted device's user goes on editing: those edits stay local until it may
+    /// edit again (and one made concurrently with its demotion is void).
+    fn regrant(&mut self) -> Result<(), Violation> {
+        if !self.devices[0].up {
+            return Ok(());
+        }
+        let candidates: Vec<usize> = (1..self.devices.len())
+            .filter(|d| Some(*d) != self.viewer && Some(*d) != self.removed)
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let device = candidates[self.rng.index(candidates.len())];
+        let demote = !self.demoted.contains(&device);
+        let role = if demote { Role::View } else { Role::Edit };
+        let id = self.devices[device].id;
+        if let Err(error) = self.devices[0].set_access(self.now, id, Some(role)) {
+            // A store that fails now and then fails this too; the user sees why.
+            self.trace(format!("dev0 could not make dev{device} {role}: {error}"));
+            return self.drain(0);
+        }
+        if demote {
+            self.demoted.insert(device);
+        } else {
+            self.demoted.remove(&device);
+        }
+        self.trace(format!("dev0 makes dev{device} {role}"));
+        self.drain(0)
+    }
+
+    /// Heal: device 0 (up again by now) makes every demoted device an editor again.
+    fn restore_roles(&mut self) -> Result<(), Violation> {
+        let demoted: Vec<usize> = std::mem::take(&mut self.demoted).into_iter().collect();
+        for device in demoted {
+            let id = self.devices[device].id;
+            if let Err(error) = self.devices[0].set_access(self.now, id, Some(Role::Edit)) {
+                return Err(Violation::new(
+                    "sharing",
+                    format!("the founder could not make dev{device} an editor again: {error}"),
+                ));
+            }
+            self.trace(format!("heal: dev0 makes dev{device} edit again"));
+        }
+        self.drain(0)
     }
 
     /// True if every device but `without` can reach every other over allowed links.

@@ -153,6 +153,9 @@ pub struct Folder<T> {
     reloaded: bool,
     /// The document gained local changes not yet offered to peers.
     published: bool,
+    /// The document was loaded (opened or reloaded): this device's own void changes
+    /// are to be looked for ([`peers`]' `forget_own_void`) before the next plan.
+    reloaded_void: bool,
     /// A commit of scan results failed since this was last cleared (a scan's racy files
     /// then stay racy: what their second hash found is not in the store).
     commit_failed: bool,
@@ -236,6 +239,7 @@ impl<T> Folder<T> {
             unsaved: Vec::new(),
             reloaded: false,
             published: false,
+            reloaded_void: true,
             commit_failed: false,
             store_failing: false,
             removed: Vec::new(),

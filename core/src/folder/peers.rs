@@ -138,14 +138,15 @@ impl<T> Folder<T> {
         }
     }
 
-    /// Paths where a change of this device's own became void (made concurrently with
-    /// its removal or downgrade): the synced row that recorded it published is dropped,
+    /// Paths where a change of this device's own is void (made concurrently with its
+    /// removal or downgrade), however that was found (a sync message, or the document
+    /// loaded again): the synced row that recorded it published is dropped,
     /// so that its version reads as a local change the folder does not hold (kept as
     /// a conflict copy, or published again once this device may edit), not as a
     /// version the folder replaced.
-    fn forget_own_void<I: FolderIo<Temp = T>>(&mut self, io: &mut I, voided: &[RelPath]) {
+    pub(super) fn forget_own_void<I: FolderIo<Temp = T>>(&mut self, io: &mut I) {
         let mut forget = Vec::new();
-        for path in voided {
+        for path in &self.document.void_paths_by(&self.device) {
             if let Ok(Some(synced)) = io.synced(path)
                 && synced.entry.author == self.device
                 && self.document.get(path).ok().flatten().as_ref() != Some(&synced.entry)
@@ -288,7 +289,9 @@ impl<T> Folder<T> {
             }
         };
         self.save_received(io);
-        self.forget_own_void(io, &voided);
+        if !voided.is_empty() {
+            self.forget_own_void(io);
+        }
         self.refresh_access(io);
         let mut changed = self.document.changed_paths(&before);
         changed.paths.extend(voided);

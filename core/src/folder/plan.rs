@@ -165,6 +165,16 @@ impl<T> Folder<T> {
             self.needs_plan.extend(paths);
             return;
         }
+        if self.reloaded_void {
+            // The document was loaded again: its void changes were found anew, this
+            // device's own among them.
+            self.reloaded_void = false;
+            let own = self.document.void_paths_by(&self.device);
+            if !own.is_empty() {
+                self.forget_own_void(io);
+                paths.extend(own);
+            }
+        }
         // Children before their parents: a directory is removed after its contents
         // (and files create their parent directories themselves).
         paths.extend(self.unblocked(io));

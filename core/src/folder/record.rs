@@ -364,7 +364,10 @@ impl<T> Folder<T> {
                     .map(Vec::as_slice)
                     .chain((!self.unsaved.is_empty()).then_some(self.unsaved.as_slice()));
                 match FolderDocument::load(&snapshot, chunks, actor) {
-                    Ok(document) => self.document = document,
+                    Ok(document) => {
+                        self.document = document;
+                        self.reloaded_void = true;
+                    }
                     Err(error) => {
                         io.log(
                             Level::Error,
