@@ -194,19 +194,23 @@ pub fn revocation_held(world: &mut World) -> Result<(), Violation> {
 }
 
 /// Invariant 1, once quiet (the removed device left the folder: it is not compared).
-/// Once a device was removed, a path whose version only it held waits on every other
-/// device for content nobody can give (that version left with it): such paths, the
-/// failed downloads of the others, are not compared.
+/// Once a device was removed or demoted, a path may wait on every device for a
+/// version nobody holds: one only the removed device held, or one a void change had
+/// overwritten (its author's user replaced it before anyone fetched it, and the void
+/// change that replaced it no longer counts). Such paths, the failed downloads of the
+/// devices compared, are not compared: each shows what it had.
 pub fn converged(world: &mut World) -> Result<(), Violation> {
-    let waiting: std::collections::BTreeSet<String> = match world.removed() {
-        Some(removed) => world
+    let waiting: std::collections::BTreeSet<String> = if world.roles_changed() {
+        let removed = world.removed();
+        world
             .devices
             .iter()
-            .filter(|d| d.index != removed)
+            .filter(|d| Some(d.index) != removed)
             .flat_map(|d| d.failed())
             .map(|path| path.to_string())
-            .collect(),
-        None => Default::default(),
+            .collect()
+    } else {
+        Default::default()
     };
     let first = tree(world, 0);
     for index in 1..world.devices.len() {

@@ -195,6 +195,8 @@ pub struct World {
     forged: u64,
     /// Devices device 0 made view-only for a while (editors again when the world heals).
     demoted: BTreeSet<usize>,
+    /// Device 0 removed or demoted a device at some point.
+    roles_changed: bool,
     active: bool,
     events: u64,
     trace_hasher: blake3::Hasher,
@@ -282,6 +284,7 @@ impl World {
             revoked_content: manifest_of(REVOKED_CONTENT).hash(),
             forged: 0,
             demoted: BTreeSet::new(),
+            roles_changed: false,
             active: true,
             events: 0,
             trace_hasher: blake3::Hasher::new(),
@@ -1034,12 +1037,13 @@ impl World {
         let removed = candidates[self.rng.index(candidates.len())];
         let id = self.devices[removed].id;
         if let Err(error) = self.devices[0].set_access(self.now, id, None) {
-            return Err(Violation::new(
-                "sharing",
-                format!("the founder could not remove dev{removed}: {error}"),
-            ));
+            // A store that fails now and then fails this too: the user tries again.
+            self.trace(format!("dev0 could not remove dev{removed}: {error}"));
+            self.schedule(500 * MS, Event::Revoke);
+            return self.drain(0);
         }
         self.removed = Some(removed);
+        self.roles_changed = true;
         self.trace(format!("dev0 removed dev{removed} from the folder"));
         self.drain(0)?;
         let delay = self.rng.range(10, 2_000) as i64 * MS;
@@ -1069,6 +1073,7 @@ impl World {
             self.trace(format!("dev0 could not make dev{device} {role}: {error}"));
             return self.drain(0);
         }
+        self.roles_changed = true;
         if demote {
             self.demoted.insert(device);
         } else {
@@ -1218,6 +1223,11 @@ impl World {
     /// The device removed from the access list, if one was.
     pub fn removed(&self) -> Option<usize> {
         self.removed
+    }
+
+    /// Device 0 removed or demoted a device at some point.
+    pub fn roles_changed(&self) -> bool {
+        self.roles_changed
     }
 
     /// The intruder's content hash (must never appear on an honest device).
