@@ -587,7 +587,10 @@ impl FolderDocument {
             // but a void change's value is not read: writing it again must make a new
             // operation. An empty value first (it decodes as no entry, and is
             // overwritten in this same change) makes the real one a write of its own.
-            let shown = self.doc.get(automerge::ROOT, key.as_str()).map_err(automerge_error)?;
+            let shown = self
+                .doc
+                .get(automerge::ROOT, key.as_str())
+                .map_err(automerge_error)?;
             if shown.as_ref().and_then(|(value, _)| value_bytes(value)) == Some(bytes.as_slice()) {
                 self.doc
                     .put(automerge::ROOT, key.as_str(), Vec::<u8>::new())

@@ -1085,6 +1085,11 @@ impl World {
 
     /// Heal: device 0 (up again by now) makes every demoted device an editor again.
     fn restore_roles(&mut self) -> Result<(), Violation> {
+        // It may have hit a crash point armed before the heal: up again first.
+        if !self.devices[0].up {
+            self.devices[0].start(self.now);
+            self.drain(0)?;
+        }
         let demoted: Vec<usize> = std::mem::take(&mut self.demoted).into_iter().collect();
         for device in demoted {
             let id = self.devices[device].id;
