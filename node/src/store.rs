@@ -126,7 +126,7 @@ pub struct FolderRecord {
 }
 
 /// [`FolderRecord`] as schema 3 stored it (before `founder`).
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct FolderRecordV3 {
     id: FolderId,
     label: String,
@@ -890,19 +890,10 @@ mod tests {
         drop(store);
         // Make it a schema 1 store: no signature table, version 1, and a folder record
         // as it was before `founder`.
-        #[derive(Serialize)]
-        struct OldRecord {
-            id: FolderId,
-            label: String,
-            path: String,
-            params: ChunkParams,
-            mode: crate::engine::FolderMode,
-            devices: Vec<(DeviceId, Role)>,
-        }
         let peer = weft_protocol::DeviceKey::from_secret_bytes([2; 32]).device_id();
         rewrite_store(&path, 1, |txn| {
             txn.delete_table(CHANGE_SIGNATURES).unwrap();
-            let old = OldRecord {
+            let old = FolderRecordV3 {
                 id: folder(),
                 label: "photos".into(),
                 path: "/photos".into(),

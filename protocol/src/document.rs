@@ -319,10 +319,12 @@ impl FolderDocument {
             let before = waiting.len();
             let mut later = Vec::new();
             for (hash, actor, seq, deps, access) in waiting {
-                let writes = if access {
-                    self.access_writes(&hash)
-                } else {
-                    Vec::new()
+                // Checked when it arrived: what it writes is only read here.
+                let writes = match actor_device(&actor) {
+                    Some(author) if access => self
+                        .checked_access_writes(&hash, author)
+                        .unwrap_or_default(),
+                    _ => Vec::new(),
                 };
                 if !self.access.record(hash, &actor, seq, &deps, writes) {
                     later.push((hash, actor, seq, deps, access));
@@ -339,31 +341,6 @@ impl FolderDocument {
         self.access.settle();
         self.refresh_void_keys();
         Ok(())
-    }
-
-    /// The access writes of a change in the document (trusted: checked on arrival).
-    fn access_writes(&mut self, hash: &ChangeHash) -> Vec<AccessWrite> {
-        let Some(change) = self.doc.get_change_by_hash(hash) else {
-            return Vec::new();
-        };
-        change
-            .decode()
-            .operations
-            .iter()
-            .filter_map(|op| {
-                let automerge::legacy::Key::Map(key) = &op.key else {
-                    return None;
-                };
-                let target = key_device(key)?;
-                let automerge::legacy::OpType::Put(ScalarValue::Bytes(bytes)) = &op.action else {
-                    return None;
-                };
-                Some(AccessWrite {
-                    target,
-                    role: AccessValue::decode(bytes)?.role,
-                })
-            })
-            .collect()
     }
 
     /// The keys a change writes.

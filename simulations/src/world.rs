@@ -736,13 +736,7 @@ impl World {
             }
             Event::Intruder => self.intrude(),
             Event::Vandal => {
-                if let Some(viewer) = self.viewer {
-                    self.forge(viewer, VANDAL_CONTENT)?;
-                }
-                if self.active {
-                    let next = self.rng.range(1_000, 6_000) as i64 * MS;
-                    self.schedule(next, Event::Vandal);
-                }
+                self.forge_again(self.viewer, VANDAL_CONTENT, Event::Vandal, (1_000, 6_000))?;
             }
             Event::Revoke => self.revoke()?,
             Event::Regrant => {
@@ -753,13 +747,8 @@ impl World {
                 }
             }
             Event::RevokedEdit => {
-                if let Some(removed) = self.removed {
-                    self.forge(removed, REVOKED_CONTENT)?;
-                }
-                if self.active {
-                    let next = self.rng.range(500, 4_000) as i64 * MS;
-                    self.schedule(next, Event::RevokedEdit);
-                }
+                let removed = self.removed;
+                self.forge_again(removed, REVOKED_CONTENT, Event::RevokedEdit, (500, 4_000))?;
             }
             Event::Reconnect => self.refresh_links(),
         }
@@ -1211,6 +1200,25 @@ impl World {
             if let Some(reply) = mirror.generate_sync_message(&mut theirs) {
                 let _ = forged.receive_sync_message(&mut mine, &reply);
             }
+        }
+        Ok(())
+    }
+
+    /// `device` (if any) forges an edit of `content`; while the world is active, `next`
+    /// comes again after a delay in `between` (ms).
+    fn forge_again(
+        &mut self,
+        device: Option<usize>,
+        content: &[u8],
+        next: Event,
+        between: (u64, u64),
+    ) -> Result<(), Violation> {
+        if let Some(device) = device {
+            self.forge(device, content)?;
+        }
+        if self.active {
+            let delay = self.rng.range(between.0, between.1) as i64 * MS;
+            self.schedule(delay, next);
         }
         Ok(())
     }
