@@ -312,7 +312,7 @@ impl AccessLog {
         if self.by_hash.contains_key(&hash) {
             return true;
         }
-        let Some(author) = crate::document::actor_device(actor) else {
+        let Some(author) = crate::actor::actor_device(actor) else {
             return false;
         };
         if !self.causality.add(hash, actor, seq, deps) {
@@ -610,7 +610,7 @@ mod tests {
     }
 
     fn actor(device: &DeviceId) -> automerge::ActorId {
-        crate::document::actor_id(device, [0; 8])
+        crate::actor::actor_id(device, [0; 8])
     }
 
     fn hash(byte: u8) -> ChangeHash {

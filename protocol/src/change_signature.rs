@@ -17,7 +17,7 @@
 use automerge::{ActorId, ChangeHash};
 use serde::{Deserialize, Serialize};
 
-use crate::document::actor_device;
+use crate::actor::actor_device;
 use crate::folder::FolderId;
 use crate::identity::{DeviceId, DeviceKey, Signature};
 
@@ -118,7 +118,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::document::actor_id;
+    use crate::actor::actor_id;
 
     fn folder() -> FolderId {
         "photos".parse().unwrap()

@@ -45,8 +45,7 @@ pub const MAX_HISTORY_STEPS: usize = 64;
 /// Most concurrent values at one path for which [`FolderDocument::overtaken_rewrites`]
 /// walks the history (beyond that, every value is kept).
 pub const MAX_WALKED_VALUES: usize = 8;
-/// Bytes of random suffix in an actor ID after the device ID.
-pub const ACTOR_SUFFIX_LEN: usize = 8;
+pub use crate::actor::{ACTOR_SUFFIX_LEN, actor_device, actor_id};
 
 /// What a path is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -207,23 +206,6 @@ impl std::fmt::Debug for FolderDocument {
 /// One of the concurrent values at a path (or why it does not decode), with the device
 /// whose actor wrote it ([`FolderDocument::get_all_written`]).
 pub type WrittenValue = (Result<Entry, DocumentError>, Option<DeviceId>);
-
-/// The actor ID of a device's store: device ID bytes then a random suffix.
-pub fn actor_id(device: &DeviceId, suffix: [u8; ACTOR_SUFFIX_LEN]) -> ActorId {
-    let mut bytes = device.as_bytes().to_vec();
-    bytes.extend_from_slice(&suffix);
-    ActorId::from(bytes)
-}
-
-/// The device an actor ID belongs to, if it follows Weft's actor layout.
-pub fn actor_device(actor: &ActorId) -> Option<DeviceId> {
-    let bytes = actor.to_bytes();
-    if bytes.len() != 32 + ACTOR_SUFFIX_LEN {
-        return None;
-    }
-    let key: [u8; 32] = bytes[..32].try_into().ok()?;
-    DeviceId::from_bytes(key).ok()
-}
 
 /// A value at a key as [`FolderDocument`] reads it: its bytes (if bytes) and its
 /// operation ID.

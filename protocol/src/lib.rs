@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod access;
+pub mod actor;
 pub mod causality;
 pub mod change_signature;
 pub mod chunk;
