@@ -5,7 +5,7 @@ use weft_simulations::{Config, Sabotage, simulate};
 
 /// Seeds that found engine bugs, with the shape they failed in (see
 /// docs/simulation.md for each bug and its fix).
-const REGRESSIONS: [(u64, usize, u64); 16] = [
+const REGRESSIONS: [(u64, usize, u64); 18] = [
     // A deleted directory kept alive by an abandoned temp file: planning looped.
     (0, 2, 1500),
     // A document reloaded after a failed commit, with peers' sync states kept: the
@@ -52,6 +52,13 @@ const REGRESSIONS: [(u64, usize, u64); 16] = [
     // A file replaced by a symlink was not kept in the version store first; a conflict
     // copy of it, named by another device, then had nowhere to come from.
     (9937, 4, 1500),
+    // A device's own change made concurrently with its demotion became void when the
+    // document was loaded again after a failed commit, not in a sync message: its
+    // synced row still recorded it published, and the old version was applied over it.
+    (65, 2, 1125),
+    // Publishing again a version only a void change held was a no-op in automerge (the
+    // same bytes as the value it shows), so the path stayed a tombstone.
+    (53, 5, 1125),
 ];
 
 /// Seeds that found bugs on coarse timestamps (`--coarse-timestamps`), with their
