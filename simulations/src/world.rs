@@ -209,6 +209,21 @@ const VANDAL_CONTENT: &[u8] = b"a view-only device's edit, never to be applied";
 /// What the removed device's forged edits write.
 const REVOKED_CONTENT: &[u8] = b"a removed device's edit, void everywhere";
 
+/// A file entry of `content` written by `author` at `now`, as a device that writes the
+/// document directly (not through its folder core) would put it.
+fn file_entry(author: DeviceId, content: &[u8], now: i64) -> Entry {
+    let manifest = manifest_of(content);
+    Entry {
+        kind: EntryKind::File,
+        deleted: false,
+        size: manifest.size(),
+        mtime_ns: now,
+        mode: 0o644,
+        content: Content::Inline(manifest),
+        author,
+    }
+}
+
 fn pair(a: usize, b: usize) -> (usize, usize) {
     (a.min(b), a.max(b))
 }
@@ -945,16 +960,11 @@ impl World {
         secret.copy_from_slice(&self.rng.bytes(8));
         let mut document =
             FolderDocument::new(weft_protocol::document::actor_id(&self.intruder, secret));
-        let manifest = manifest_of(b"intruder's file, never to be synced");
-        let entry = Entry {
-            kind: EntryKind::File,
-            deleted: false,
-            size: manifest.size(),
-            mtime_ns: self.now,
-            mode: 0o644,
-            content: Content::Inline(manifest),
-            author: self.intruder,
-        };
+        let entry = file_entry(
+            self.intruder,
+            b"intruder's file, never to be synced",
+            self.now,
+        );
         let Ok(path) = RelPath::new(NAMES[0]) else {
             return;
         };
@@ -1152,16 +1162,7 @@ impl World {
             Err(_) => return Ok(()),
         };
         self.forged += 1;
-        let manifest = manifest_of(content);
-        let entry = Entry {
-            kind: EntryKind::File,
-            deleted: false,
-            size: manifest.size(),
-            mtime_ns: self.now,
-            mode: 0o644,
-            content: Content::Inline(manifest),
-            author,
-        };
+        let entry = file_entry(author, content, self.now);
         let name = NAMES[self.rng.index(NAMES.len())];
         let Ok(path) = RelPath::new(&format!("{name}-forged{}", self.forged)) else {
             return Ok(());
