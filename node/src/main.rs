@@ -441,6 +441,13 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                                 invite.from_name,
                                 invite.from,
                             );
+                            match (&invite.place_note, &invite.place) {
+                                (Some(note), _) => println!("  {note}"),
+                                (None, Some(place)) => {
+                                    println!("  accepting without --path puts it at {place}")
+                                }
+                                (None, None) => {}
+                            }
                         }
                     }
                 }

@@ -139,6 +139,13 @@ pub struct InviteView {
     pub from_name: String,
     /// The invite: folder, label, role offered, founder.
     pub invite: Invite,
+    /// Where accepting without `--path` puts the folder.
+    #[serde(default)]
+    pub place: Option<String>,
+    /// Why that place would be refused (it holds files: name a place with `--path`,
+    /// and a directory named there that holds files is shared as it is).
+    #[serde(default)]
+    pub place_note: Option<String>,
 }
 
 /// Network options of the node.
@@ -737,14 +744,22 @@ impl Node {
             .store
             .invites()?
             .into_iter()
-            .map(|pending| InviteView {
-                from_name: devices
-                    .iter()
-                    .find(|d| d.id == pending.from)
-                    .map(|d| d.name.clone())
-                    .unwrap_or_else(|| pending.from.short()),
-                from: pending.from,
-                invite: pending.invite,
+            .map(|pending| {
+                let place = self.default_place(&pending).ok();
+                let place_note = place
+                    .as_ref()
+                    .and_then(|place| crate::invites::check_default_place(place).err());
+                InviteView {
+                    from_name: devices
+                        .iter()
+                        .find(|d| d.id == pending.from)
+                        .map(|d| d.name.clone())
+                        .unwrap_or_else(|| pending.from.short()),
+                    from: pending.from,
+                    place: place.map(|place| place.display().to_string()),
+                    place_note,
+                    invite: pending.invite,
+                }
             })
             .collect())
     }
@@ -788,24 +803,7 @@ impl Node {
         let path = match request.path {
             Some(path) => path,
             None => {
-                let parent = self
-                    .default_parent
-                    .clone()
-                    .ok_or_else(|| NodeError::Invalid("give a path with --path".into()))?;
-                // The label comes from a peer: a directory name only if a plain one.
-                let name = crate::invites::plain_name(&invite.invite.label)
-                    .map_or_else(|| id.to_string(), str::to_owned);
-                // `~/Weft/<label>`, unless `~/Weft` is itself a folder (the default
-                // folder): folders cannot nest, so then `~/<label>` beside it.
-                let nested = self
-                    .folders()
-                    .values()
-                    .any(|f| parent.starts_with(&f.record.path));
-                let parent = match parent.parent() {
-                    Some(home) if nested => home.to_path_buf(),
-                    _ => parent,
-                };
-                let path = parent.join(name);
+                let path = self.default_place(&invite)?;
                 crate::invites::check_default_place(&path).map_err(NodeError::Invalid)?;
                 path.display().to_string()
             }
@@ -842,6 +840,28 @@ impl Node {
             handle.send(FolderCommand::PeerConnected(invite.from));
         }
         Ok(record)
+    }
+
+    /// Where an invite goes when accepted without a path: `~/Weft/<label>` (or
+    /// `~/<label>` when `~/Weft` is itself a folder: folders cannot nest) if the label
+    /// is a plain name, else `~/Weft/<folder ID>`. The label comes from a peer: it
+    /// never names another place.
+    fn default_place(&self, invite: &PendingInvite) -> Result<PathBuf, NodeError> {
+        let parent = self
+            .default_parent
+            .clone()
+            .ok_or_else(|| NodeError::Invalid("give a path with --path".into()))?;
+        let name = crate::invites::plain_name(&invite.invite.label)
+            .map_or_else(|| invite.invite.folder.to_string(), str::to_owned);
+        let nested = self
+            .folders()
+            .values()
+            .any(|f| parent.starts_with(&f.record.path));
+        let parent = match parent.parent() {
+            Some(home) if nested => home.to_path_buf(),
+            _ => parent,
+        };
+        Ok(parent.join(name))
     }
 
     /// Declines an invite (from `from`, if several devices invite to the folder).
