@@ -13,7 +13,8 @@
 //! cache, B's rebuild of a 256 MiB file after a 10-byte insert took 0.36-0.85 s
 //! (median 0.48) and 0.53-1.38 CPU-s (median 0.76) on the bench machine, with direct
 //! writes 0.31-0.76 s (median 0.44) and 0.21-0.81 CPU-s (median 0.26). The source,
-//! itself written directly, is then read from the disk (docs/benchmarks.md, session 11).
+//! itself written directly, is then read from the disk (docs/benchmarks.md: 6b07067,
+//! 2026-12-02).
 //!
 //! In direct mode the blocks of one answer that follow one another in the file are
 //! written as one run: the run's whole [`SECTOR`]-aligned sectors are copied into one of
@@ -39,7 +40,8 @@ pub const SECTOR: usize = 4096;
 pub const DIRECT_MIN_SIZE: u64 = 1024 * 1024;
 /// Largest direct write, and so the size of each aligned buffer. At 4 MiB the
 /// [`DIRECT_BUFFERS`] buffers were 19 MiB of the receiver's 71 MiB peak heap in an
-/// initial sync of the bench dataset (heaptrack, session 16); 1 MiB writes keep the
+/// initial sync of the bench dataset (heaptrack before bb96046, 2026-12-05, AMD EPYC
+/// host); 1 MiB writes keep the
 /// disk as busy (the same sync time over eight alternating repetitions).
 const DIRECT_PIECE: usize = 1024 * 1024;
 /// Aligned buffers for direct writes that exist at once (a writer waits for a free
