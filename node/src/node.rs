@@ -697,7 +697,7 @@ impl Node {
         let record = self
             .folders()
             .get(&id)
-            .map(|handle| handle.record.clone())
+            .map(FolderHandle::current_record)
             .ok_or_else(|| NodeError::UnknownFolder(folder.to_owned()))?;
         if self
             .network
@@ -1015,7 +1015,10 @@ impl Node {
 
     /// Folder records.
     pub fn folder_records(&self) -> Vec<FolderRecord> {
-        self.folders().values().map(|h| h.record.clone()).collect()
+        self.folders()
+            .values()
+            .map(FolderHandle::current_record)
+            .collect()
     }
 
     /// The local tree of a folder, as last scanned.

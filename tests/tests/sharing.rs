@@ -118,8 +118,14 @@ fn after_unshare_a_device_gets_nothing_and_its_edits_never_appear() {
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("only owners and admins"), "{said}");
+    let members = |node: &TestNode| -> String {
+        let folders: serde_json::Value = node.client().get("/v1/folders").unwrap();
+        folders[0]["devices"].to_string()
+    };
+    assert!(members(&a).contains(&x.id.to_string()), "{}", members(&a));
     let removed = weft(&a.home, &["folder", "unshare", "gone", &x.id.to_string()]);
     assert!(removed.status.success(), "{removed:?}");
+    assert!(!members(&a).contains(&x.id.to_string()), "{}", members(&a));
     assert!(String::from_utf8_lossy(&removed.stdout).contains("keeps what it already had"));
     // X goes on as if nothing happened: an edit on top of what it had, offered to A
     // (which redials it: X is still an accepted device, only not a member).

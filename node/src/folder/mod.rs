@@ -318,6 +318,22 @@ pub struct FolderHandle {
 }
 
 impl FolderHandle {
+    /// The folder's record with its members as the folder last read them from its
+    /// access list (the record kept here is the one the folder started with).
+    pub fn current_record(&self) -> FolderRecord {
+        let mut record = self.record.clone();
+        record.devices = self.shared.members();
+        let role = self.shared.snapshot().role;
+        if let Some(role) = role.and_then(|r| r.parse::<weft_protocol::access::Role>().ok()) {
+            record.mode = if role.can_edit() {
+                crate::engine::FolderMode::SendReceive
+            } else {
+                crate::engine::FolderMode::ReceiveOnly
+            };
+        }
+        record
+    }
+
     /// Sends a command; false if the actor has stopped.
     pub fn send(&self, command: FolderCommand) -> bool {
         self.sender.send(command).is_ok()
