@@ -15,7 +15,7 @@ use weft_protocol::wire::{DocSync, Message};
 use weft_protocol::{BlockHash, DeviceId, DeviceKey, FolderId, Manifest, ManifestHash};
 use weft_tests::{NodeConfig, TestNode, connect, wait_for, weft};
 
-use crate::peer::{file_entry, send_signed, sync_for};
+use crate::peer::{file_entry, send_signed, sync_for, sync_until_member};
 
 /// Serves wrong bytes for every block it is asked for, except the one of `honest`.
 struct LyingSource {
@@ -115,22 +115,17 @@ fn a_hostile_peer_is_refused_and_honest_peers_keep_syncing() {
     let mut doc = FolderDocument::new(document::actor_id(&hostile_id, [9; 8]));
     // It joins the folder's history first (the access list that makes it an editor):
     // a change on any other history is refused outright.
-    for _ in 0..10 {
-        runtime.block_on(sync_for(
+    assert!(
+        sync_until_member(
+            &runtime,
             &hostile,
             &mut events,
             victim_id,
             &folder,
             &hostile_key,
             &mut doc,
-            1,
-        ));
-        if doc.access_list().role(&hostile_id).is_some() {
-            break;
-        }
-    }
-    assert!(
-        doc.access_list().role(&hostile_id).is_some(),
+            &hostile_id,
+        ),
         "the hostile peer never received the folder's access list"
     );
     let planted = b"planted by the hostile peer";
@@ -476,21 +471,16 @@ fn a_sync_message_sent_in_parts_is_reassembled_and_applied() {
     let folder = FolderId::new("parts").unwrap();
     let mut doc = FolderDocument::new(document::actor_id(&peer_id, [5; 8]));
     // The folder's history first: changes on any other are refused.
-    for _ in 0..10 {
-        runtime.block_on(sync_for(
-            &peer,
-            &mut events,
-            node_id,
-            &folder,
-            &peer_key,
-            &mut doc,
-            1,
-        ));
-        if doc.access_list().role(&peer_id).is_some() {
-            break;
-        }
-    }
-    assert!(doc.access_list().role(&peer_id).is_some());
+    assert!(sync_until_member(
+        &runtime,
+        &peer,
+        &mut events,
+        node_id,
+        &folder,
+        &peer_key,
+        &mut doc,
+        &peer_id,
+    ));
     for (i, data) in contents.iter().enumerate() {
         let path = weft_protocol::RelPath::new(&format!("dir{}/file{i}.txt", i % 7)).unwrap();
         doc.put(&path, &file_entry(peer_id, data)).unwrap();

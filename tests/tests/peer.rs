@@ -98,6 +98,30 @@ pub async fn sync_for(
     }
 }
 
+/// Syncs `doc` of `folder` with `device` (see [`sync_for`]) until it holds the
+/// folder's access list with `me` on it, for at most ten rounds of a second: a peer's
+/// changes must build on the folder's history, or they are refused outright. True
+/// once it does.
+#[allow(clippy::too_many_arguments)]
+pub fn sync_until_member(
+    runtime: &tokio::runtime::Runtime,
+    net: &net::NetHandle,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<NetEvent>,
+    device: DeviceId,
+    folder: &FolderId,
+    key: &DeviceKey,
+    doc: &mut FolderDocument,
+    me: &DeviceId,
+) -> bool {
+    for _ in 0..10 {
+        runtime.block_on(sync_for(net, events, device, folder, key, doc, 1));
+        if doc.access_list().role(me).is_some() {
+            return true;
+        }
+    }
+    false
+}
+
 /// A protocol peer with its own runtime, listening on loopback QUIC.
 pub struct Peer {
     /// Its runtime (the network runs on it).
